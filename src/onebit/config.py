@@ -1,0 +1,260 @@
+"""Frozen configuration dataclasses with validation that names the field and the fix.
+
+``ModelConfig`` field names are those of transformers' ``BitNetConfig`` / ``LlamaConfig`` so a
+real checkpoint's ``config.json`` maps onto it key for key; the onebit-only fields come last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any
+
+FORMAT_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
+    """Check/convert ``value`` for field ``name`` of type ``tp`` (int, float, bool, str, optionals,
+    tuples/lists of those). Strings from the command line are parsed; JSON-like values are checked."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return coerce(cls_name, name, a, value)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{cls_name}.{name}: bad value {value!r}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{cls_name}.{name} must be a list, got {value!r}")
+        elem = args[0] if args else str
+        return tuple(coerce(cls_name, name, elem, v) for v in value)
+    bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {value!r} "
+                      f"({type(value).__name__}): fix the value in the config or the --{name}= override")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{cls_name}.{name}: unsupported field type {tp}")
+
+
+def from_dict(cls, d: dict[str, Any], *, allow_unknown: bool = False):
+    """Build dataclass ``cls`` from ``d``, converting and validating every value.
+
+    Unknown keys raise (naming the valid ones) unless ``allow_unknown``."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{cls.__name__} must be built from a table/dict, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(d) - set(known))
+    if unknown and not allow_unknown:
+        raise ConfigError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are: "
+                          f"{', '.join(sorted(known))}")
+    kwargs = {}
+    for k, v in d.items():
+        if k not in known:
+            continue
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            kwargs[k] = v if isinstance(v, tp) else from_dict(tp, v, allow_unknown=allow_unknown)
+        else:
+            kwargs[k] = coerce(cls.__name__, k, tp, v)
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def _choice(cls: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{cls}.{name}={value!r} is not valid: use one of {list(choices)}")
+
+
+def _positive(cls: str, name: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{cls}.{name}={value!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer; BitNet or its full-precision twin (``linear``).
+
+    ``norm_placement``: ``"subln"`` = the released 2B4T layout (pre-norms ``input_layernorm`` /
+    ``post_attention_layernorm`` + ``attn_sub_norm`` before o_proj and ``ffn_sub_norm`` before
+    down_proj); ``"inner"`` = b1.58 paper layout (an RMSNorm inside every BitLinear, no block
+    pre-norms). ``activation_scheme``: ``"a8"`` (INT8 per token for every BitLinear input) or
+    ``"a4.8"`` (BITNET.md §2: INT4 for q/k/v/gate/up, top-50% + INT8 for o_proj, INT8 for down).
+    """
+
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # None = num_attention_heads (MHA)
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    hidden_act: str = "relu2"  # "relu2" (ReLU²-GLU, BitNet 2B4T) or "silu" (SwiGLU, Llama)
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    # onebit-only fields
+    linear: str = "bitnet"  # "bitnet" (ternary weights, quantized activations) or "fp" (the twin)
+    norm_placement: str = "subln"  # "subln" (2B4T) or "inner" (b1.58 paper)
+    activation_scheme: str = "a8"  # "a8" or "a4.8"
+    topk_keep: float = 0.5  # a4.8: fraction of o_proj inputs kept per token
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        c = "ModelConfig"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            _positive(c, name, getattr(self, name))
+        _positive(c, "rms_norm_eps", self.rms_norm_eps)
+        _positive(c, "rope_theta", self.rope_theta)
+        _choice(c, "hidden_act", self.hidden_act, ("relu2", "silu"))
+        _choice(c, "linear", self.linear, ("bitnet", "fp"))
+        _choice(c, "norm_placement", self.norm_placement, ("subln", "inner"))
+        _choice(c, "activation_scheme", self.activation_scheme, ("a8", "a4.8"))
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{c}: num_attention_heads={self.num_attention_heads} does not divide "
+                              f"hidden_size={self.hidden_size}; pick a head count that divides it "
+                              f"(e.g. {_divisor_hint(self.hidden_size, self.num_attention_heads)}) "
+                              f"or set head_dim explicitly")
+        if self.head_dim is not None:
+            _positive(c, "head_dim", self.head_dim)
+        if self.resolved_head_dim % 2:
+            raise ConfigError(f"{c}: head_dim={self.resolved_head_dim} must be even for rotary "
+                              f"embeddings; change hidden_size/num_attention_heads")
+        kv = self.kv_heads
+        if kv <= 0 or self.num_attention_heads % kv:
+            raise ConfigError(f"{c}: num_key_value_heads={kv} must divide num_attention_heads="
+                              f"{self.num_attention_heads} (grouped-query attention)")
+        if self.activation_scheme == "a4.8" and self.hidden_act != "relu2":
+            raise ConfigError(f"{c}: activation_scheme='a4.8' needs hidden_act='relu2' (its down_proj "
+                              f"sparsity comes from the ReLU² gate); set hidden_act='relu2'")
+        if self.activation_scheme == "a4.8" and self.linear != "bitnet":
+            raise ConfigError(f"{c}: activation_scheme='a4.8' only applies to linear='bitnet'")
+        if not 0.0 < self.topk_keep <= 1.0:
+            raise ConfigError(f"{c}.topk_keep={self.topk_keep} must be in (0, 1]")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if not 0 <= v < self.vocab_size:
+                raise ConfigError(f"{c}.{name}={v} must be a token id in [0, vocab_size={self.vocab_size})")
+        if self.format_version != FORMAT_VERSION:
+            raise ConfigError(f"{c}.format_version={self.format_version} is not supported by this "
+                              f"onebit (expects {FORMAT_VERSION}); upgrade onebit or re-convert")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def fp_twin(self) -> "ModelConfig":
+        """The same architecture with full-precision linears (the comparison baseline)."""
+        return self.replace(linear="fp", activation_scheme="a8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], allow_unknown: bool = False) -> "ModelConfig":
+        return from_dict(cls, d, allow_unknown=allow_unknown)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        return from_dict(cls, {**PRESETS[name], **overrides})
+
+
+def _divisor_hint(n: int, near: int) -> int:
+    divs = [k for k in range(1, n + 1) if n % k == 0 and (n // k) % 2 == 0]
+    return min(divs, key=lambda k: abs(k - near)) if divs else 1
+
+
+# Presets. The two big shapes are those of the peer benchmarks (BITNET.md §4, the engine issue).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256),
+    "bitnet-2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
+                        num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
+                        hidden_act="relu2", max_position_embeddings=4096, rope_theta=500000.0,
+                        tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    "bitnet-700m": dict(vocab_size=32002, hidden_size=1536, intermediate_size=4096,
+                        num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                        hidden_act="silu", max_position_embeddings=2048,
+                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+}

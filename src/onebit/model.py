@@ -1,0 +1,209 @@
+"""The onebit decoder: one model, BitNet b1.58 / 2B4T or its full-precision twin.
+
+Parameter names follow transformers' BitNet/Llama checkpoints one to one
+(``model.embed_tokens``, ``model.layers.N.self_attn.q_proj``, ``...attn_sub_norm``,
+``model.norm``, ``lm_head``), so importing a real checkpoint is a key table.
+
+Shapes: B batch, T tokens, D hidden, H heads, Hkv kv heads, hd head dim, F ffn dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .nn import BitLinear, RMSNorm, apply_rope, rope_cache
+
+# Which activation quantizer each projection input gets, per activation scheme (BITNET.md §2).
+ACT_SCHEMES = {
+    "a8": dict(q="int8", k="int8", v="int8", o="int8", gate="int8", up="int8", down="int8"),
+    "a4.8": dict(q="int4", k="int4", v="int4", o="topk_int8", gate="int4", up="int4", down="int8"),
+}
+
+
+def make_linear(cfg: ModelConfig, role: str, in_f: int, out_f: int) -> BitLinear:
+    """The builder: a ternary BitLinear, or the fp twin's plain linear, for projection ``role``."""
+    inner_norm = cfg.norm_placement == "inner"
+    if cfg.linear == "fp":
+        return BitLinear(in_f, out_f, norm=inner_norm, norm_eps=cfg.rms_norm_eps,
+                         weight_quant=False, act=None)
+    return BitLinear(in_f, out_f, norm=inner_norm, norm_eps=cfg.rms_norm_eps, weight_quant=True,
+                     act=ACT_SCHEMES[cfg.activation_scheme][role], keep=cfg.topk_keep)
+
+
+class KVCache(nn.Module):
+    """Pre-allocated per-layer cache: k, v ``[B, Hkv, max_len, hd]``."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, pos:pos + T] = k
+        self.v[:, :, pos:pos + T] = v
+        return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, Hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_heads, cfg.resolved_head_dim
+        self.n_heads, self.n_kv, self.head_dim = H, Hkv, hd
+        self.q_proj = make_linear(cfg, "q", D, H * hd)
+        self.k_proj = make_linear(cfg, "k", D, Hkv * hd)
+        self.v_proj = make_linear(cfg, "v", D, Hkv * hd)
+        self.attn_sub_norm = RMSNorm(H * hd, cfg.rms_norm_eps) if cfg.norm_placement == "subln" else None
+        self.o_proj = make_linear(cfg, "o", H * hd, D)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)                                     # [B, Hkv, pos+T, hd]
+        if pos == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # query i sits at absolute position pos+i and sees keys 0..pos+i
+            S = k.shape[2]
+            mask = torch.arange(S, device=x.device)[None, :] <= (pos + torch.arange(T, device=x.device))[:, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)            # [B, T, H*hd]
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)                                                        # [B, T, D]
+
+
+class MLP(nn.Module):
+    """Gated FFN: ``down(act(gate(x)) * up(x))`` with act = ReLU² (2B4T/a4.8) or SiLU (SwiGLU)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, Fd = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = make_linear(cfg, "gate", D, Fd)
+        self.up_proj = make_linear(cfg, "up", D, Fd)
+        self.ffn_sub_norm = RMSNorm(Fd, cfg.rms_norm_eps) if cfg.norm_placement == "subln" else None
+        self.down_proj = make_linear(cfg, "down", Fd, D)
+        self.relu2 = cfg.hidden_act == "relu2"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate_proj(x)                                      # [B, T, F]
+        g = F.relu(g).square() if self.relu2 else F.silu(g)
+        h = g * self.up_proj(x)                                    # [B, T, F]
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)                                   # [B, T, D]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        subln = cfg.norm_placement == "subln"
+        # "inner" (b1.58): every BitLinear normalises its own input, so the block has no pre-norms.
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if subln else None
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if subln else None
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
+        h = self.input_layernorm(x) if self.input_layernorm is not None else x
+        x = x + self.self_attn(h, cos, sin, pos)
+        h = self.post_attention_layernorm(x) if self.post_attention_layernorm is not None else x
+        return x + self.mlp(h)
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """``CausalLM(cfg)(input_ids [B, T], targets=None, pos=0) -> (logits [B, T, V], loss | None)``.
+
+    ``targets`` uses -1 for positions to ignore. ``pos`` is the absolute position of the first
+    token (non-zero only with a KV cache, see ``setup_cache``)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        cos, sin = rope_cache(cfg.resolved_head_dim, cfg.max_position_embeddings, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)   # [maxT, hd]
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights; residual outputs (o/down) scaled by 1/sqrt(2L)."""
+        std = self.config.initializer_range
+        resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, resid_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """Allocate a KV cache for generation (``None`` max_len = max_position_embeddings)."""
+        cfg = self.config
+        max_len = max_len or cfg.max_position_embeddings
+        if max_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings} of this model")
+        dev = self.rope_cos.device
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(batch, cfg.kv_heads, max_len, cfg.resolved_head_dim, dtype).to(dev)
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.cache = None
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T = input_ids.shape
+        if pos + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # [T, hd]
+        x = self.model.embed_tokens(input_ids)                             # [B, T, D]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, pos)
+        x = self.model.norm(x)
+        logits = F.linear(x, self.output_weight)                           # [B, T, V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=-1)
+        return logits, loss
+
+    def set_quant_lambda(self, lam: float) -> None:
+        """Set the quantization blend λ of every BitLinear (warm-up fine-tuning)."""
+        for m in self.modules():
+            if isinstance(m, BitLinear):
+                m.lam = lam
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+            if self.lm_head is not None:
+                n -= self.lm_head.weight.numel()
+        return n
