@@ -1,0 +1,278 @@
+"""Checkpoints: safetensors weights + JSON config, written atomically, loaded defensively.
+
+A model folder (what ``onebit generate`` / ``eval`` take) holds::
+
+    model.safetensors   the model's state_dict (float32 latent weights), metadata format=onebit
+    config.json         {"model": ModelConfig, ...}; extra run settings are kept for reference
+    tokenizer.json      the tokenizer the model was trained with
+
+A training checkpoint is a model folder plus ``trainer_state.safetensors`` (optimizer moments,
+torch RNG) and ``trainer_state.json`` (step, schedule, Python/numpy RNG, data position). No pickle
+anywhere: every file is safetensors or JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig
+
+FORMAT = "onebit"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+STATE_FILE = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match the model/config it is loaded into."""
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file + fsync + os.replace (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_dir_atomic(final: Path, fill) -> Path:
+    """Create folder ``final`` by letting ``fill(tmpdir)`` write into a sibling temp folder and
+    renaming it into place. An existing ``final`` is replaced only after the new one is complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Model folders
+# --------------------------------------------------------------------------------------------
+
+def write_model_files(folder: Path, model: torch.nn.Module, config: dict[str, Any],
+                      tokenizer_json: str | None) -> None:
+    """Write model.safetensors, config.json (and tokenizer.json) into an existing folder."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": str(config["model"]["format_version"])}
+    save_file(state, str(folder / MODEL_FILE), metadata=meta)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    if tokenizer_json is not None:
+        (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+
+
+def save_model(folder: str | Path, model: torch.nn.Module, model_config: ModelConfig,
+               tokenizer_json: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Atomically write a model folder (see module doc)."""
+    config = {"model": model_config.to_dict(), **(extra or {})}
+    return write_dir_atomic(Path(folder), lambda d: write_model_files(d, model, config, tokenizer_json))
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """Accept a model folder, a training checkpoint folder, or a run folder (→ its latest
+    checkpoint, or its exported ``model/``)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model path '{p}' does not exist; pass a folder written by "
+                              f"'onebit train' (its out_dir, out_dir/model or a checkpoint)")
+    if (p / MODEL_FILE).is_file():
+        return p
+    if (p / "model" / MODEL_FILE).is_file():
+        return p / "model"
+    latest = latest_checkpoint(p / "checkpoints") if (p / "checkpoints").is_dir() else None
+    if latest is not None:
+        return latest
+    raise CheckpointError(f"no {MODEL_FILE} found in '{p}' (nor in {p}/model or {p}/checkpoints); "
+                          f"pass a folder written by 'onebit train'")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / CONFIG_FILE
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"'{cfg_path}' is missing; the checkpoint folder is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"'{cfg_path}' is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"'{cfg_path}' has no 'model' table; it was not written by onebit")
+    return raw
+
+
+def read_model_config(folder: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(read_config(folder)["model"])
+    except ConfigError as e:
+        raise CheckpointError(f"'{folder / CONFIG_FILE}': {e}") from None
+
+
+def load_state_into(model: torch.nn.Module, file: Path) -> None:
+    """Load a safetensors state_dict into ``model``, checking every key, shape and dtype first."""
+    try:
+        state = load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"'{file}' is missing; the checkpoint folder is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{file}' is not a readable safetensors file ({e}); the checkpoint "
+                              f"is corrupt: re-export it or use an earlier checkpoint") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"'{file}' was written for a different model config: missing tensors "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; load it with "
+                              f"the config.json saved beside it")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise CheckpointError(f"'{file}': tensor {k} has shape {tuple(state[k].shape)} but the model "
+                                  f"expects {tuple(v.shape)}; the checkpoint is from a different config")
+        if not state[k].is_floating_point() or not torch.isfinite(state[k]).all():
+            raise CheckpointError(f"'{file}': tensor {k} is not finite floating point; the checkpoint is corrupt")
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """Load a trained model for inference: returns ``(model, tokenizer | None, folder)``."""
+    from .model import CausalLM
+
+    folder = resolve_model_dir(path)
+    cfg = read_model_config(folder)
+    model = CausalLM(cfg)
+    load_state_into(model, folder / MODEL_FILE)
+    model.to(device).eval()
+    tokenizer = None
+    if (folder / TOKENIZER_FILE).is_file():
+        from tokenizers import Tokenizer
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+            raise CheckpointError(f"'{folder / TOKENIZER_FILE}' is not a valid tokenizer ({e})") from None
+    return model, tokenizer, folder
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The folder named by ``ckpt_root/latest``, if it exists and is complete."""
+    pointer = Path(ckpt_root) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(ckpt_root) / pointer.read_text(encoding="utf-8").strip()
+    if not (folder / MODEL_FILE).is_file():
+        raise CheckpointError(f"'{pointer}' names '{folder.name}' which is missing or incomplete; "
+                              f"point it at an existing step_* folder or delete it")
+    return folder
+
+
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer state_dict into safetensors-compatible tensors + JSON."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            t = val if torch.is_tensor(val) else torch.tensor(val)
+            tensors[f"optim.{pid}.{key}"] = t.detach().contiguous().cpu()
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        if not name.startswith("optim."):
+            continue
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = t
+    groups = meta["param_groups"]
+    if len(groups) != len(opt.param_groups) or any(
+            len(g["params"]) != len(h["params"]) for g, h in zip(groups, opt.param_groups)):
+        raise CheckpointError("the optimizer state in the checkpoint does not match this model's "
+                              "parameters; resume with the same model config")
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_training_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, config: dict[str, Any],
+                             tokenizer_json: str | None, opt: torch.optim.Optimizer,
+                             trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Atomically write ``ckpt_root/step_N`` and then point ``ckpt_root/latest`` at it; prune to
+    the ``keep`` newest checkpoints."""
+    ckpt_root = Path(ckpt_root)
+
+    def fill(d: Path) -> None:
+        write_model_files(d, model, config, tokenizer_json)
+        tensors, meta = optimizer_to_tensors(opt)
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(d / STATE_FILE), metadata={"format": FORMAT})
+        (d / STATE_JSON).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=1),
+                                    encoding="utf-8")
+
+    folder = write_dir_atomic(ckpt_root / checkpoint_name(step), fill)
+    atomic_write_text(ckpt_root / LATEST, folder.name + "\n")
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        if old != folder:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_training_checkpoint(folder: Path, model: torch.nn.Module,
+                             opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and torch RNG from ``folder``; return the trainer state JSON."""
+    load_state_into(model, folder / MODEL_FILE)
+    try:
+        tensors = load_file(str(folder / STATE_FILE))
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"'{folder}' has no trainer state ({e.filename}); it is a model export, "
+                              f"not a resumable checkpoint") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"trainer state in '{folder}' is corrupt ({e}); resume from an "
+                              f"earlier checkpoint") from None
+    optimizer_from_tensors(opt, tensors, state.pop("optimizer"))
+    torch.set_rng_state(tensors["rng.torch"])
+    return state
