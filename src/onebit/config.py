@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -128,6 +129,36 @@ def _choice(cls: str, name: str, value: Any, choices: tuple) -> None:
         raise ConfigError(f"{cls}.{name}={value!r} is not valid: use one of {list(choices)}")
 
 
+def check_types(obj) -> None:
+    """Raise ConfigError naming the field if dataclass ``obj`` holds a value of the wrong type
+    (e.g. ``ModelConfig(hidden_size="256")``, which ``__post_init__`` could not even compare).
+    Strict: strings are not parsed here (``from_dict`` does that) and a bool is not an int; other
+    integers (numpy's) become ``int``, and real numbers in a float field become ``float``."""
+    cls = type(obj)
+    hints = typing.get_type_hints(cls)
+    for f in fields(obj):
+        tp, v = hints[f.name], getattr(obj, f.name)
+        allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        if v is None and type(None) in allowed:
+            continue
+        if isinstance(v, bool):
+            ok = bool in allowed
+        elif int in allowed and isinstance(v, numbers.Integral):
+            ok, v = True, int(v)
+        elif float in allowed and isinstance(v, numbers.Real):
+            ok, v = True, float(v)
+        elif str in allowed:
+            ok = isinstance(v, str)
+        else:
+            ok = not set(allowed) & {bool, int, float, str}  # other field types are not checked here
+        if not ok:
+            raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {v!r} "
+                              f"({type(v).__name__}): fix the value in the config or the "
+                              f"--{f.name}= override")
+        if v is not getattr(obj, f.name):
+            object.__setattr__(obj, f.name, v)  # normalise numpy scalars (frozen dataclass)
+
+
 def _positive(cls: str, name: str, value: Any) -> None:
     if value is None or value <= 0:
         raise ConfigError(f"{cls}.{name}={value!r} must be > 0")
@@ -168,6 +199,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         c = "ModelConfig"
+        check_types(self)
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
             _positive(c, name, getattr(self, name))

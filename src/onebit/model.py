@@ -46,6 +46,10 @@ class KVCache(nn.Module):
 
     def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]
+        if pos + T > self.k.shape[2] or k.shape[0] != self.k.shape[0]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions for batch {self.k.shape[0]}, got "
+                             f"positions up to {pos + T} for batch {k.shape[0]}: call setup_cache() with a "
+                             f"larger max_len / the right batch size")
         self.k[:, :, pos:pos + T] = k
         self.v[:, :, pos:pos + T] = v
         return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
@@ -164,10 +168,10 @@ class CausalLM(nn.Module):
     def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         """Allocate a KV cache for generation (``None`` max_len = max_position_embeddings)."""
         cfg = self.config
-        max_len = max_len or cfg.max_position_embeddings
-        if max_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
-                             f"{cfg.max_position_embeddings} of this model")
+        max_len = cfg.max_position_embeddings if max_len is None else max_len
+        if not 0 < max_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} must be in [1, max_position_embeddings="
+                             f"{cfg.max_position_embeddings}] of this model")
         dev = self.rope_cos.device
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(batch, cfg.kv_heads, max_len, cfg.resolved_head_dim, dtype).to(dev)
@@ -182,6 +186,8 @@ class CausalLM(nn.Module):
         if pos + T > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
+        if pos and self.model.layers[0].self_attn.cache is None:
+            raise ValueError("pos > 0 needs a KV cache holding positions 0..pos-1: call setup_cache() first")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # [T, hd]
         x = self.model.embed_tokens(input_ids)                             # [B, T, D]
         for layer in self.model.layers:

@@ -55,6 +55,8 @@ class BitLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         if act not in ACT_MODES:
             raise ValueError(f"act={act!r} is not a BitLinear activation mode: use one of {ACT_MODES}")
+        if not 0.0 < float(keep) <= 1.0:
+            raise ValueError(f"keep={keep} is out of range: the kept top-K fraction must be in (0, 1]")
         self.norm = RMSNorm(in_features, norm_eps) if norm else None
         self.weight_quant = weight_quant
         self.act = act

@@ -136,14 +136,20 @@ def ternary_dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def ste(x: torch.Tensor, q: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
-    """Straight-through blend ``x + lam * (q - x).detach()`` (gradient is the identity)."""
+    """Straight-through blend ``x + lam * (q - x).detach()`` (gradient is the identity).
+
+    At ``lam == 1`` the forward value is exactly ``q``: the FAQ form ``x + (q - x)`` is not ``q``
+    in floating point once |x| > 2|q| (a ternary weight above 2γ would come out as γ ± ulp),
+    so ``q + (x - x.detach())`` (a zero that carries the gradient) is used instead.
+    """
     if lam == 1.0:
-        return x + (q - x).detach()
+        return q.detach() + (x - x.detach())
     return x + lam * (q - x).detach()
 
 
 def fake_ternary(w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """Fake-quantized ternary weight ``round(w*s).clamp(-1,1)/s`` with an STE; dtype of ``w``."""
+    _check_float(w, "w")
     _check_lam(lam)
     if lam == 0.0:
         return w
@@ -155,6 +161,7 @@ def fake_ternary(w: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 
 def fake_int8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """Fake-quantized per-token INT8 activation with an STE; dtype of ``x``."""
+    _check_float(x, "x")
     _check_lam(lam)
     if lam == 0.0:
         return x
@@ -166,6 +173,7 @@ def fake_int8(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 
 def fake_int4(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """Fake-quantized per-token INT4 absmean activation (a4.8) with an STE; dtype of ``x``."""
+    _check_float(x, "x")
     _check_lam(lam)
     if lam == 0.0:
         return x
@@ -176,6 +184,7 @@ def fake_int4(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 
 def fake_topk(x: torch.Tensor, keep: float = 0.5, lam: float = 1.0) -> torch.Tensor:
     """Top-K sparsified activation with an STE through the mask (a4.8); dtype of ``x``."""
+    _check_float(x, "x")
     _check_lam(lam)
     if lam == 0.0:
         return x

@@ -1,0 +1,185 @@
+"""Autoregressive generation with the KV cache (PyTorch path), gpt-fast style.
+
+``prefill`` runs the prompt once, filling the cache; ``decode_one_token`` feeds one token at its
+absolute position; ``generate`` loops them and samples with ``onebit.sampling.sample_next``;
+``generate_text`` wraps it with a ``tokenizers.Tokenizer`` and streams text.
+
+One generation at a time per model: the cache lives on the model's attention layers while a
+``generate`` iterator is open and is removed when it finishes, is closed or is garbage-collected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .model import CausalLM
+from .sampling import sample_next, validate_sampling
+
+__all__ = ["prefill", "decode_one_token", "sample", "generate", "generate_text", "stream_text"]
+
+REPLACEMENT_CHAR = "\ufffd"  # what decode() shows for an incomplete multi-byte UTF-8 sequence
+
+
+def prefill(model: CausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """Run the prompt ``ids`` [1, T] from position 0 (filling the cache); logits [V] of the last token."""
+    logits, _ = model(ids, pos=0)   # [1, T, V]
+    return logits[0, -1]
+
+
+def decode_one_token(model: CausalLM, token: int, pos: int) -> torch.Tensor:
+    """Feed ``token`` at absolute position ``pos`` (cache holds 0..pos-1); logits [V] of the next token."""
+    ids = torch.tensor([[token]], dtype=torch.long, device=model.output_weight.device)  # [1, 1]
+    logits, _ = model(ids, pos=pos)  # [1, 1, V]
+    return logits[0, -1]
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           rng: np.random.Generator) -> int:
+    """Next token id from logits [V] (any dtype/device), via the numpy samplers in float64."""
+    return sample_next(logits.detach().double().cpu().numpy(), temperature, top_k, top_p, rng)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    # Entered around each model call only, so the caller's training flag is back in place
+    # whenever the generator is suspended at a yield.
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _has_cache(model: CausalLM) -> bool:
+    return any(layer.self_attn.cache is not None for layer in model.model.layers)
+
+
+def _check_request(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("the prompt is empty: generation needs at least one token to condition on "
+                         "(e.g. the BOS id)")
+    cfg = model.config
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < cfg.vocab_size:
+            raise ValueError(f"prompt token {i} is {t!r}, not a token id in [0, vocab_size="
+                             f"{cfg.vocab_size}): was the prompt encoded with this model's tokenizer?")
+    n, ctx = len(ids), cfg.max_position_embeddings
+    if n + max_new_tokens > ctx:
+        raise ValueError(f"the prompt has {n} tokens and max_new_tokens={max_new_tokens}, but the "
+                         f"model's context is {ctx} tokens (max_position_embeddings): shorten the "
+                         f"prompt to at most {max(ctx - max_new_tokens, 0)} tokens or lower "
+                         f"max_new_tokens to at most {max(ctx - n, 0)}")
+    return [int(t) for t in ids]
+
+
+def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int,
+             temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+             seed: int | None = None, stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` new token ids, one at a time, continuing ``prompt_ids``.
+
+    Stops early when a token in ``stop_ids`` is sampled; the stop token is NOT yielded.
+    ``temperature=0`` is greedy; sampling draws from ``np.random.default_rng(seed)``, so a fixed
+    seed reproduces the output. Runs under ``torch.no_grad()`` and ``model.eval()`` (the training
+    flag is restored around every yield), with a KV cache of ``len(prompt) + max_new_tokens``
+    positions that is removed at the end.
+
+    Raises (at the call, before any token) ``ValueError`` for an empty prompt, token ids outside
+    the vocabulary, a prompt plus ``max_new_tokens`` longer than ``max_position_embeddings``, or
+    invalid sampling settings; ``RuntimeError`` (at the first token) if the model already has a
+    KV cache, i.e. another generation on it is still open.
+    """
+    ids = _check_request(model, prompt_ids, max_new_tokens)
+    validate_sampling(temperature, top_k, top_p)
+    stop = frozenset(int(s) for s in stop_ids)
+    return _generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
+
+
+@torch.no_grad()  # on a generator function torch re-enters no_grad at every resume, not across yields
+def _generate(model: CausalLM, ids: list[int], max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, seed: int | None,
+              stop: frozenset[int]) -> Iterator[int]:
+    if max_new_tokens == 0:
+        return
+    if _has_cache(model):
+        raise RuntimeError("this model already has a KV cache: another generation on it is still "
+                           "open (exhaust or close() it) or setup_cache() was called without "
+                           "clear_cache()")
+    rng = np.random.default_rng(seed)
+    weight = model.output_weight
+    n = len(ids)
+    model.setup_cache(batch=1, max_len=n + max_new_tokens, dtype=weight.dtype)
+    try:
+        with _eval_mode(model):
+            logits = prefill(model, torch.tensor([ids], dtype=torch.long, device=weight.device))
+        for i in range(max_new_tokens):
+            token = sample(logits, temperature, top_k, top_p, rng)
+            if token in stop:
+                return
+            yield token
+            if i + 1 == max_new_tokens:
+                return  # the last token's logits would never be read
+            with _eval_mode(model):
+                logits = decode_one_token(model, token, n + i)
+    finally:
+        model.clear_cache()
+
+
+def generate_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int,
+                  temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                  seed: int | None = None, stop_ids: Iterable[int] = (), add_bos: bool = True,
+                  bos_id: int | None = None, eos_id: int | None = None) -> Iterator[str]:
+    """Stream the text of ``generate`` for ``prompt`` as decoded pieces (concatenate for the text).
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer``; the prompt is encoded without its post-processor
+    specials and, if ``add_bos``, prefixed with ``bos_id`` (None = ``model.config.bos_token_id``).
+    Generation stops at ``eos_id`` (None = ``model.config.eos_token_id``) or any of ``stop_ids``.
+    A piece is held back while the decoded text ends in U+FFFD, so a multi-byte character split
+    across tokens is emitted whole; whatever remains is flushed at the end. Raises as ``generate``.
+    """
+    cfg = model.config
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
+    if add_bos:
+        ids = [cfg.bos_token_id if bos_id is None else bos_id] + ids
+    stop = {cfg.eos_token_id if eos_id is None else eos_id, *stop_ids}
+    tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, seed=seed, stop_ids=stop)
+    return stream_text(tokenizer, tokens)
+
+
+def stream_text(tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Turn a stream of token ids into text pieces whose concatenation is ``decode(all ids)``
+    (for decoders whose output on a prefix is a prefix of the output, as byte-level BPE's is).
+
+    Decodes the whole list so far at each token and yields the new suffix, holding it back while
+    it ends in U+FFFD (a multi-byte character split across byte-level tokens); the remainder is
+    flushed at the end. Closing this iterator closes ``tokens`` if it is a generator.
+    """
+    # O(n²) decode work over a generation, negligible next to the model's forward passes.
+    generated: list[int] = []
+    emitted = 0
+    tokens = iter(tokens)
+    try:
+        for token in tokens:
+            generated.append(token)
+            text = tokenizer.decode(generated)
+            if text.endswith(REPLACEMENT_CHAR) or len(text) <= emitted:
+                continue
+            yield text[emitted:]
+            emitted = len(text)
+        text = tokenizer.decode(generated) if generated else ""
+        if len(text) > emitted:
+            yield text[emitted:]
+    finally:
+        close = getattr(tokens, "close", None)  # stopping early frees generate()'s KV cache now
+        if close is not None:
+            close()
