@@ -281,3 +281,10 @@ def test_ddp_two_processes_equal_single_process(corpus, tmp_path):
     mb, _, _ = ckpt.load_model(ddp)
     for (k, va), (_, vb) in zip(ma.state_dict().items(), mb.state_dict().items()):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_bf16_autocast_and_grad_accumulation_run(corpus, tmp_path):
+    out = tmp_path / "bf16"
+    summary = train(load_run_config(None, tiny_args(corpus, out, tmp_path / "cache", "--train.steps=2",
+                                                    "--train.dtype=bf16", "--train.micro_batch_size=2")))
+    assert summary["step"] == 2 and all(l == l and l < 20 for _, l in losses(out))  # finite losses
