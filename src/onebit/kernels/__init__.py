@@ -1,0 +1,277 @@
+"""ctypes binding of onebit's C CPU kernels (csrc/onebit_kernels.h is the ABI).
+
+A BitLinear is ``codes, xs = quantize_act_i8(x)`` then ``linear(packed, k, layout, w_scale, codes,
+xs)``; ``gemm`` gives the exact int32 accumulators. Packed weights are the on-disk layouts of
+docs/formats.md (``i2``, ``t1_6``). Inputs are numpy arrays (a CPU torch tensor is taken through
+``.numpy()``, no copy); every argument is checked here, before C runs, and bad input raises
+TypeError / ValueError naming the argument and the fix.
+
+The C library is loaded on first use, not at import. The SIMD variant ("avx2", "avx512vnni") is
+picked by CPU detection ("avx512vnni" only when forced, until verified on such a CPU);
+``ONEBIT_KERNELS=reference`` (environment, read by C at first use) or
+``with use("reference"):`` forces one. ``use`` changes process-wide state: not thread-safe.
+Kernels are single-threaded for now (``set_num_threads`` is a stub).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.machinery
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
+
+__all__ = ["quantize_act_i8", "gemm", "linear", "isa", "available_isas", "use",
+           "set_num_threads", "get_num_threads", "VARIANTS"]
+
+VARIANTS = ("reference", "avx2", "avx512vnni")  # slowest to fastest; what a build may contain
+_LAYOUT_ID = {"i2": 0, "t1_6": 1}
+_ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
+           -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
+           -7: "non-finite value"}
+_MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
+_lib_handle: ctypes.CDLL | None = None
+
+
+def _find_library() -> Path:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_onebit_kernels{suffix}"
+        if path.is_file():
+            return path
+    raise ImportError(f"onebit's C kernel library (_onebit_kernels*.so) is not in {here}: the "
+                      f"package was installed without building it; reinstall with a C compiler "
+                      f"available (pip install -e . or pip install .)")
+
+
+def _lib() -> ctypes.CDLL:
+    global _lib_handle
+    if _lib_handle is not None:
+        return _lib_handle
+    lib = ctypes.CDLL(str(_find_library()))
+    p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    sigs = {
+        "ob_quantize_act_i8": (i32, [p, i64, i64, i64, p, f32, p, p]),
+        "ob_gemm_i2": (i32, [p, i64, i64, p, i64, i64, p]),
+        "ob_gemm_t1_6": (i32, [p, i64, i64, p, i64, i64, p]),
+        "ob_linear_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_t1_6": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_set_num_threads": (i32, [i32]),
+        "ob_get_num_threads": (i32, []),
+        "ob_isa": (ctypes.c_char_p, []),
+        "ob_isa_supported": (i32, [ctypes.c_char_p]),
+        "ob_set_isa": (i32, [ctypes.c_char_p]),
+        "ob_abi_version": (i32, []),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    assert lib.ob_abi_version() == 1, "C kernel ABI version mismatch: rebuild the package"
+    env = os.environ.get("ONEBIT_KERNELS", "")
+    if env and not lib.ob_isa_supported(env.encode()):
+        warnings.warn(f"ONEBIT_KERNELS={env!r} is not available on this CPU/build (available: "
+                      f"{_supported(lib)}); using the scalar reference kernels", stacklevel=3)
+    elif not env and lib.ob_isa().decode() == "reference":
+        warnings.warn("no SIMD kernel variant runs on this CPU; using the scalar reference "
+                      "kernels (slow)", stacklevel=3)
+    _lib_handle = lib
+    return lib
+
+
+def _supported(lib: ctypes.CDLL) -> list[str]:
+    return [v for v in VARIANTS if lib.ob_isa_supported(v.encode())]
+
+
+def isa() -> str:
+    """Name of the kernel variant in use: "reference", "avx2" or "avx512vnni"."""
+    return _lib().ob_isa().decode()
+
+
+def available_isas() -> list[str]:
+    """Variants this build has and this CPU runs, slowest ("reference") first."""
+    return _supported(_lib())
+
+
+@contextlib.contextmanager
+def use(impl: str) -> Iterator[str]:
+    """Run the kernels with variant ``impl`` inside the block (process-wide; not thread-safe).
+
+    An unknown name raises ValueError; a known one this CPU lacks falls back to "reference" with
+    a warning. Yields the variant actually used.
+    """
+    if impl not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {impl!r}; use one of {VARIANTS}")
+    lib = _lib()
+    prev = lib.ob_isa()
+    if not lib.ob_isa_supported(impl.encode()):
+        warnings.warn(f"kernel variant {impl!r} does not run on this CPU (available: "
+                      f"{_supported(lib)}); using the scalar reference", stacklevel=3)
+        impl = "reference"
+    _check_status(lib.ob_set_isa(impl.encode()), "use")
+    try:
+        yield impl
+    finally:
+        lib.ob_set_isa(prev)
+
+
+def set_num_threads(n: int) -> None:
+    """Stub: the kernels are single-threaded for now; ``n`` must be >= 1."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    _check_status(_lib().ob_set_num_threads(n), "set_num_threads")
+
+
+def get_num_threads() -> int:
+    """Threads the kernels use (1: multithreading is not implemented yet)."""
+    return _lib().ob_get_num_threads()
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks: everything C relies on is verified here, so C never sees a bad pointer/size.
+# ---------------------------------------------------------------------------------------------
+
+def _array(a, name: str, dtype: type, ndim: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(a, np.ndarray) and type(a).__module__.startswith("torch"):
+        if a.device.type != "cpu":
+            raise ValueError(f"{name} is on {a.device}; the C kernels need CPU memory: use .cpu()")
+        a = a.detach().numpy()
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {a.dtype}; convert it with "
+                        f".astype(np.{np.dtype(dtype).name})")
+    if a.ndim not in ndim:
+        raise ValueError(f"{name} must be {' or '.join(f'{d}-D' for d in ndim)}, got shape {a.shape}")
+    if a.ctypes.data % a.itemsize:
+        raise ValueError(f"{name} is not {a.itemsize}-byte aligned; pass np.ascontiguousarray({name}) "
+                         f"or a fresh copy")
+    return a
+
+
+def _rows(a: np.ndarray, name: str) -> int:
+    """Row stride (in elements) of a 2-D array whose rows are contiguous."""
+    it = a.itemsize
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{name} must be non-empty, got shape {a.shape}")
+    if a.strides[1] != it or a.strides[0] % it or a.strides[0] < a.shape[1] * it:
+        if a.shape[0] == 1 and a.strides[1] == it:
+            return a.shape[1]
+        raise ValueError(f"{name} must have contiguous rows (strides {a.strides}); pass "
+                         f"np.ascontiguousarray({name})")
+    return a.strides[0] // it
+
+
+def _vector(a, name: str, dtype: type, length: int) -> np.ndarray:
+    a = _array(a, name, dtype, (1, 2))
+    if a.ndim == 2 and a.shape[1] == 1:  # [m, 1], as quant.int8_absmax returns its scale
+        a = a[:, 0]
+    if a.shape != (length,):
+        raise ValueError(f"{name} must have shape [{length}], got {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be contiguous; pass np.ascontiguousarray({name})")
+    return a
+
+
+def _check_status(st: int, fn: str) -> None:
+    if st == 0:
+        return
+    if st == -4:
+        raise PackedFormatError(f"{fn}: packed weights hold an invalid code/byte (i2 code 3 or an "
+                                f"unused t1_6 byte); locate it with formats.packing.validate_packed "
+                                f"and re-pack the matrix")
+    if st == -7:
+        raise ValueError(f"{fn}: the activation holds NaN or inf (after the norm); fix the input")
+    if st == -6:
+        raise MemoryError(f"{fn}: the C kernel could not allocate its scratch buffer")
+    raise RuntimeError(f"{fn}: C kernel status {st} ({_ERRORS.get(st, 'unknown')}); this is a bug "
+                       f"in the binding's checks")
+
+
+def _weights(packed, k, layout: str) -> tuple[np.ndarray, int]:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r}; known layouts: {sorted(LAYOUTS)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= _MAX_K:
+        raise ValueError(f"k={k!r} must be an integer in [1, {_MAX_K}] (the in_features of the "
+                         f"matrix; larger k could overflow the int32 accumulators)")
+    packed = _array(packed, "packed", np.uint8, (2,))
+    rb = packed_row_bytes(int(k), layout)
+    if packed.shape[0] < 1 or packed.shape[1] != rb:
+        raise PackedFormatError(f"packed shape {packed.shape} does not fit k={k} with layout "
+                                f"{layout!r}: a row of {k} weights is {rb} bytes; pass the K the "
+                                f"matrix was packed with (and N >= 1)")
+    if not packed.flags.c_contiguous:
+        raise ValueError("packed must be C-contiguous; pass np.ascontiguousarray(packed)")
+    return packed, int(k)
+
+
+def _codes(x_codes, k: int) -> tuple[np.ndarray, int]:
+    x = _array(x_codes, "x_codes", np.int8, (2,))
+    if x.shape[1] != k:
+        raise ValueError(f"x_codes has {x.shape[1]} columns but the weight has k={k} inputs; "
+                         f"x_codes must be int8 [m, {k}]")
+    return x, _rows(x, "x_codes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+def quantize_act_i8(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax INT8 of float32 x [m, k], optionally after RMSNorm with ``norm_weight`` [k].
+
+    Returns (codes int8 [m, k], scale float32 [m]) with x ≈ codes * scale[:, None]; without norm
+    the codes equal ``quant.int8_absmax`` bit for bit. Raises TypeError/ValueError on bad input
+    (including NaN/inf).
+    """
+    x = _array(x, "x", np.float32, (2,))
+    ldx = _rows(x, "x")
+    m, k = x.shape
+    nw = None
+    if norm_weight is not None:
+        nw = _vector(norm_weight, "norm_weight", np.float32, k)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps={eps!r} must be a finite number >= 0")
+    codes = np.empty((m, k), dtype=np.int8)
+    scale = np.empty(m, dtype=np.float32)
+    st = _lib().ob_quantize_act_i8(x.ctypes.data, m, k, ldx, None if nw is None else nw.ctypes.data,
+                                   float(eps), codes.ctypes.data, scale.ctypes.data)
+    _check_status(st, "quantize_act_i8")
+    return codes, scale
+
+
+def gemm(packed, k: int, layout: str, x_codes) -> np.ndarray:
+    """Exact int32 ``x_codes [m, k] @ W[n, k]^T`` -> [m, n]; W packed uint8 [n, row_bytes(k)].
+
+    Raises PackedFormatError (a ValueError) for a packed shape that does not fit k or an invalid
+    packed byte, TypeError/ValueError for other bad arguments.
+    """
+    packed, k = _weights(packed, k, layout)
+    x, ldx = _codes(x_codes, k)
+    m, n = x.shape[0], packed.shape[0]
+    acc = np.empty((m, n), dtype=np.int32)
+    fn = _lib().ob_gemm_i2 if layout == "i2" else _lib().ob_gemm_t1_6
+    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, acc.ctypes.data), "gemm")
+    return acc
+
+
+def linear(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.ndarray:
+    """BitLinear output float32 [m, n] = gemm(...) * w_scale * x_scale[row] (in that order)."""
+    packed, k = _weights(packed, k, layout)
+    x, ldx = _codes(x_codes, k)
+    m, n = x.shape[0], packed.shape[0]
+    xs = _vector(x_scale, "x_scale", np.float32, m)
+    w_scale = float(w_scale)
+    if not (math.isfinite(w_scale) and w_scale >= 0):
+        raise ValueError(f"w_scale={w_scale} must be finite and >= 0 (the tensor's mean|W|)")
+    out = np.empty((m, n), dtype=np.float32)
+    fn = _lib().ob_linear_i2 if layout == "i2" else _lib().ob_linear_t1_6
+    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, w_scale, xs.ctypes.data,
+                     out.ctypes.data), "linear")
+    return out

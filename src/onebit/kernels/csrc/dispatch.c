@@ -1,0 +1,135 @@
+/* Public entry points: argument checks, then the variant chosen once by CPU detection
+ * (or ONEBIT_KERNELS=<name> / ob_set_isa). The ABI is in onebit_kernels.h. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+static const ob_variant VARIANTS[] = {
+    {"reference", {ob_ref_gemm_i2, ob_ref_gemm_t1_6}, 1},
+#ifdef OB_HAVE_X86
+    {"avx2", {ob_avx2_gemm_i2, ob_avx2_gemm_t1_6}, 1},
+    /* TODO: auto-select once tests/test_kernels.py has passed on an AVX-512 VNNI CPU (written and
+     * compiled, but the development machine is a Zen 3 without AVX-512: never run so far). */
+    {"avx512vnni", {ob_avx512vnni_gemm_i2, ob_avx512vnni_gemm_t1_6}, 0},
+#endif
+    /* TODO(arm): {"neon", ...} behind __aarch64__ once arm.c exists. */
+};
+#define N_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))
+
+static const ob_variant *g_active = NULL; /* set at first use; not synchronised (see header) */
+
+static int cpu_runs(const char *name) {
+    if (strcmp(name, "reference") == 0) return 1;
+#ifdef OB_HAVE_X86
+    __builtin_cpu_init();
+    if (strcmp(name, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx512vnni") == 0)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512vnni");
+#endif
+    return 0;
+}
+
+static const ob_variant *find(const char *name) {
+    for (int i = 0; i < N_VARIANTS; i++)
+        if (strcmp(VARIANTS[i].name, name) == 0) return &VARIANTS[i];
+    return NULL;
+}
+
+static const ob_variant *best(void) {
+    for (int i = N_VARIANTS - 1; i > 0; i--) /* listed slowest to fastest */
+        if (VARIANTS[i].auto_select && cpu_runs(VARIANTS[i].name)) return &VARIANTS[i];
+    return &VARIANTS[0];
+}
+
+static const ob_variant *active(void) {
+    if (!g_active) {
+        /* ONEBIT_KERNELS=<name> forces a variant; an unknown or unsupported name gets the
+         * reference (always correct; the Python binding warns about it). */
+        const char *env = getenv("ONEBIT_KERNELS");
+        if (env && *env)
+            g_active = ob_isa_supported(env) ? find(env) : &VARIANTS[0];
+        else
+            g_active = best();
+    }
+    return g_active;
+}
+
+int ob_isa_supported(const char *name) { return name && find(name) && cpu_runs(name); }
+
+int ob_set_isa(const char *name) {
+    if (!name || !*name) {
+        g_active = best();
+        return OB_OK;
+    }
+    if (!ob_isa_supported(name)) return OB_ERR_ISA;
+    g_active = find(name);
+    return OB_OK;
+}
+
+const char *ob_isa(void) { return active()->name; }
+int ob_abi_version(void) { return OB_ABI_VERSION; }
+int ob_set_num_threads(int nthreads) { return nthreads >= 1 ? OB_OK : OB_ERR_VALUE; }
+int ob_get_num_threads(void) { return 1; } /* multithreading: not yet */
+
+int64_t ob_packed_row_bytes(int64_t k, int layout) {
+    int64_t block = layout == OB_LAYOUT_I2 ? OB_I2_BLOCK : layout == OB_LAYOUT_T1_6 ? OB_T1_6_BLOCK : 0;
+    if (k < 1 || !block) return 0;
+    return (k + block - 1) / block * OB_BLOCK_BYTES;
+}
+
+int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const float *norm_weight,
+                       float norm_eps, int8_t *out, float *out_scale) {
+    if (!x || !out || !out_scale) return OB_ERR_NULL;
+    if (m < 1 || k < 1) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    if (norm_weight && !(isfinite(norm_eps) && norm_eps >= 0.0f)) return OB_ERR_VALUE;
+    /* one implementation for now: it is memory-bound and tiny next to the GEMM */
+    return ob_ref_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
+}
+
+static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                int64_t ldx, int32_t *acc) {
+    if (!w || !x || !acc) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    return active()->gemm[layout](w, n, k, x, m, ldx, acc);
+}
+
+static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                  int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    if (!x_scale || !out) return OB_ERR_NULL;
+    if (n < 1 || m < 1) return OB_ERR_SIZE;
+    int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
+    if (!acc) return OB_ERR_NOMEM;
+    int st = gemm(layout, w, n, k, x, m, ldx, acc);
+    if (st == OB_OK)
+        for (int64_t r = 0; r < m; r++)
+            for (int64_t j = 0; j < n; j++) out[r * n + j] = (float)acc[r * n + j] * w_scale * x_scale[r];
+    free(acc);
+    return st;
+}
+
+int ob_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+               int32_t *acc) {
+    return gemm(OB_LAYOUT_I2, w, n, k, x, m, ldx, acc);
+}
+int ob_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+                 int32_t *acc) {
+    return gemm(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, acc);
+}
+int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+                 float w_scale, const float *x_scale, float *out) {
+    return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out);
+}
+int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+                   float w_scale, const float *x_scale, float *out) {
+    return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out);
+}
+
+#ifdef _WIN32
+/* setuptools exports PyInit_<name> on Windows; never called (the library is loaded with ctypes). */
+__declspec(dllexport) void *PyInit__onebit_kernels(void) { return NULL; }
+#endif

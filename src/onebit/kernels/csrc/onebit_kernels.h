@@ -1,0 +1,90 @@
+/* onebit CPU kernels: the public C ABI (no Python, no torch: raw pointers, int64 sizes, status codes).
+ *
+ * Packed weights are the on-disk layouts of docs/formats.md, used as they are:
+ *   i2   : rows of packed_row_bytes(k) = ceil(k/128)*32 bytes, byte m of a block = 4 lanes of 2 bits
+ *   t1_6 : rows of ceil(k/160)*32 bytes, byte m of a block = 5 base-3 digits (ceil(q*256/243))
+ * The weight matrix is [n, k] (nn.Linear [out, in]); activations are int8 [m, k] with row stride ldx.
+ * Padding columns (>= k) never contribute: the kernels multiply them by zero activations.
+ *
+ * Every function returns OB_OK (0) or a negative status below; on error the outputs are unspecified.
+ * Variants ("reference", "avx2", "avx512vnni") give bit-identical integer results; the variant is
+ * chosen once, at first use, by CPU detection (avx512vnni only when forced, until it has been
+ * verified on an AVX-512 machine), or forced with the environment variable
+ * ONEBIT_KERNELS=<name> (read in C at that first use; a name this build or CPU cannot run selects
+ * "reference") or ob_set_isa().
+ * Not thread-safe to call ob_set_isa while kernels run; the kernels themselves are reentrant.
+ */
+#ifndef ONEBIT_KERNELS_H
+#define ONEBIT_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define OB_API __declspec(dllexport)
+#else
+#define OB_API __attribute__((visibility("default")))
+#endif
+
+#define OB_ABI_VERSION 1
+
+enum {
+    OB_OK = 0,
+    OB_ERR_NULL = -1,     /* a required pointer is NULL */
+    OB_ERR_SIZE = -2,     /* m, n or k < 1, or k > OB_MAX_K */
+    OB_ERR_STRIDE = -3,   /* ldx < k */
+    OB_ERR_CORRUPT = -4,  /* packed weights hold an invalid code/byte (i2 code 3, t1_6 unused byte) */
+    OB_ERR_ISA = -5,      /* unknown variant name, or the CPU lacks it */
+    OB_ERR_NOMEM = -6,    /* scratch allocation failed */
+    OB_ERR_VALUE = -7     /* non-finite activation (after the norm), or eps < 0 / non-finite */
+};
+
+enum { OB_LAYOUT_I2 = 0, OB_LAYOUT_T1_6 = 1 };
+
+/* Largest k whose int32 accumulator cannot overflow: |sum| <= 128 * 2^24 = 2^31 (and -2^31 fits). */
+#define OB_MAX_K ((int64_t)1 << 24)
+
+/* Bytes of one packed row of k weights (0 for k < 1 or an unknown layout). */
+OB_API int64_t ob_packed_row_bytes(int64_t k, int layout);
+
+/* x [m, k] float32 (row stride ldx) -> out int8 [m, k] (row stride k), out_scale [m] float32.
+ * If norm_weight [k] is not NULL, first y = x / sqrt(mean(x^2) + norm_eps) * norm_weight (RMSNorm,
+ * float32). Then per row: s = (1.0f / fmaxf(max|y|, 1e-5f)) * 127.0f (torch's `127.0 / t` is
+ * t.reciprocal() * 127); code = clamp(rint_even(y*s), -128, 127); out_scale = 1.0f / s.
+ * Without norm codes and scales equal onebit.quant.int8_absmax bit for bit. */
+OB_API int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
+                              const float *norm_weight, float norm_eps,
+                              int8_t *out, float *out_scale);
+
+/* acc[m, n] (row stride n) = x[m, k] (int8, row stride ldx) @ W[n, k]^T, exact int32. M = 1 is GEMV.
+ * Returns OB_ERR_CORRUPT if a packed byte is invalid. */
+OB_API int ob_gemm_i2(const uint8_t *w, int64_t n, int64_t k,
+                      const int8_t *x, int64_t m, int64_t ldx, int32_t *acc);
+OB_API int ob_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k,
+                        const int8_t *x, int64_t m, int64_t ldx, int32_t *acc);
+
+/* out[m, n] = (float)acc * w_scale * x_scale[row]  (float32, in that order), acc as ob_gemm_*. */
+OB_API int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                        int64_t ldx, float w_scale, const float *x_scale, float *out);
+OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                          int64_t ldx, float w_scale, const float *x_scale, float *out);
+
+/* Threads: a stub for now (single-threaded kernels); set returns OB_OK for nthreads >= 1, get is 1. */
+OB_API int ob_set_num_threads(int nthreads);
+OB_API int ob_get_num_threads(void);
+
+/* The variant in use ("reference", "avx2", "avx512vnni"); static string. */
+OB_API const char *ob_isa(void);
+/* 1 if this build has variant `name` and the CPU runs it, else 0. */
+OB_API int ob_isa_supported(const char *name);
+/* Force a variant (NULL or "" = auto-detect again). OB_ERR_ISA if unknown or unsupported. */
+OB_API int ob_set_isa(const char *name);
+OB_API int ob_abi_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* ONEBIT_KERNELS_H */

@@ -1,0 +1,269 @@
+"""C kernels (onebit.kernels) against numpy/torch oracles, for every variant this CPU runs.
+
+Integer accumulators compare exactly with ``unpack(packed) @ x`` in int32; the activation
+quantizer bit for bit with quant.int8_absmax; ``linear`` with the fake-quant BitLinear forward
+within float tolerance (after the scales).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from onebit import kernels as K
+from onebit import quant
+from onebit.formats import PackedFormatError, pack, packed_row_bytes, unpack
+from onebit.nn import BitLinear, RMSNorm
+
+LAYOUTS = ("i2", "t1_6")
+BLOCK = {"i2": 128, "t1_6": 160}
+
+
+def _impl_param(name: str):
+    ok = name in K.available_isas()
+    return pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"CPU lacks {name}"))
+
+
+IMPLS = [_impl_param(v) for v in K.VARIANTS]
+
+
+def oracle(packed: np.ndarray, k: int, layout: str, x: np.ndarray) -> np.ndarray:
+    w = unpack(packed, k, layout).astype(np.int32)  # [n, k] in {-1, 0, 1}
+    return x.astype(np.int32) @ w.T                 # [m, n], exact
+
+
+def rand_case(rng, m, n, k, layout):
+    w = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+    x = rng.integers(-128, 128, size=(m, k), dtype=np.int8)
+    return pack(w, layout), x
+
+
+# ---------------------------------------------------------------------------------------------
+# gemm: exact int32 parity
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("k", [1, 5, 127, 129, 160, 300, 2560])
+def test_gemm_exact(impl, layout, m, k):
+    rng = np.random.default_rng(1000 * m + k)
+    with K.use(impl):
+        for n in (1, 3, 64):
+            packed, x = rand_case(rng, m, n, k, layout)
+            np.testing.assert_array_equal(K.gemm(packed, k, layout, x), oracle(packed, k, layout, x))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemm_extremes_and_strided_rows(impl, layout):
+    # |sum| = 128 * 6912 needs int32; every product at the int8 edge; x rows strided (ldx > k)
+    k, n = 6912, 4
+    w = np.stack([np.full(k, 1), np.full(k, -1), np.zeros(k), np.resize([1, -1, 0], k)]).astype(np.int8)
+    wide = np.empty((3, k + 77), dtype=np.int8)
+    wide[0, :k], wide[1, :k], wide[2, :k] = -128, 127, np.resize([-128, 127], k)
+    x = wide[:, :k]
+    packed = pack(w, layout)
+    with K.use(impl):
+        acc = K.gemm(packed, k, layout, x)
+    np.testing.assert_array_equal(acc, oracle(packed, k, layout, np.ascontiguousarray(x)))
+    assert acc[0, 0] == -128 * k
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gemm_ignores_nonzero_padding(impl, layout):
+    # padding lanes holding valid nonzero codes contribute nothing (they meet zero activations)
+    rng = np.random.default_rng(7)
+    k, n = 5, 3
+    packed, x = rand_case(rng, 2, n, k, layout)
+    want = oracle(packed, k, layout, x)
+    dirty = packed.copy()
+    if layout == "i2":
+        dirty[:, k:] = 0xAA          # bytes 5..31: all four lanes code 2 (+1)
+        dirty[:, :k] = (dirty[:, :k] & 0x03) | 0xA8  # bytes 0..4: lanes 1..3 (elements 32..) +1
+    else:
+        dirty[:, k:] = 255           # q = 242: every lane +1
+    with K.use(impl):
+        np.testing.assert_array_equal(K.gemm(dirty, k, layout, x), want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout,bad_byte", [("i2", 0xFF), ("i2", 0x03), ("t1_6", 0x01), ("t1_6", 237)])
+@pytest.mark.parametrize("where", [0, 40, -1])  # first byte, second block, last byte
+def test_gemm_rejects_corrupt_packed(impl, layout, bad_byte, where):
+    rng = np.random.default_rng(3)
+    packed, x = rand_case(rng, 2, 3, 300, layout)
+    packed[1, where] = bad_byte
+    with K.use(impl), pytest.raises(PackedFormatError, match="invalid code"):
+        K.gemm(packed, 300, layout, x)
+
+
+# ---------------------------------------------------------------------------------------------
+# quantize_act_i8
+# ---------------------------------------------------------------------------------------------
+
+def _act_cases():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((17, 300)).astype(np.float32)
+    x[3] = 0.0                                  # all-zero row: amax clamps to 1e-5
+    x[4, 7] = 3e4                               # huge outlier: the rest rounds to 0
+    x[5] *= 1e-8                                # below the clamp
+    x[6, :5] = [127.0, 0.5, 1.5, 2.5, -0.5]     # s = 1: ties round half to even
+    x[7] = -1e30
+    return x
+
+
+def test_quantize_act_matches_int8_absmax():
+    x = _act_cases()
+    codes, scale = K.quantize_act_i8(x)
+    ref_codes, ref_scale = quant.int8_absmax(torch.from_numpy(x))
+    np.testing.assert_array_equal(codes, ref_codes.numpy())
+    np.testing.assert_array_equal(scale, ref_scale.numpy()[:, 0])
+    assert list(codes[6, :5]) == [127, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (1, 2560), (3, 5), (17, 129)])
+def test_quantize_act_shapes_strided_and_torch(m, k):
+    rng = np.random.default_rng(m * k)
+    wide = (rng.standard_normal((m, k + 9)) * 4).astype(np.float32)
+    x = wide[:, :k]                             # rows with stride k + 9
+    ref_codes, ref_scale = quant.int8_absmax(torch.from_numpy(np.ascontiguousarray(x)))
+    for arg in (x, torch.from_numpy(wide)[:, :k]):
+        codes, scale = K.quantize_act_i8(arg)
+        np.testing.assert_array_equal(codes, ref_codes.numpy())
+        np.testing.assert_array_equal(scale, ref_scale.numpy()[:, 0])
+
+
+def test_quantize_act_with_rmsnorm():
+    rng = np.random.default_rng(5)
+    m, k = 17, 2560
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    norm = RMSNorm(k, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(rng.uniform(0.5, 1.5, k).astype(np.float32)))
+        ref_codes, ref_scale = quant.int8_absmax(norm(torch.from_numpy(x)))
+    codes, scale = K.quantize_act_i8(x, norm.weight.detach().numpy(), eps=1e-5)
+    diff = np.abs(codes.astype(np.int16) - ref_codes.numpy().astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # float summation order only
+    np.testing.assert_allclose(scale, ref_scale.numpy()[:, 0], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear: a whole BitLinear against the fake-quant training forward
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m,n,k", [(1, 64, 2560), (3, 3, 129), (17, 64, 300)])
+def test_linear_matches_bitlinear(impl, layout, m, n, k):
+    torch.manual_seed(m * n + k)
+    layer = BitLinear(k, n, norm=False, act="int8")
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        want = layer(x).numpy()
+    w_codes, w_scale = quant.ternary_absmean(layer.weight.detach())
+    packed = pack(w_codes.numpy(), layout)
+    with K.use(impl):
+        xc, xs = K.quantize_act_i8(x.numpy())
+        out = K.linear(packed, k, layout, float(w_scale), xc, xs)
+    assert out.dtype == np.float32 and out.shape == (m, n)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clean exceptions before C runs
+# ---------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise():
+    rng = np.random.default_rng(0)
+    packed, x = rand_case(rng, 2, 3, 300, "i2")
+    xs = np.ones(2, np.float32)
+    with pytest.raises(TypeError, match="x_codes must have dtype int8"):
+        K.gemm(packed, 300, "i2", x.astype(np.int16))
+    with pytest.raises(TypeError, match="packed must have dtype uint8"):
+        K.gemm(packed.view(np.int8), 300, "i2", x)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gemm(packed, 300, "i2", np.asfortranarray(x))
+    with pytest.raises(ValueError, match="x_codes has 299 columns"):
+        K.gemm(packed, 300, "i2", x[:, :299])
+    with pytest.raises(PackedFormatError, match="does not fit k=200"):
+        K.gemm(packed, 200, "i2", x[:, :200])                   # 3 blocks of bytes, k=200 is 2
+    with pytest.raises(PackedFormatError, match="does not fit k=100"):
+        K.gemm(packed, 100, "i2", x[:, :100])                   # k too small for the packed bytes
+    with pytest.raises(ValueError, match="unknown packed layout"):
+        K.gemm(packed, 300, "i3", x)
+    with pytest.raises(ValueError, match="k=0"):
+        K.gemm(packed, 0, "i2", x)
+    with pytest.raises(ValueError, match=r"x_scale must have shape \[2\]"):
+        K.linear(packed, 300, "i2", 0.5, x, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="w_scale"):
+        K.linear(packed, 300, "i2", float("nan"), x, xs)
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        K.quantize_act_i8(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        K.quantize_act_i8(np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        K.quantize_act_i8(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(ValueError, match=r"norm_weight must have shape \[4\]"):
+        K.quantize_act_i8(np.zeros((2, 4), np.float32), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="aligned"):
+        K.quantize_act_i8(np.frombuffer(bytes(33), np.uint8)[1:].view(np.float32).reshape(2, 4))
+    with pytest.raises(TypeError, match="numpy array"):
+        K.gemm(packed.tolist(), 300, "i2", x)
+    with pytest.raises(ValueError, match="unknown kernel variant"):
+        with K.use("avx9000"):
+            pass
+
+
+def test_isa_and_threads():
+    assert K.isa() in K.VARIANTS and "reference" in K.available_isas()
+    if not os.environ.get("ONEBIT_KERNELS"):
+        assert K.isa() in K.available_isas()[-2:]  # the fastest (verified) one is the default
+    with K.use("reference") as impl:
+        assert impl == K.isa() == "reference"
+    assert K.get_num_threads() == 1
+    K.set_num_threads(4)  # stub: accepted, still one thread
+    with pytest.raises(ValueError):
+        K.set_num_threads(0)
+    for v in K.VARIANTS:
+        if v not in K.available_isas():
+            with pytest.warns(UserWarning, match="does not run on this CPU"), K.use(v) as got:
+                assert got == "reference"
+
+
+@pytest.mark.parametrize("env,want,warns", [("reference", "reference", False), ("avx9000", "reference", True)])
+def test_env_forces_variant(env, want, warns):
+    code = ("import warnings; warnings.simplefilter('always'); import onebit.kernels as K\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    print(K.isa(), len(w))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEBIT_KERNELS": env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [want, "1" if warns else "0"]
+
+
+def test_c_status_codes():
+    # the raw ABI (csrc/onebit_kernels.h) rejects what the binding normally stops earlier
+    lib = K._lib()
+    packed, x = rand_case(np.random.default_rng(1), 2, 3, 300, "i2")
+    acc = np.empty((2, 3), np.int32)
+    args = (packed.ctypes.data, 3, 300, x.ctypes.data, 2, 300, acc.ctypes.data)
+    assert lib.ob_gemm_i2(*args) == 0
+    np.testing.assert_array_equal(acc, oracle(packed, 300, "i2", x))
+    assert lib.ob_gemm_i2(None, *args[1:]) == -1                      # OB_ERR_NULL
+    assert lib.ob_gemm_i2(*args[:2], 0, *args[3:]) == -2              # OB_ERR_SIZE
+    assert lib.ob_gemm_i2(*args[:2], (1 << 24) + 1, *args[3:]) == -2  # k > OB_MAX_K
+    assert lib.ob_gemm_i2(*args[:5], 299, args[6]) == -3              # OB_ERR_STRIDE
+    assert lib.ob_set_isa(b"avx9000") == -5                           # OB_ERR_ISA
+    assert lib.ob_packed_row_bytes(300, 0) == packed_row_bytes(300, "i2") == 96
+    assert lib.ob_packed_row_bytes(300, 1) == packed_row_bytes(300, "t1_6") == 64
+    xf = np.array([[1.0, np.inf]], np.float32)
+    out, sc = np.empty((1, 2), np.int8), np.empty(1, np.float32)
+    assert lib.ob_quantize_act_i8(xf.ctypes.data, 1, 2, 2, None, 1e-5, out.ctypes.data,
+                                  sc.ctypes.data) == -7               # OB_ERR_VALUE
