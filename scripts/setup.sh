@@ -18,7 +18,10 @@ pip_install() {  # quiet (drops the index's "is ignored" noise), but a failure s
   echo "$out" | grep -v "is ignored" || true
 }
 stamp=.venv/.onebit-setup
-changed=$( [ -f "$stamp" ] && find pyproject.toml setup.py src/onebit/kernels/csrc -newer "$stamp" 2>/dev/null | head -1 )
+changed=""
+if [ -f "$stamp" ]; then
+  changed=$(find pyproject.toml setup.py src/onebit/kernels/csrc -newer "$stamp" | head -1)
+fi
 if [ ! -f "$stamp" ] || [ -n "$changed" ]; then
   pip_install "torch==2.13.0"
   pip_install -e ".[dev]"
