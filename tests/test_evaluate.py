@@ -15,13 +15,6 @@ from onebit.model import CausalLM
 V = 512  # tiny preset vocab
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads; on a busy 2-core machine they only spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(seed: int = 0, **overrides) -> CausalLM:

@@ -24,14 +24,6 @@ V = 512  # tiny preset vocab
 CTX = 128  # tiny preset max_position_embeddings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
-    # spin-waiting makes each step ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> CausalLM:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
@@ -64,7 +63,7 @@ def test_gemm_exact(impl, layout, m, k):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gemm_extremes_and_strided_rows(impl, layout):
     # |sum| = 128 * 6912 needs int32; every product at the int8 edge; x rows strided (ldx > k)
-    k, n = 6912, 4
+    k = 6912
     w = np.stack([np.full(k, 1), np.full(k, -1), np.zeros(k), np.resize([1, -1, 0], k)]).astype(np.int8)
     wide = np.empty((3, k + 77), dtype=np.int8)
     wide[0, :k], wide[1, :k], wide[2, :k] = -128, 127, np.resize([-128, 127], k)

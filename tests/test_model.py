@@ -16,13 +16,6 @@ from onebit.model import ACT_SCHEMES, CausalLM
 from onebit.nn import BitLinear
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (badly so on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ---------------------------------------------------------------------------------------------
 # The paper's reference BitLinear (b1.58 training FAQ), plus a4.8's INT4 / top-K from the formulas
