@@ -134,8 +134,8 @@ def test_train_learns_and_writes_artifacts(corpus, tmp_path):
     model, tok, folder = ckpt.load_model(out)
     assert tok is not None and model.config.vocab_size == tok.get_vocab_size()
     # the exported model reproduces the training-time validation loss
-    from onebit.data import DataConfig, eval_windows, prepare_data
-    data = prepare_data(DataConfig(**{**rc.data.__dict__}))
+    from onebit.data import eval_windows, prepare_data
+    data = prepare_data(rc.data)
     x, y = eval_windows(data.val, 32, 512)
     with torch.no_grad():
         _, loss = model(x, y)
