@@ -104,6 +104,72 @@ def test_gemm_rejects_corrupt_packed(impl, layout, bad_byte, where):
         K.gemm(packed, 300, layout, x)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 13])
+def test_gemm_threads_exact(impl, layout, m):
+    # big enough to be split over threads; every thread count gives the oracle's integers,
+    # including splits that leave a thread without columns (n < 16 * threads)
+    rng = np.random.default_rng(m)
+    for n, k in ((1000, 700), (40, 4000)):
+        packed, x = rand_case(rng, m, n, k, layout)
+        want = oracle(packed, k, layout, x)
+        with K.use(impl):
+            for nt in (1, 2, 3, 5):
+                with K.threads(nt):
+                    np.testing.assert_array_equal(K.gemm(packed, k, layout, x), want, err_msg=f"{nt} threads")
+
+
+def test_gemm_concurrent_callers():
+    # four Python threads (ctypes drops the GIL) share the pool: the losers run serially, exact
+    import threading
+
+    rng = np.random.default_rng(9)
+    cases = [rand_case(rng, m, 700, 900, "i2") for m in (1, 3, 9, 20)]
+    wants = [oracle(p, 900, "i2", x) for p, x in cases]
+    errors: list[str] = []
+
+    def run(i):
+        p, x = cases[i]
+        for _ in range(20):
+            if not np.array_equal(K.gemm(p, 900, "i2", x), wants[i]):
+                errors.append(f"caller {i}")
+
+    with K.threads(2):
+        ts = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    assert not errors
+
+
+def test_c_pack_matches_numpy():
+    rng = np.random.default_rng(2)
+    for layout in LAYOUTS:
+        for n, k in ((1, 1), (3, 127), (5, 160), (4, 1000), (2, 6912)):
+            codes = rng.integers(-1, 2, size=(n, k + 3), dtype=np.int8)[:, :k]  # strided rows
+            packed = K.pack(codes, layout)
+            np.testing.assert_array_equal(packed, pack(np.ascontiguousarray(codes), layout))
+            np.testing.assert_array_equal(K.unpack(packed, k, layout), codes)
+    with pytest.raises(ValueError, match="must be ternary"):
+        K.pack(np.full((2, 3), 2, np.int8), "i2")
+    bad = pack(np.zeros((1, 5), np.int8), "i2")
+    assert bad[0, 9] == 0x55  # padding elements 9, 41, 73, 105: code 1 (value 0) in every lane
+    bad[0, 9] = 0x56          # element 9 -> code 2 (value +1): not allowed in padding
+    with pytest.raises(PackedFormatError, match="nonzero padding"):
+        K.unpack(bad, 5, "i2")
+    bad[0, 9] = 0x57          # code 3: not a code at all
+    with pytest.raises(PackedFormatError, match="invalid code"):
+        K.unpack(bad, 5, "i2")
+
+
+def test_read_probe():
+    buf = np.arange(1 << 16, dtype=np.uint64).view(np.uint8)
+    s1 = K.read_probe(buf, 1)
+    assert s1 == K.read_probe(buf, 2) != 0  # same checksum however it is split
+
+
 # ---------------------------------------------------------------------------------------------
 # quantize_act_i8
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +204,30 @@ def test_quantize_act_shapes_strided_and_torch(m, k):
         codes, scale = K.quantize_act_i8(arg)
         np.testing.assert_array_equal(codes, ref_codes.numpy())
         np.testing.assert_array_equal(scale, ref_scale.numpy()[:, 0])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_quantize_act_variants_bit_identical(impl):
+    # every variant sums squares in the reference's lane order: codes and scales equal bit for bit
+    rng = np.random.default_rng(21)
+    for k in (1, 7, 8, 9, 31, 32, 33, 100, 2560):
+        x = (rng.standard_normal((5, k)) * rng.choice([1e-3, 1.0, 50.0], size=(5, 1))).astype(np.float32)
+        x[1, : min(k, 4)] = 0.5  # exact ties after scaling
+        nw = rng.uniform(0.5, 1.5, k).astype(np.float32)
+        for norm in (None, nw):
+            with K.use("reference"):
+                want = K.quantize_act_i8(x, norm)
+            with K.use(impl):
+                got = K.quantize_act_i8(x, norm)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+    bad = np.ones((2, 40), np.float32)
+    for pos in (3, 39):  # in the SIMD body and in the scalar tail
+        for val in (np.nan, np.inf):
+            bad[1, pos] = val
+            with K.use(impl), pytest.raises(ValueError, match="NaN or inf"):
+                K.quantize_act_i8(bad)
+            bad[1, pos] = 1.0
 
 
 def test_quantize_act_with_rmsnorm():
@@ -227,10 +317,14 @@ def test_isa_and_threads():
         assert K.isa() in K.available_isas()[-2:]  # the fastest (verified) one is the default
     with K.use("reference") as impl:
         assert impl == K.isa() == "reference"
-    assert K.get_num_threads() == 1
-    K.set_num_threads(4)  # stub: accepted, still one thread
-    with pytest.raises(ValueError):
-        K.set_num_threads(0)
+    n0 = K.get_num_threads()
+    assert n0 >= 1
+    with K.threads(3):
+        assert K.get_num_threads() == 3
+    assert K.get_num_threads() == n0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="integer >= 1"):
+            K.set_num_threads(bad)
     for v in K.VARIANTS:
         if v not in K.available_isas():
             with pytest.warns(UserWarning, match="does not run on this CPU"), K.use(v) as got:

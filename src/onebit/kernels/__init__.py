@@ -10,7 +10,7 @@ The C library is loaded on first use, not at import. The SIMD variant ("avx2", "
 picked by CPU detection ("avx512vnni" only when forced, until verified on such a CPU);
 ``ONEBIT_KERNELS=reference`` (environment, read by C at first use) or
 ``with use("reference"):`` forces one. ``use`` changes process-wide state: not thread-safe.
-Kernels are single-threaded for now (``set_num_threads`` is a stub).
+GEMM/GEMV split their output columns over ``get_num_threads()`` threads (``set_num_threads``).
 """
 
 from __future__ import annotations
@@ -27,15 +27,17 @@ from typing import Iterator
 import numpy as np
 
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
+from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "isa", "available_isas", "use",
-           "set_num_threads", "get_num_threads", "VARIANTS"]
+__all__ = ["quantize_act_i8", "gemm", "linear", "pack", "unpack", "isa", "available_isas", "use",
+           "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
-VARIANTS = ("reference", "avx2", "avx512vnni")  # slowest to fastest; what a build may contain
+VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
 _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
+_ABI_VERSION = 2  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -69,11 +71,17 @@ def _lib() -> ctypes.CDLL:
         "ob_isa_supported": (i32, [ctypes.c_char_p]),
         "ob_set_isa": (i32, [ctypes.c_char_p]),
         "ob_abi_version": (i32, []),
+        "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
+        "ob_unpack": (i32, [p, i64, i64, i32, p]),
+        "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args
-    assert lib.ob_abi_version() == 1, "C kernel ABI version mismatch: rebuild the package"
+    if lib.ob_abi_version() != _ABI_VERSION:
+        raise ImportError(f"onebit's C kernel library has ABI {lib.ob_abi_version()}, this Python "
+                          f"code needs {_ABI_VERSION}: rebuild it (pip install -e . or bash "
+                          f"scripts/setup.sh)")
     env = os.environ.get("ONEBIT_KERNELS", "")
     if env and not lib.ob_isa_supported(env.encode()):
         warnings.warn(f"ONEBIT_KERNELS={env!r} is not available on this CPU/build (available: "
@@ -122,15 +130,42 @@ def use(impl: str) -> Iterator[str]:
 
 
 def set_num_threads(n: int) -> None:
-    """Stub: the kernels are single-threaded for now; ``n`` must be >= 1."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    """Threads the GEMM kernels may use (process-wide), an integer >= 1.
+
+    The default is ``ONEBIT_NUM_THREADS`` or else the physical cores this process may run on.
+    The caller's thread works too; pool workers spin ``ONEBIT_SPIN_US`` (default 50) µs after a
+    call and then sleep, so they never compete with torch's threads between calls.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n={n!r} must be an integer >= 1")
-    _check_status(_lib().ob_set_num_threads(n), "set_num_threads")
+    _check_status(_lib().ob_set_num_threads(int(n)), "set_num_threads")
 
 
 def get_num_threads() -> int:
-    """Threads the kernels use (1: multithreading is not implemented yet)."""
+    """Threads the GEMM kernels use."""
     return _lib().ob_get_num_threads()
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[int]:
+    """Run the kernels with ``n`` threads inside the block (process-wide; not thread-safe)."""
+    prev = get_num_threads()
+    set_num_threads(n)
+    try:
+        yield n
+    finally:
+        set_num_threads(prev)
+
+
+def read_probe(buf: np.ndarray, nthreads: int | None = None) -> int:
+    """Read every byte of ``buf`` (uint8, contiguous) on ``nthreads`` threads; returns a checksum.
+
+    The kernel bench times it to measure the machine's read bandwidth.
+    """
+    buf = _array(buf, "buf", np.uint8, (1, 2))
+    if not buf.flags.c_contiguous:
+        raise ValueError("buf must be contiguous; pass np.ascontiguousarray(buf)")
+    return int(_lib().ob_read_probe(buf.ctypes.data, buf.size, nthreads or get_num_threads()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,4 +309,36 @@ def linear(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.
     fn = _lib().ob_linear_i2 if layout == "i2" else _lib().ob_linear_t1_6
     _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, w_scale, xs.ctypes.data,
                      out.ctypes.data), "linear")
+    return out
+
+
+def pack(codes, layout: str) -> np.ndarray:
+    """C twin of ``formats.packing.pack`` (byte-identical): int8 [N, K] in {-1,0,1} -> uint8."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown packed layout {layout!r}; known layouts: {sorted(LAYOUTS)}")
+    codes = _array(codes, "codes", np.int8, (2,))
+    _check_codes(codes)
+    ldc = _rows(codes, "codes")
+    n, k = codes.shape
+    if k > _MAX_K:
+        raise ValueError(f"codes has k={k} columns; the kernels take at most {_MAX_K}")
+    out = np.empty((n, packed_row_bytes(k, layout)), dtype=np.uint8)
+    _check_status(_lib().ob_pack(codes.ctypes.data, n, k, ldc, _LAYOUT_ID[layout], out.ctypes.data),
+                  "pack")
+    return out
+
+
+def unpack(packed, k: int, layout: str) -> np.ndarray:
+    """C twin of ``formats.packing.unpack``: uint8 [N, row_bytes(k)] -> int8 [N, k].
+
+    Raises PackedFormatError for an invalid byte or nonzero padding (locate it with
+    ``formats.packing.validate_packed``).
+    """
+    packed, k = _weights(packed, k, layout)
+    out = np.empty((packed.shape[0], k), dtype=np.int8)
+    st = _lib().ob_unpack(packed.ctypes.data, packed.shape[0], k, _LAYOUT_ID[layout], out.ctypes.data)
+    if st == -4:
+        raise PackedFormatError("unpack: packed weights hold an invalid code/byte or nonzero "
+                                "padding; locate it with formats.packing.validate_packed")
+    _check_status(st, "unpack")
     return out

@@ -7,13 +7,17 @@
 
 static const ob_variant VARIANTS[] = {
     {"reference", {ob_ref_gemm_i2, ob_ref_gemm_t1_6}, 1},
+#ifdef OB_HAVE_ARM
+    {"neon", {ob_neon_gemm_i2, ob_neon_gemm_t1_6}, 1},
+#endif
 #ifdef OB_HAVE_X86
     {"avx2", {ob_avx2_gemm_i2, ob_avx2_gemm_t1_6}, 1},
+    /* lookup tables instead of multiply-add: measured slower (bench kernels), so by name only */
+    {"avx2_lut", {ob_avx2lut_gemm_i2, ob_avx2lut_gemm_t1_6}, 0},
     /* TODO: auto-select once tests/test_kernels.py has passed on an AVX-512 VNNI CPU (written and
      * compiled, but the development machine is a Zen 3 without AVX-512: never run so far). */
     {"avx512vnni", {ob_avx512vnni_gemm_i2, ob_avx512vnni_gemm_t1_6}, 0},
 #endif
-    /* TODO(arm): {"neon", ...} behind __aarch64__ once arm.c exists. */
 };
 #define N_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))
 
@@ -21,9 +25,12 @@ static const ob_variant *g_active = NULL; /* set at first use; not synchronised 
 
 static int cpu_runs(const char *name) {
     if (strcmp(name, "reference") == 0) return 1;
+#ifdef OB_HAVE_ARM
+    if (strcmp(name, "neon") == 0) return 1; /* Advanced SIMD is baseline on AArch64 */
+#endif
 #ifdef OB_HAVE_X86
     __builtin_cpu_init();
-    if (strcmp(name, "avx2") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx2") == 0 || strcmp(name, "avx2_lut") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     if (strcmp(name, "avx512vnni") == 0)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -71,8 +78,6 @@ int ob_set_isa(const char *name) {
 
 const char *ob_isa(void) { return active()->name; }
 int ob_abi_version(void) { return OB_ABI_VERSION; }
-int ob_set_num_threads(int nthreads) { return nthreads >= 1 ? OB_OK : OB_ERR_VALUE; }
-int ob_get_num_threads(void) { return 1; } /* multithreading: not yet */
 
 int64_t ob_packed_row_bytes(int64_t k, int layout) {
     int64_t block = layout == OB_LAYOUT_I2 ? OB_I2_BLOCK : layout == OB_LAYOUT_T1_6 ? OB_T1_6_BLOCK : 0;
@@ -86,16 +91,82 @@ int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const 
     if (m < 1 || k < 1) return OB_ERR_SIZE;
     if (ldx < k) return OB_ERR_STRIDE;
     if (norm_weight && !(isfinite(norm_eps) && norm_eps >= 0.0f)) return OB_ERR_VALUE;
-    /* one implementation for now: it is memory-bound and tiny next to the GEMM */
+#ifdef OB_HAVE_X86
+    if (strcmp(active()->name, "reference") != 0)
+        return ob_avx2_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
+#endif
     return ob_ref_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
+}
+
+/* ---- GEMM: pad the activations once, then split the output columns over the threads ------ */
+
+#define OB_MIN_WORK_PER_THREAD ((int64_t)1 << 17) /* MACs; below this a thread costs more than it saves */
+
+typedef struct {
+    const ob_variant *v;
+    int layout;
+    ob_gemm_args a;
+    float w_scale;        /* linear only: */
+    const float *x_scale;
+    float *out;
+    int status[256];
+} job_t;
+
+static void gemm_task(void *ctx, int t, int nt) {
+    job_t *J = (job_t *)ctx;
+    int64_t n = J->a.n;
+    int64_t per = ((n + nt - 1) / nt + 15) / 16 * 16; /* multiples of 16 columns per thread */
+    int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
+    J->status[t] = OB_OK;
+    if (j0 >= j1) return;
+    int st = J->v->gemm[J->layout](&J->a, j0, j1);
+    if (st == OB_OK && J->out)
+        for (int64_t r = 0; r < J->a.m; r++) {
+            const int32_t *acc = J->a.acc + r * J->a.ldc;
+            float *o = J->out + r * n, xs = J->x_scale[r];
+            for (int64_t j = j0; j < j1; j++) o[j] = (float)acc[j] * J->w_scale * xs;
+        }
+    J->status[t] = st;
+}
+
+static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                    int64_t ldx, int32_t *acc, float w_scale, const float *x_scale, float *out) {
+    if (!w || !x || !acc) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    int64_t rb = ob_packed_row_bytes(k, layout);
+    int64_t block = layout == OB_LAYOUT_I2 ? OB_I2_BLOCK : OB_T1_6_BLOCK;
+    int64_t kp = rb / OB_BLOCK_BYTES * block, ldxp = (kp + 63) / 64 * 64;
+    int32_t *xsum = (int32_t *)malloc((size_t)m * sizeof(int32_t));
+    int8_t *xbuf = (int8_t *)malloc((size_t)(m * ldxp) + 64);
+    if (!xsum || !xbuf) {
+        free(xsum);
+        free(xbuf);
+        return OB_ERR_NOMEM;
+    }
+    int8_t *xp = xbuf + (64 - (uintptr_t)xbuf % 64) % 64; /* 64-byte aligned rows */
+    for (int64_t r = 0; r < m; r++) {
+        int32_t s = 0;
+        const int8_t *xr = x + r * ldx;
+        for (int64_t e = 0; e < k; e++) s += xr[e];
+        memcpy(xp + r * ldxp, xr, (size_t)k);
+        memset(xp + r * ldxp + k, 0, (size_t)(ldxp - k));
+        xsum[r] = s;
+    }
+    job_t J = {active(), layout, {w, n, k, kp, rb, xp, m, ldxp, xsum, acc, n}, w_scale, x_scale, out, {0}};
+    int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
+    int nt = ob_parallel(gemm_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
+    int st = OB_OK;
+    for (int t = 0; t < nt; t++)
+        if (J.status[t] != OB_OK) st = J.status[t];
+    free(xbuf);
+    free(xsum);
+    return st;
 }
 
 static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                 int64_t ldx, int32_t *acc) {
-    if (!w || !x || !acc) return OB_ERR_NULL;
-    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
-    if (ldx < k) return OB_ERR_STRIDE;
-    return active()->gemm[layout](w, n, k, x, m, ldx, acc);
+    return run_gemm(layout, w, n, k, x, m, ldx, acc, 0.0f, NULL, NULL);
 }
 
 static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
@@ -104,10 +175,7 @@ static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8
     if (n < 1 || m < 1) return OB_ERR_SIZE;
     int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
     if (!acc) return OB_ERR_NOMEM;
-    int st = gemm(layout, w, n, k, x, m, ldx, acc);
-    if (st == OB_OK)
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t j = 0; j < n; j++) out[r * n + j] = (float)acc[r * n + j] * w_scale * x_scale[r];
+    int st = run_gemm(layout, w, n, k, x, m, ldx, acc, w_scale, x_scale, out);
     free(acc);
     return st;
 }

@@ -1,4 +1,5 @@
-/* Internal: the variant table that dispatch.c fills by CPU detection (not part of the ABI). */
+/* Internal: the variant table that dispatch.c fills by CPU detection, and the thread pool
+ * (threads.c). Not part of the ABI. */
 #ifndef ONEBIT_KERNELS_INTERNAL_H
 #define ONEBIT_KERNELS_INTERNAL_H
 
@@ -9,37 +10,63 @@
 #define OB_T1_6_BLOCK 160  /* values per 32-byte block, 1.6 bpw */
 #define OB_BLOCK_BYTES 32
 
-/* acc[m, n] = x[m, k] @ W[n, k]^T; arguments already checked by dispatch.c. */
-typedef int (*ob_gemm_fn)(const uint8_t *w, int64_t n, int64_t k,
-                          const int8_t *x, int64_t m, int64_t ldx, int32_t *acc);
+/* One GEMM call as every variant sees it, arguments already checked by dispatch.c.
+ * xp holds the activations zero-padded to kp = padded k (a multiple of the layout's block), row
+ * stride ldxp >= kp, 32-byte aligned; xsum[r] = sum of row r (variants that multiply the stored
+ * codes c = w + 1 subtract it). acc row stride ldc. */
+typedef struct {
+    const uint8_t *w;     /* [n, rb] packed rows */
+    int64_t n, k, kp, rb; /* rb = packed row bytes */
+    const int8_t *xp;     /* [m, ldxp] */
+    int64_t m, ldxp;
+    const int32_t *xsum;  /* [m] */
+    int32_t *acc;         /* [m, ldc] */
+    int64_t ldc;
+} ob_gemm_args;
+
+/* Computes acc[:, j0:j1] from weight rows j0..j1-1 (a thread's share). Returns OB_OK or
+ * OB_ERR_CORRUPT if any byte of those rows (padding included) is invalid. */
+typedef int (*ob_gemm_fn)(const ob_gemm_args *a, int64_t j0, int64_t j1);
 
 typedef struct {
     const char *name;
     ob_gemm_fn gemm[2];  /* indexed by OB_LAYOUT_I2 / OB_LAYOUT_T1_6 */
-    int auto_select;     /* 0: only when forced (not yet verified on real hardware) */
+    int auto_select;     /* 0: only when forced (not verified on real hardware, or slower) */
 } ob_variant;
 
 /* 1 if byte b can be written by the t1_6 packer (243 of 256 values). */
 int ob_t1_6_byte_valid(uint8_t b);
 
-int ob_ref_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                   int32_t *acc);
-int ob_ref_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                     int32_t *acc);
+int ob_ref_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_ref_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+float ob_sumsq_ref(const float *x, int64_t k); /* the summation order every variant uses */
 int ob_ref_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                            const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);
 
 #if defined(__x86_64__) || defined(__i386__)
 #define OB_HAVE_X86 1
-int ob_avx2_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                    int32_t *acc);
-int ob_avx2_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                      int64_t ldx, int32_t *acc);
-int ob_avx512vnni_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                          int64_t ldx, int32_t *acc);
-int ob_avx512vnni_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                            int64_t ldx, int32_t *acc);
+int ob_avx2_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx2_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx512vnni_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+/* lookup-table family (lut.c): T-MAC / bitnet.cpp TL-style, selected by name "avx2_lut" */
+int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
+                            const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);
 #endif
-/* TODO(arm): a NEON variant (vdotq_s32 / vmull) in arm.c, selected on __aarch64__. */
+#if defined(__aarch64__)
+#define OB_HAVE_ARM 1
+int ob_neon_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_neon_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+#endif
+
+/* ---- thread pool (threads.c) ------------------------------------------------------------- */
+/* fn(ctx, t, nt) for t = 0..nt-1, t = 0 on the calling thread, the rest on pool workers that
+ * spin briefly and then sleep (so an idle pool never competes with torch's threads). nt is
+ * min(nthreads, ob_get_num_threads()); if the pool is busy (a concurrent call from another
+ * thread) the tasks run one after another on the caller. Returns nt. */
+typedef void (*ob_task_fn)(void *ctx, int t, int nt);
+int ob_parallel(ob_task_fn fn, void *ctx, int nthreads);
 
 #endif

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 1
+#define OB_ABI_VERSION 2
 
 enum {
     OB_OK = 0,
@@ -72,9 +72,20 @@ OB_API int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
 OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                           int64_t ldx, float w_scale, const float *x_scale, float *out);
 
-/* Threads: a stub for now (single-threaded kernels); set returns OB_OK for nthreads >= 1, get is 1. */
+/* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
+ * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */
+OB_API int ob_pack(const int8_t *codes, int64_t n, int64_t k, int64_t ldc, int layout, uint8_t *out);
+/* The inverse: out int8 [n, k]. OB_ERR_CORRUPT for an invalid byte/code or nonzero padding. */
+OB_API int ob_unpack(const uint8_t *w, int64_t n, int64_t k, int layout, int8_t *out);
+
+/* Threads used by the GEMM kernels: ob_set_num_threads(n >= 1), else the environment variable
+ * ONEBIT_NUM_THREADS, else the physical cores this process may run on. Pool workers spin
+ * ONEBIT_SPIN_US microseconds (default 50) after a call, then sleep. */
 OB_API int ob_set_num_threads(int nthreads);
 OB_API int ob_get_num_threads(void);
+
+/* Reads `bytes` of buf on up to nthreads threads (the bench's bandwidth probe); returns a checksum. */
+OB_API uint64_t ob_read_probe(const uint8_t *buf, int64_t bytes, int nthreads);
 
 /* The variant in use ("reference", "avx2", "avx512vnni"); static string. */
 OB_API const char *ob_isa(void);

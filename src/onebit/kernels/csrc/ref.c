@@ -28,32 +28,39 @@ static int t1_6_code(const uint8_t *row, int64_t e) {
     return (((byte * POW3[r / 32]) & 0xFF) * 3) >> 8;
 }
 
-int ob_ref_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                   int32_t *acc) {
-    int64_t rb = ob_packed_row_bytes(k, OB_LAYOUT_I2);
-    for (int64_t i = 0; i < n * rb; i++)  /* every byte, padding included: no code 3 anywhere */
-        if (w[i] & (w[i] >> 1) & 0x55) return OB_ERR_CORRUPT;
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t j = 0; j < n; j++) {
+/* The reference reads the activations as given (xp, unpadded k) and ignores xsum. */
+int ob_ref_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1) {
+    for (int64_t i = j0 * a->rb; i < j1 * a->rb; i++)  /* every byte, padding too: no code 3 */
+        if (a->w[i] & (a->w[i] >> 1) & 0x55) return OB_ERR_CORRUPT;
+    for (int64_t r = 0; r < a->m; r++)
+        for (int64_t j = j0; j < j1; j++) {
             int32_t sum = 0;
-            for (int64_t e = 0; e < k; e++) sum += (i2_code(w + j * rb, e) - 1) * x[r * ldx + e];
-            acc[r * n + j] = sum;
+            for (int64_t e = 0; e < a->k; e++)
+                sum += (i2_code(a->w + j * a->rb, e) - 1) * a->xp[r * a->ldxp + e];
+            a->acc[r * a->ldc + j] = sum;
         }
     return OB_OK;
 }
 
-int ob_ref_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                     int64_t ldx, int32_t *acc) {
-    int64_t rb = ob_packed_row_bytes(k, OB_LAYOUT_T1_6);
-    for (int64_t i = 0; i < n * rb; i++)
-        if (!ob_t1_6_byte_valid(w[i])) return OB_ERR_CORRUPT;
-    for (int64_t r = 0; r < m; r++)
-        for (int64_t j = 0; j < n; j++) {
+int ob_ref_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1) {
+    for (int64_t i = j0 * a->rb; i < j1 * a->rb; i++)
+        if (!ob_t1_6_byte_valid(a->w[i])) return OB_ERR_CORRUPT;
+    for (int64_t r = 0; r < a->m; r++)
+        for (int64_t j = j0; j < j1; j++) {
             int32_t sum = 0;
-            for (int64_t e = 0; e < k; e++) sum += (t1_6_code(w + j * rb, e) - 1) * x[r * ldx + e];
-            acc[r * n + j] = sum;
+            for (int64_t e = 0; e < a->k; e++)
+                sum += (t1_6_code(a->w + j * a->rb, e) - 1) * a->xp[r * a->ldxp + e];
+            a->acc[r * a->ldc + j] = sum;
         }
     return OB_OK;
+}
+
+/* Sum of squares in a fixed order that 8-lane SIMD reproduces exactly: lane l sums the
+ * elements e = l (mod 8) in order, then the lanes combine as ((0+4) + (2+6)) + ((1+5) + (3+7)). */
+float ob_sumsq_ref(const float *x, int64_t k) {
+    float p[8] = {0};
+    for (int64_t e = 0; e < k; e++) p[e % 8] += x[e] * x[e];
+    return ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
 }
 
 /* y = x / sqrt(mean(x^2) + eps) * w (RMSNorm, float32) or y = x; then onebit.quant.int8_absmax. */
@@ -62,11 +69,7 @@ int ob_ref_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * ldx;
         float inv_rms = 1.0f;
-        if (norm_weight) {
-            float ss = 0.0f;
-            for (int64_t e = 0; e < k; e++) ss += xr[e] * xr[e];
-            inv_rms = 1.0f / sqrtf(ss / (float)k + norm_eps);
-        }
+        if (norm_weight) inv_rms = 1.0f / sqrtf(ob_sumsq_ref(xr, k) / (float)k + norm_eps);
 #define OB_Y(e) (norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e])
         float amax = 0.0f;
         for (int64_t e = 0; e < k; e++) {

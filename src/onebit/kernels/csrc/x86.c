@@ -1,40 +1,36 @@
 /* x86 SIMD variants: AVX2 (vpmaddubsw) and AVX-512 VNNI (vpdpbusd on 256-bit vectors).
  *
- * Both use  sum_e (c_e - 1) * x_e = sum_e c_e * x_e - sum_e x_e  with the stored code c in {0,1,2}
- * as the unsigned operand and the int8 activation as the signed one, so no sign trick is needed;
- * sum x is computed once per activation row. A 32-byte block load gives one vector of 32
- * consecutive codes per lane (docs/formats.md §1). Activations are copied once into zero-padded
- * rows of padded_k bytes, so padding weights meet x = 0 and the block loop has no tail.
- * Compiled without -march: each function carries its own target attribute. */
+ * All use  sum_e (c_e - 1) * x_e = sum_e c_e * x_e - xsum  with the stored code c in {0,1,2} as
+ * the unsigned operand and the int8 activation as the signed one (no sign trick needed). The
+ * activations arrive zero-padded to whole blocks (dispatch.c), so padding weights meet x = 0 and
+ * no loop has a tail. Compiled without -march: each function carries its own target attribute.
+ *
+ * Two shapes of kernel, chosen by the number of activation rows m:
+ *  - row kernels (m < OB_GEMM_MIN_M, decode): a 32-byte block load gives one vector of 32
+ *    consecutive codes per lane (docs/formats.md §1); vpmaddubsw products are summed in int16 for
+ *    8 blocks (|sum| <= 8 * lanes * 512 < 2^15) before widening, so the inner loop is decode +
+ *    multiply + add. For m = 1 two weight rows share each activation load.
+ *  - panel GEMM (m >= OB_GEMM_MIN_M, prefill): a panel of 16 output columns x KC inputs is decoded
+ *    once into int8 codes interleaved as [KC/4][16][4] (an 8x8 dword transpose of the decoded
+ *    vectors) and reused by every activation row: a 6x16 register tile multiplies 4 broadcast
+ *    activation bytes by 8 columns x 4 codes per instruction, int16 accumulation for 32 steps. */
 #include "internal.h"
 
 #ifdef OB_HAVE_X86
 #include <immintrin.h>
-#include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #define AVX2 __attribute__((target("avx2,fma")))
 #define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-#define TILE 4 /* activation rows sharing one decode of a weight block */
+#define INLINE static inline __attribute__((always_inline))
 
-/* xp [m, kp] zero-padded copy of x, xsum [m] = sum of each row. Caller frees *xp. */
-static int pad_x(const int8_t *x, int64_t m, int64_t k, int64_t ldx, int64_t kp, int8_t **xp,
-                 int32_t **xsum) {
-    *xp = (int8_t *)calloc((size_t)(m * kp), 1);
-    *xsum = (int32_t *)malloc((size_t)m * sizeof(int32_t));
-    if (!*xp || !*xsum) {
-        free(*xp);
-        free(*xsum);
-        return OB_ERR_NOMEM;
-    }
-    for (int64_t r = 0; r < m; r++) {
-        int32_t s = 0;
-        for (int64_t e = 0; e < k; e++) s += x[r * ldx + e];
-        memcpy(*xp + r * kp, x + r * ldx, (size_t)k);
-        (*xsum)[r] = s;
-    }
-    return OB_OK;
-}
+#define OB_GEMM_MIN_M 8 /* from this many activation rows on, the panel GEMM is faster */
+#define TILE 4          /* activation rows sharing one decode in the row kernel */
+#define FLUSH 8         /* blocks summed in int16 before widening (row kernel) */
+#define NR 16           /* panel width (output columns) */
+#define MR 6            /* activation rows of the GEMM register tile */
+#define KSTEPS 32       /* k4-steps summed in int16 before widening (GEMM) */
 
 static inline AVX2 int32_t hsum_avx2(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -44,21 +40,24 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
 }
 
 /* i2: lane j of byte m is (byte >> 2j) & 3. Shifts are 16-bit; the 0x03 mask drops bits that
- * crossed from the neighbour byte. bad |= lanes holding code 3 (both bits set). */
-#define I2_DECODE(v, c, bad)                                                          \
-    do {                                                                              \
-        const __m256i m3_ = _mm256_set1_epi8(3);                                      \
-        c[0] = _mm256_and_si256(v, m3_);                                              \
-        c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3_);                        \
-        c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3_);                        \
-        c[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3_);                        \
-        bad = _mm256_or_si256(bad, _mm256_and_si256(                                  \
-            _mm256_and_si256(v, _mm256_srli_epi16(v, 1)), _mm256_set1_epi8(0x55)));   \
+ * crossed from the neighbour byte. bad |= v & (v >> 1): a lane holds code 3 iff an even bit of
+ * it is set there (I2_BAD masks the even bits once, at the end; odd bits are noise). */
+#define I2_LANES 4
+#define I2_DECODE(v, c, bad)                                                    \
+    do {                                                                        \
+        const __m256i m3_ = _mm256_set1_epi8(3);                                \
+        c[0] = _mm256_and_si256(v, m3_);                                        \
+        c[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3_);                  \
+        c[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3_);                  \
+        c[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3_);                  \
+        bad = _mm256_or_si256(bad, _mm256_and_si256(v, _mm256_srli_epi16(v, 1))); \
     } while (0)
+#define I2_BAD(bad) _mm256_and_si256(bad, _mm256_set1_epi8(0x55))
 
 /* t1_6: digit j = (b_j * 3) >> 8 with b_j = byte * 3^j mod 256 (byte-wise adds wrap mod 256);
  * (b*3) >> 8 = (b > 85) + (b > 170), unsigned compares done as signed after flipping bit 7.
  * bad |= bytes among the 13 unused values: bitmap lookup, bit (hi & 7) of table[hi >> 3][lo]. */
+#define T16_LANES 5
 #define T16_DECODE(v, c, bad)                                                                    \
     do {                                                                                         \
         const __m256i flip_ = _mm256_set1_epi8((char)0x80);                                     \
@@ -85,68 +84,299 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
         __m256i bit_ = _mm256_shuffle_epi8(bits_, _mm256_and_si256(hi_, _mm256_set1_epi8(7)));   \
         bad = _mm256_or_si256(bad, _mm256_and_si256(row_, bit_));                                \
     } while (0)
+#define T16_BAD(bad) (bad)
 
-/* One weight row against R (<= TILE) activation rows. DOT(acc, c, x) adds sum c*x to int32 lanes. */
-#define DEFINE_ROW_KERNEL(NAME, ATTR, DECODE, LANES, BLOCK, DOT)                                 \
-    static inline ATTR __attribute__((always_inline)) void NAME(                                 \
-        const uint8_t *wr, int64_t nblk, const int8_t *xp, int64_t kp, const int32_t *xsum,      \
-        int R, int32_t *out, int64_t ldo, __m256i *bad) {                                        \
-        __m256i acc[TILE];                                                                       \
-        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();                             \
-        for (int64_t b = 0; b < nblk; b++) {                                                     \
-            __m256i v = _mm256_loadu_si256((const __m256i *)(wr + b * OB_BLOCK_BYTES));          \
-            __m256i c[LANES];                                                                    \
-            DECODE(v, c, *bad);                                                                  \
-            for (int r = 0; r < R; r++) {                                                        \
-                const int8_t *xb = xp + r * kp + b * BLOCK;                                      \
-                for (int j = 0; j < LANES; j++)                                                  \
-                    DOT(acc[r], c[j], _mm256_loadu_si256((const __m256i *)(xb + 32 * j)));       \
-            }                                                                                    \
-        }                                                                                        \
-        for (int r = 0; r < R; r++) out[r * ldo] = hsum_avx2(acc[r]) - xsum[r];                  \
+/* Products of codes and activations. AVX2: u8 x s8 -> int16 pair sums (|.| <= 2*2*128, never
+ * saturates), summed in int16 and widened by FLUSH16 (madd with ones). VNNI: straight to int32. */
+#define MUL16_AVX2(c, x) _mm256_maddubs_epi16(c, x)
+#define ADD16_AVX2(a, b) _mm256_add_epi16(a, b)
+#define FLUSH16_AVX2(acc32, acc16) \
+    acc32 = _mm256_add_epi32(acc32, _mm256_madd_epi16(acc16, _mm256_set1_epi16(1)))
+/* VNNI keeps everything in int32: "acc16" is already int32 and flushing adds it. */
+#define MUL16_VNNI(c, x) _mm256_dpbusd_epi32(_mm256_setzero_si256(), c, x)
+#define ADD16_VNNI(a, b) _mm256_add_epi32(a, b)
+#define FLUSH16_VNNI(acc32, acc16) acc32 = _mm256_add_epi32(acc32, acc16)
+
+/* ---- row kernel: WR weight rows x R activation rows, whole k ------------------------------ */
+#define DEFINE_ROW_KERNEL(NAME, ATTR, DECODE, LANES, BLOCK, MUL, ADD, FLUSH16)                   \
+    INLINE ATTR void NAME(const uint8_t *w, int64_t rb, int WR, const int8_t *xp, int64_t ldxp,   \
+                          const int32_t *xsum, int R, int32_t *out, int64_t ldc, __m256i *bad) {   \
+        int64_t nblk = rb / OB_BLOCK_BYTES;                                                       \
+        __m256i acc[2][TILE];                                                                     \
+        for (int i = 0; i < WR; i++)                                                              \
+            for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_si256();                       \
+        for (int64_t b0 = 0; b0 < nblk; b0 += FLUSH) {                                            \
+            int64_t b1 = b0 + FLUSH < nblk ? b0 + FLUSH : nblk;                                   \
+            __m256i s[2][TILE];                                                                   \
+            for (int i = 0; i < WR; i++)                                                          \
+                for (int r = 0; r < R; r++) s[i][r] = _mm256_setzero_si256();                     \
+            for (int64_t b = b0; b < b1; b++) {                                                   \
+                __m256i c[2][LANES];                                                              \
+                for (int i = 0; i < WR; i++) {                                                    \
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(w + i * rb + b * OB_BLOCK_BYTES)); \
+                    DECODE(v, c[i], *bad);                                                        \
+                }                                                                                 \
+                for (int r = 0; r < R; r++) {                                                     \
+                    const int8_t *xb = xp + r * ldxp + b * BLOCK;                                 \
+                    for (int j = 0; j < LANES; j++) {                                             \
+                        __m256i xv = _mm256_load_si256((const __m256i *)(xb + 32 * j));           \
+                        for (int i = 0; i < WR; i++) s[i][r] = ADD(s[i][r], MUL(c[i][j], xv));    \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+            for (int i = 0; i < WR; i++)                                                          \
+                for (int r = 0; r < R; r++) FLUSH16(acc[i][r], s[i][r]);                          \
+        }                                                                                         \
+        for (int i = 0; i < WR; i++)                                                              \
+            for (int r = 0; r < R; r++) out[r * ldc + i] = hsum_avx2(acc[i][r]) - xsum[r];        \
     }
 
-/* AVX2: u8 x s8 -> int16 pairs (|.| <= 2*2*128, no saturation) -> int32 via madd with ones */
-#define DOT_AVX2(acc, c, x) \
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(c, x), _mm256_set1_epi16(1)))
-#define DOT_VNNI(acc, c, x) acc = _mm256_dpbusd_epi32(acc, c, x)
+/* ---- panel GEMM ------------------------------------------------------------------------------ */
 
-DEFINE_ROW_KERNEL(row_i2_avx2, AVX2, I2_DECODE, 4, OB_I2_BLOCK, DOT_AVX2)
-DEFINE_ROW_KERNEL(row_t16_avx2, AVX2, T16_DECODE, 5, OB_T1_6_BLOCK, DOT_AVX2)
-DEFINE_ROW_KERNEL(row_i2_vnni, VNNI, I2_DECODE, 4, OB_I2_BLOCK, DOT_VNNI)
-DEFINE_ROW_KERNEL(row_t16_vnni, VNNI, T16_DECODE, 5, OB_T1_6_BLOCK, DOT_VNNI)
+/* 8x8 transpose of 32-bit elements: in[c] = 8 dwords (k4-steps) of column c -> out[s] = column
+ * 0..7 dwords of step s. */
+INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
+    __m256i t0 = _mm256_unpacklo_epi32(r[0], r[1]), t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    __m256i t2 = _mm256_unpacklo_epi32(r[2], r[3]), t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    __m256i t4 = _mm256_unpacklo_epi32(r[4], r[5]), t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    __m256i t6 = _mm256_unpacklo_epi32(r[6], r[7]), t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+    __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+    __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+    __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+    r[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+    r[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+    r[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+    r[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+    r[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+    r[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+    r[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+    r[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
 
-/* GEMM driver: tiles of TILE activation rows; the row kernel is specialised per tile height. */
-#define DEFINE_GEMM(NAME, ATTR, ROW, LAYOUT, BLOCK)                                              \
-    ATTR int NAME(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,            \
-                  int64_t ldx, int32_t *acc) {                                                   \
-        int64_t rb = ob_packed_row_bytes(k, LAYOUT), nblk = rb / OB_BLOCK_BYTES;                 \
-        int64_t kp = nblk * BLOCK;                                                               \
-        int8_t *xp;                                                                              \
-        int32_t *xsum;                                                                           \
-        int st = pad_x(x, m, k, ldx, kp, &xp, &xsum);                                            \
-        if (st) return st;                                                                       \
-        __m256i bad = _mm256_setzero_si256();                                                    \
-        for (int64_t r0 = 0; r0 < m; r0 += TILE) {                                               \
-            int R = (int)(m - r0 < TILE ? m - r0 : TILE);                                        \
-            const int8_t *xt = xp + r0 * kp;                                                     \
-            for (int64_t j = 0; j < n; j++) {                                                    \
-                int32_t *o = acc + r0 * n + j;                                                   \
-                const uint8_t *wr = w + j * rb;                                                  \
-                if (R == 4) ROW(wr, nblk, xt, kp, xsum + r0, 4, o, n, &bad);                     \
-                else if (R == 3) ROW(wr, nblk, xt, kp, xsum + r0, 3, o, n, &bad);                \
-                else if (R == 2) ROW(wr, nblk, xt, kp, xsum + r0, 2, o, n, &bad);                \
-                else ROW(wr, nblk, xt, kp, xsum + r0, 1, o, n, &bad);                            \
-            }                                                                                    \
-        }                                                                                        \
-        free(xp);                                                                                \
-        free(xsum);                                                                              \
-        return _mm256_testz_si256(bad, bad) ? OB_OK : OB_ERR_CORRUPT;                            \
+/* Decodes packed rows j..j+nc-1 (nc <= NR; missing columns get code 0), blocks [b0, b1), into
+ * panel[(b - b0) * BLOCK/4 + s][NR][4]. */
+#define DEFINE_PANEL(NAME, ATTR, DECODE, LANES, BLOCK)                                            \
+    INLINE ATTR void NAME(const uint8_t *w, int64_t rb, int nc, int64_t b0, int64_t b1,          \
+                          int8_t *panel, __m256i *bad) {                                           \
+        for (int64_t b = b0; b < b1; b++) {                                                       \
+            int8_t *pb = panel + (b - b0) * (BLOCK / 4) * NR * 4;                                 \
+            for (int half = 0; half < NR / 8; half++) {                                           \
+                __m256i c[8][LANES];                                                              \
+                for (int q = 0; q < 8; q++) {                                                     \
+                    int col = half * 8 + q;                                                       \
+                    if (col < nc) {                                                               \
+                        __m256i v = _mm256_loadu_si256(                                           \
+                            (const __m256i *)(w + col * rb + b * OB_BLOCK_BYTES));                \
+                        DECODE(v, c[q], *bad);                                                    \
+                    } else                                                                        \
+                        for (int j = 0; j < LANES; j++) c[q][j] = _mm256_setzero_si256();        \
+                }                                                                                 \
+                for (int j = 0; j < LANES; j++) {                                                 \
+                    __m256i t[8];                                                                 \
+                    for (int q = 0; q < 8; q++) t[q] = c[q][j];                                   \
+                    transpose8x8_epi32(t);                                                        \
+                    for (int s = 0; s < 8; s++) /* lane j holds elements 32j + 4s' */            \
+                        _mm256_store_si256((__m256i *)(pb + ((j * 8 + s) * NR + half * 8) * 4), t[s]); \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
     }
 
-DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, OB_LAYOUT_I2, OB_I2_BLOCK)
-DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, OB_LAYOUT_T1_6, OB_T1_6_BLOCK)
-DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, OB_LAYOUT_I2, OB_I2_BLOCK)
-DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, OB_LAYOUT_T1_6, OB_T1_6_BLOCK)
+/* acc32[R][NR] (in C, row stride ldc) += x rows [R, steps*4] . panel; R <= MR. */
+#define DEFINE_MICRO(NAME, ATTR, MUL, ADD, FLUSH16)                                               \
+    INLINE ATTR void NAME(const int8_t *panel, int64_t steps, const int8_t *x, int64_t ldx, int R, \
+                          int32_t *c, int64_t ldc) {                                               \
+        __m256i a32[MR][2];                                                                       \
+        for (int r = 0; r < R; r++) {                                                             \
+            a32[r][0] = _mm256_loadu_si256((const __m256i *)(c + r * ldc));                       \
+            a32[r][1] = _mm256_loadu_si256((const __m256i *)(c + r * ldc + 8));                   \
+        }                                                                                         \
+        for (int64_t s0 = 0; s0 < steps; s0 += KSTEPS) {                                          \
+            int64_t s1 = s0 + KSTEPS < steps ? s0 + KSTEPS : steps;                               \
+            __m256i a16[MR][2];                                                                   \
+            for (int r = 0; r < R; r++) a16[r][0] = a16[r][1] = _mm256_setzero_si256();           \
+            for (int64_t s = s0; s < s1; s++) {                                                   \
+                __m256i w0 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4));            \
+                __m256i w1 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4 + 32));       \
+                for (int r = 0; r < R; r++) {                                                     \
+                    int32_t x4;                                                                   \
+                    memcpy(&x4, x + r * ldx + 4 * s, 4);                                          \
+                    __m256i xv = _mm256_set1_epi32(x4);                                           \
+                    a16[r][0] = ADD(a16[r][0], MUL(w0, xv));                                      \
+                    a16[r][1] = ADD(a16[r][1], MUL(w1, xv));                                      \
+                }                                                                                 \
+            }                                                                                     \
+            for (int r = 0; r < R; r++) {                                                         \
+                FLUSH16(a32[r][0], a16[r][0]);                                                    \
+                FLUSH16(a32[r][1], a16[r][1]);                                                    \
+            }                                                                                     \
+        }                                                                                         \
+        for (int r = 0; r < R; r++) {                                                             \
+            _mm256_storeu_si256((__m256i *)(c + r * ldc), a32[r][0]);                             \
+            _mm256_storeu_si256((__m256i *)(c + r * ldc + 8), a32[r][1]);                         \
+        }                                                                                         \
+    }
+
+/* KC = blocks per panel: 8 (i2: 1024 inputs, 16 KiB panel; t1_6: 1280 inputs, 20 KiB). */
+#define KC_BLOCKS 8
+
+#define DEFINE_GEMM(NAME, ATTR, ROW, PANEL, MICRO, BLOCK, BADF)                                  \
+    ATTR int NAME(const ob_gemm_args *a, int64_t j0, int64_t j1) {                               \
+        __m256i bad = _mm256_setzero_si256();                                                     \
+        int64_t m = a->m, rb = a->rb, nblk = rb / OB_BLOCK_BYTES;                                 \
+        if (m < OB_GEMM_MIN_M) {                                                                  \
+            for (int64_t r0 = 0; r0 < m; r0 += TILE) {                                            \
+                int R = (int)(m - r0 < TILE ? m - r0 : TILE);                                     \
+                const int8_t *xt = a->xp + r0 * a->ldxp;                                          \
+                int32_t *o = a->acc + r0 * a->ldc;                                                \
+                const int32_t *xs = a->xsum + r0;                                                 \
+                int64_t j = j0;                                                                   \
+                if (R == 1)                                                                       \
+                    for (; j + 1 < j1; j += 2)                                                    \
+                        ROW(a->w + j * rb, rb, 2, xt, a->ldxp, xs, 1, o + j, a->ldc, &bad);       \
+                for (; j < j1; j++) {                                                             \
+                    const uint8_t *wr = a->w + j * rb;                                            \
+                    if (R == 4) ROW(wr, rb, 1, xt, a->ldxp, xs, 4, o + j, a->ldc, &bad);          \
+                    else if (R == 3) ROW(wr, rb, 1, xt, a->ldxp, xs, 3, o + j, a->ldc, &bad);     \
+                    else if (R == 2) ROW(wr, rb, 1, xt, a->ldxp, xs, 2, o + j, a->ldc, &bad);     \
+                    else ROW(wr, rb, 1, xt, a->ldxp, xs, 1, o + j, a->ldc, &bad);                 \
+                }                                                                                 \
+            }                                                                                     \
+        } else {                                                                                  \
+            _Alignas(64) int8_t panel[KC_BLOCKS * BLOCK * NR];                                    \
+            _Alignas(64) int32_t cbuf[MR * NR];                                                   \
+            for (int64_t jp = j0; jp < j1; jp += NR) {                                            \
+                int nc = (int)(j1 - jp < NR ? j1 - jp : NR);                                      \
+                for (int64_t r = 0; r < m; r++)                                                   \
+                    for (int q = 0; q < nc; q++) a->acc[r * a->ldc + jp + q] = -a->xsum[r];       \
+                for (int64_t b0 = 0; b0 < nblk; b0 += KC_BLOCKS) {                                \
+                    int64_t b1 = b0 + KC_BLOCKS < nblk ? b0 + KC_BLOCKS : nblk;                   \
+                    PANEL(a->w + jp * rb, rb, nc, b0, b1, panel, &bad);                           \
+                    int64_t steps = (b1 - b0) * BLOCK / 4;                                        \
+                    for (int64_t r0 = 0; r0 < m; r0 += MR) {                                      \
+                        int R = (int)(m - r0 < MR ? m - r0 : MR);                                 \
+                        int32_t *c = a->acc + r0 * a->ldc + jp;                                   \
+                        int64_t ldc = a->ldc;                                                     \
+                        if (nc < NR) { /* edge panel: work in a full-width buffer */              \
+                            for (int r = 0; r < R; r++)                                           \
+                                for (int q = 0; q < NR; q++)                                      \
+                                    cbuf[r * NR + q] = q < nc ? c[r * ldc + q] : 0;               \
+                            c = cbuf;                                                             \
+                            ldc = NR;                                                             \
+                        }                                                                         \
+                        const int8_t *xt = a->xp + r0 * a->ldxp + b0 * BLOCK;                     \
+                        switch (R) {                                                              \
+                        case 6: MICRO(panel, steps, xt, a->ldxp, 6, c, ldc); break;               \
+                        case 5: MICRO(panel, steps, xt, a->ldxp, 5, c, ldc); break;               \
+                        case 4: MICRO(panel, steps, xt, a->ldxp, 4, c, ldc); break;               \
+                        case 3: MICRO(panel, steps, xt, a->ldxp, 3, c, ldc); break;               \
+                        case 2: MICRO(panel, steps, xt, a->ldxp, 2, c, ldc); break;               \
+                        default: MICRO(panel, steps, xt, a->ldxp, 1, c, ldc); break;              \
+                        }                                                                         \
+                        if (c == cbuf)                                                            \
+                            for (int r = 0; r < R; r++)                                           \
+                                for (int q = 0; q < nc; q++)                                      \
+                                    a->acc[(r0 + r) * a->ldc + jp + q] = cbuf[r * NR + q];        \
+                    }                                                                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+        bad = BADF(bad);                                                                          \
+        return _mm256_testz_si256(bad, bad) ? OB_OK : OB_ERR_CORRUPT;                             \
+    }
+
+DEFINE_ROW_KERNEL(row_i2_avx2, AVX2, I2_DECODE, I2_LANES, OB_I2_BLOCK, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2)
+DEFINE_ROW_KERNEL(row_t16_avx2, AVX2, T16_DECODE, T16_LANES, OB_T1_6_BLOCK, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2)
+DEFINE_ROW_KERNEL(row_i2_vnni, VNNI, I2_DECODE, I2_LANES, OB_I2_BLOCK, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
+DEFINE_ROW_KERNEL(row_t16_vnni, VNNI, T16_DECODE, T16_LANES, OB_T1_6_BLOCK, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
+DEFINE_PANEL(panel_i2_avx2, AVX2, I2_DECODE, I2_LANES, OB_I2_BLOCK)
+DEFINE_PANEL(panel_t16_avx2, AVX2, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
+DEFINE_PANEL(panel_i2_vnni, VNNI, I2_DECODE, I2_LANES, OB_I2_BLOCK)
+DEFINE_PANEL(panel_t16_vnni, VNNI, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
+DEFINE_MICRO(micro_avx2, AVX2, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2)
+DEFINE_MICRO(micro_vnni, VNNI, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
+
+DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, panel_i2_avx2, micro_avx2, OB_I2_BLOCK, I2_BAD)
+DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, panel_t16_avx2, micro_avx2, OB_T1_6_BLOCK, T16_BAD)
+DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, panel_i2_vnni, micro_vnni, OB_I2_BLOCK, I2_BAD)
+DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, panel_t16_vnni, micro_vnni, OB_T1_6_BLOCK, T16_BAD)
+
+/* ---- activation quantizer (RMSNorm + per-token absmax INT8), bit-identical to ref.c ---------- */
+
+INLINE AVX2 __m256 load_tail(const float *p, int64_t n) { /* n < 8 floats, zeros after */
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx));
+}
+
+AVX2 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
+                                 const float *norm_weight, float norm_eps, int8_t *out,
+                                 float *out_scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    int64_t k8 = k / 8 * 8;
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * ldx;
+        float inv_rms = 1.0f;
+        if (norm_weight) { /* lanes l = e mod 8, combined as ob_sumsq_ref does */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t e = 0; e < k8; e += 8) {
+                __m256 v = _mm256_loadu_ps(xr + e);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+            }
+            if (k8 < k) {
+                __m256 v = load_tail(xr + k8, k - k8);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+            }
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            float ss = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+            inv_rms = 1.0f / sqrtf(ss / (float)k + norm_eps);
+        }
+        const __m256 vinv = _mm256_set1_ps(inv_rms);
+#define OB_YV(e, v) (norm_weight ? _mm256_mul_ps(_mm256_mul_ps(v, vinv), \
+                                                 _mm256_loadu_ps(norm_weight + (e))) : (v))
+        __m256 amax = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
+        for (int64_t e = 0; e < k8; e += 8) {
+            __m256 a = _mm256_and_ps(OB_YV(e, _mm256_loadu_ps(xr + e)), absmask);
+            amax = _mm256_max_ps(amax, a);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+        }
+        float amax_s = 0.0f;
+        for (int64_t e = k8; e < k; e++) {
+            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
+            if (!isfinite(y)) return OB_ERR_VALUE;
+            amax_s = fmaxf(amax_s, fabsf(y));
+        }
+        if (!_mm256_testz_ps(nonfinite, nonfinite)) return OB_ERR_VALUE;
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        amax_s = fmaxf(amax_s, _mm_cvtss_f32(h));
+        float s = (1.0f / fmaxf(amax_s, 1e-5f)) * 127.0f;
+        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        int8_t *o = out + r * k;
+        int64_t e = 0;
+        for (; e + 32 <= k; e += 32) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                __m256 y = OB_YV(e + 8 * i, _mm256_loadu_ps(xr + e + 8 * i));
+                y = _mm256_round_ps(_mm256_mul_ps(y, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+            }
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(o + e), _mm256_permutevar8x32_epi32(p, order));
+        }
+#undef OB_YV
+        for (; e < k; e++) {
+            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
+            float qf = nearbyintf(y * s);
+            o[e] = (int8_t)(qf < -128.0f ? -128.0f : (qf > 127.0f ? 127.0f : qf));
+        }
+        out_scale[r] = 1.0f / s;
+    }
+    return OB_OK;
+}
 
 #endif /* OB_HAVE_X86 */
