@@ -12,7 +12,7 @@
  *    multiply + add. For m = 1 two weight rows share each activation load.
  *  - panel GEMM (m >= OB_GEMM_MIN_M, prefill): a panel of 16 output columns x KC inputs is decoded
  *    once into int8 codes interleaved as [KC/4][16][4] (an 8x8 dword transpose of the decoded
- *    vectors) and reused by every activation row: a 6x16 register tile multiplies 4 broadcast
+ *    vectors) and reused by every activation row: a 4x16 register tile multiplies 4 broadcast
  *    activation bytes by 8 columns x 4 codes per instruction, int16 accumulation for 32 steps. */
 #include "internal.h"
 
@@ -27,9 +27,12 @@
 
 #define OB_GEMM_MIN_M 8 /* from this many activation rows on, the panel GEMM is faster */
 #define TILE 4          /* activation rows sharing one decode in the row kernel */
+#ifndef OB_PREFETCH
+#define OB_PREFETCH 2048 /* bytes ahead of the weight stream (0: none) */
+#endif
 #define FLUSH 8         /* blocks summed in int16 before widening (row kernel) */
 #define NR 16           /* panel width (output columns) */
-#define MR 6            /* activation rows of the GEMM register tile */
+#define MR 4            /* activation rows of the GEMM register tile (8 accumulators + 2 + 2) */
 #define KSTEPS 32       /* k4-steps summed in int16 before widening (GEMM) */
 
 static inline AVX2 int32_t hsum_avx2(__m256i v) {
@@ -113,6 +116,8 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
             for (int64_t b = b0; b < b1; b++) {                                                   \
                 __m256i c[2][LANES];                                                              \
                 for (int i = 0; i < WR; i++) {                                                    \
+                    if (OB_PREFETCH && (b & 1) == 0)                                              \
+                        _mm_prefetch((const char *)(w + i * rb + b * OB_BLOCK_BYTES) + OB_PREFETCH, _MM_HINT_T0); \
                     __m256i v = _mm256_loadu_si256((const __m256i *)(w + i * rb + b * OB_BLOCK_BYTES)); \
                     DECODE(v, c[i], *bad);                                                        \
                 }                                                                                 \
@@ -183,40 +188,86 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
         }                                                                                         \
     }
 
-/* acc32[R][NR] (in C, row stride ldc) += x rows [R, steps*4] . panel; R <= MR. */
-#define DEFINE_MICRO(NAME, ATTR, MUL, ADD, FLUSH16)                                               \
-    INLINE ATTR void NAME(const int8_t *panel, int64_t steps, const int8_t *x, int64_t ldx, int R, \
-                          int32_t *c, int64_t ldc) {                                               \
-        __m256i a32[MR][2];                                                                       \
-        for (int r = 0; r < R; r++) {                                                             \
-            a32[r][0] = _mm256_loadu_si256((const __m256i *)(c + r * ldc));                       \
-            a32[r][1] = _mm256_loadu_si256((const __m256i *)(c + r * ldc + 8));                   \
-        }                                                                                         \
+/* c_r[0:16] += x_r[0 : steps*4] . panel for the 4 activation rows r (named variables: GCC keeps
+ * the 8 int16 accumulators in registers this way, not with arrays). Missing rows point at zeros. */
+#define BCAST4(p) _mm256_set1_epi32(load_i32(p))
+#define STEP_INTRIN(MUL, ADD)                                                                     \
+    do {                                                                                          \
+        __m256i b = BCAST4(x0 + 4 * s);                                                           \
+        a00 = ADD(a00, MUL(w0, b));                                                               \
+        a01 = ADD(a01, MUL(w1, b));                                                               \
+        b = BCAST4(x1 + 4 * s);                                                                   \
+        a10 = ADD(a10, MUL(w0, b));                                                               \
+        a11 = ADD(a11, MUL(w1, b));                                                               \
+        b = BCAST4(x2 + 4 * s);                                                                   \
+        a20 = ADD(a20, MUL(w0, b));                                                               \
+        a21 = ADD(a21, MUL(w1, b));                                                               \
+        b = BCAST4(x3 + 4 * s);                                                                   \
+        a30 = ADD(a30, MUL(w0, b));                                                               \
+        a31 = ADD(a31, MUL(w1, b));                                                               \
+    } while (0)
+#if defined(__GNUC__)
+/* The same step in inline asm: with intrinsics GCC 12 schedules all eight multiplies first, runs
+ * out of registers and carries an accumulator through the stack (a store-forwarding chain that
+ * halves the speed). AT&T order: vpmaddubsw signed, unsigned, dst. */
+#define STEP_AVX2(MUL, ADD)                                                                       \
+    do {                                                                                          \
+        __m256i b_, t_;                                                                           \
+        __asm__("vpbroadcastd (%[p0],%[s],4), %[b]\n\t"                                          \
+                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a00], %[a00]\n\t"                \
+                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a01], %[a01]\n\t"                \
+                "vpbroadcastd (%[p1],%[s],4), %[b]\n\t"                                          \
+                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a10], %[a10]\n\t"                \
+                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a11], %[a11]\n\t"                \
+                "vpbroadcastd (%[p2],%[s],4), %[b]\n\t"                                          \
+                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a20], %[a20]\n\t"                \
+                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a21], %[a21]\n\t"                \
+                "vpbroadcastd (%[p3],%[s],4), %[b]\n\t"                                          \
+                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a30], %[a30]\n\t"                \
+                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a31], %[a31]"                     \
+                : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11),            \
+                  [a20] "+x"(a20), [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31),            \
+                  [b] "=&x"(b_), [t] "=&x"(t_)                                                    \
+                : [w0] "x"(w0), [w1] "x"(w1), [p0] "r"(x0), [p1] "r"(x1), [p2] "r"(x2),          \
+                  [p3] "r"(x3), [s] "r"(s)                                                        \
+                : "memory");                                                                      \
+    } while (0)
+#else
+#define STEP_AVX2 STEP_INTRIN
+#endif
+#define DEFINE_MICRO(NAME, ATTR, MUL, ADD, FLUSH16, STEP)                                               \
+    INLINE ATTR void flush_##NAME(int32_t *c, __m256i lo, __m256i hi) {                          \
+        __m256i c0 = _mm256_loadu_si256((const __m256i *)c);                                      \
+        __m256i c1 = _mm256_loadu_si256((const __m256i *)(c + 8));                                \
+        FLUSH16(c0, lo);                                                                          \
+        FLUSH16(c1, hi);                                                                          \
+        _mm256_storeu_si256((__m256i *)c, c0);                                                    \
+        _mm256_storeu_si256((__m256i *)(c + 8), c1);                                              \
+    }                                                                                             \
+    INLINE ATTR void NAME(const int8_t *panel, int64_t steps, const int8_t *x0, const int8_t *x1,  \
+                          const int8_t *x2, const int8_t *x3, int32_t *c0, int32_t *c1,           \
+                          int32_t *c2, int32_t *c3) {                                             \
         for (int64_t s0 = 0; s0 < steps; s0 += KSTEPS) {                                          \
             int64_t s1 = s0 + KSTEPS < steps ? s0 + KSTEPS : steps;                               \
-            __m256i a16[MR][2];                                                                   \
-            for (int r = 0; r < R; r++) a16[r][0] = a16[r][1] = _mm256_setzero_si256();           \
+            __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00;                \
+            __m256i a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                   \
             for (int64_t s = s0; s < s1; s++) {                                                   \
                 __m256i w0 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4));            \
                 __m256i w1 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4 + 32));       \
-                for (int r = 0; r < R; r++) {                                                     \
-                    int32_t x4;                                                                   \
-                    memcpy(&x4, x + r * ldx + 4 * s, 4);                                          \
-                    __m256i xv = _mm256_set1_epi32(x4);                                           \
-                    a16[r][0] = ADD(a16[r][0], MUL(w0, xv));                                      \
-                    a16[r][1] = ADD(a16[r][1], MUL(w1, xv));                                      \
-                }                                                                                 \
+                STEP(MUL, ADD);                                                                   \
             }                                                                                     \
-            for (int r = 0; r < R; r++) {                                                         \
-                FLUSH16(a32[r][0], a16[r][0]);                                                    \
-                FLUSH16(a32[r][1], a16[r][1]);                                                    \
-            }                                                                                     \
-        }                                                                                         \
-        for (int r = 0; r < R; r++) {                                                             \
-            _mm256_storeu_si256((__m256i *)(c + r * ldc), a32[r][0]);                             \
-            _mm256_storeu_si256((__m256i *)(c + r * ldc + 8), a32[r][1]);                         \
+            flush_##NAME(c0, a00, a01);                                                           \
+            flush_##NAME(c1, a10, a11);                                                           \
+            flush_##NAME(c2, a20, a21);                                                           \
+            flush_##NAME(c3, a30, a31);                                                           \
         }                                                                                         \
     }
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
 
 /* KC = blocks per panel: 8 (i2: 1024 inputs, 16 KiB panel; t1_6: 1280 inputs, 20 KiB). */
 #define KC_BLOCKS 8
@@ -245,7 +296,8 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
             }                                                                                     \
         } else {                                                                                  \
             _Alignas(64) int8_t panel[KC_BLOCKS * BLOCK * NR];                                    \
-            _Alignas(64) int32_t cbuf[MR * NR];                                                   \
+            _Alignas(64) int8_t zeros[KC_BLOCKS * BLOCK] = {0}; /* stands in for missing rows */  \
+            _Alignas(64) int32_t cbuf[MR * NR];                 /* edge tiles work in here */     \
             for (int64_t jp = j0; jp < j1; jp += NR) {                                            \
                 int nc = (int)(j1 - jp < NR ? j1 - jp : NR);                                      \
                 for (int64_t r = 0; r < m; r++)                                                   \
@@ -256,25 +308,18 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
                     int64_t steps = (b1 - b0) * BLOCK / 4;                                        \
                     for (int64_t r0 = 0; r0 < m; r0 += MR) {                                      \
                         int R = (int)(m - r0 < MR ? m - r0 : MR);                                 \
-                        int32_t *c = a->acc + r0 * a->ldc + jp;                                   \
-                        int64_t ldc = a->ldc;                                                     \
-                        if (nc < NR) { /* edge panel: work in a full-width buffer */              \
-                            for (int r = 0; r < R; r++)                                           \
+                        const int8_t *xr[MR];                                                     \
+                        int32_t *cr[MR];                                                          \
+                        int edge = R < MR || nc < NR;                                             \
+                        for (int r = 0; r < MR; r++) {                                            \
+                            xr[r] = r < R ? a->xp + (r0 + r) * a->ldxp + b0 * BLOCK : zeros;      \
+                            cr[r] = edge ? cbuf + r * NR : a->acc + (r0 + r) * a->ldc + jp;       \
+                            if (edge)                                                             \
                                 for (int q = 0; q < NR; q++)                                      \
-                                    cbuf[r * NR + q] = q < nc ? c[r * ldc + q] : 0;               \
-                            c = cbuf;                                                             \
-                            ldc = NR;                                                             \
+                                    cbuf[r * NR + q] = r < R && q < nc ? a->acc[(r0 + r) * a->ldc + jp + q] : 0; \
                         }                                                                         \
-                        const int8_t *xt = a->xp + r0 * a->ldxp + b0 * BLOCK;                     \
-                        switch (R) {                                                              \
-                        case 6: MICRO(panel, steps, xt, a->ldxp, 6, c, ldc); break;               \
-                        case 5: MICRO(panel, steps, xt, a->ldxp, 5, c, ldc); break;               \
-                        case 4: MICRO(panel, steps, xt, a->ldxp, 4, c, ldc); break;               \
-                        case 3: MICRO(panel, steps, xt, a->ldxp, 3, c, ldc); break;               \
-                        case 2: MICRO(panel, steps, xt, a->ldxp, 2, c, ldc); break;               \
-                        default: MICRO(panel, steps, xt, a->ldxp, 1, c, ldc); break;              \
-                        }                                                                         \
-                        if (c == cbuf)                                                            \
+                        MICRO(panel, steps, xr[0], xr[1], xr[2], xr[3], cr[0], cr[1], cr[2], cr[3]); \
+                        if (edge)                                                                 \
                             for (int r = 0; r < R; r++)                                           \
                                 for (int q = 0; q < nc; q++)                                      \
                                     a->acc[(r0 + r) * a->ldc + jp + q] = cbuf[r * NR + q];        \
@@ -294,8 +339,8 @@ DEFINE_PANEL(panel_i2_avx2, AVX2, I2_DECODE, I2_LANES, OB_I2_BLOCK)
 DEFINE_PANEL(panel_t16_avx2, AVX2, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
 DEFINE_PANEL(panel_i2_vnni, VNNI, I2_DECODE, I2_LANES, OB_I2_BLOCK)
 DEFINE_PANEL(panel_t16_vnni, VNNI, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
-DEFINE_MICRO(micro_avx2, AVX2, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2)
-DEFINE_MICRO(micro_vnni, VNNI, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
+DEFINE_MICRO(micro_avx2, AVX2, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2, STEP_AVX2)
+DEFINE_MICRO(micro_vnni, VNNI, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI, STEP_INTRIN)
 
 DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, panel_i2_avx2, micro_avx2, OB_I2_BLOCK, I2_BAD)
 DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, panel_t16_avx2, micro_avx2, OB_T1_6_BLOCK, T16_BAD)
