@@ -266,6 +266,34 @@ def test_linear_matches_bitlinear(impl, layout, m, n, k):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_linear_with_norm_matches_bitlinear(impl, layout, m):
+    # the b1.58 BitLinear (its own RMSNorm inside) = fused norm+quantize, then the packed linear;
+    # outlier tokens and an all-zero token included
+    torch.manual_seed(m)
+    n, k = 96, 700
+    layer = BitLinear(k, n, norm=True, act="int8")
+    with torch.no_grad():
+        layer.norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(m, k) * 2
+        x[0, 3] = 400.0
+        if m > 1:
+            x[1] = 0.0
+        want = layer(x).numpy()
+    w_codes, w_scale = quant.ternary_absmean(layer.weight.detach())
+    packed = pack(w_codes.numpy(), layout)
+    with K.use(impl):
+        xc, xs = K.quantize_act_i8(x.numpy(), layer.norm.weight.detach().numpy(), eps=layer.norm.eps)
+        out = K.linear(packed, k, layout, float(w_scale), xc, xs)
+    # the norm's float sum order may differ from torch's by an ulp, which can move a code by one
+    # at a rounding tie: a difference of at most one activation step times a row of weights
+    tol = float(w_scale) * xs[:, None] * k ** 0.5 * 4
+    assert (np.abs(out - want) <= tol + 1e-5 * np.abs(want).max()).all()
+    np.testing.assert_allclose(out, want, rtol=1e-3, atol=2e-3 * np.abs(want).max())
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: clean exceptions before C runs
 # ---------------------------------------------------------------------------------------------
