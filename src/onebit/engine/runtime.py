@@ -1,0 +1,275 @@
+"""The torch-free inference runtime: a packed model folder run with numpy and the C kernels.
+
+One forward pass, per layer (``B`` = 1 sequence, ``T`` new tokens at positions pos..pos+T-1):
+
+    h = quantize(norm(x))                      # C: fused RMSNorm + per-token INT8 (one call)
+    q, k, v = linear(h)                        # C: ternary x INT8 GEMM, int32, scaled
+    q, k = rope(q, k); cache k, v              # numpy
+    y = softmax(q k^T / sqrt(hd) + causal) v   # numpy, GQA by grouping query heads
+    x += o_proj(quantize(attn_sub_norm(y)))    # C
+    h = quantize(norm(x)); g, u = gate(h), up(h)
+    x += down(quantize(ffn_sub_norm(act(g) * u)))
+
+For the b1.58 "inner" placement every projection normalises its own input (its own norm weight,
+so one quantize call per projection). Weights are memory-mapped from model.safetensors;
+activations and the KV cache are float32; buffers are preallocated so a decode step allocates
+little. The logits equal the PyTorch fake-quant forward up to float summation order
+(tests/test_engine.py pins it, and greedy generations token for token).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .. import kernels
+from ..config import ModelConfig
+from ..formats.packed_model import I8_SCALE_SUFFIX, packed_config
+from ..formats.packing import (META_TENSORS, QWEIGHT_SUFFIX, SCALE_SUFFIX, PackedFormatError,
+                               _read_declared, packed_row_bytes)
+from ..formats.safetensors_mmap import read_safetensors
+
+__all__ = ["Runtime", "EngineError"]
+
+
+class EngineError(ValueError):
+    """A packed model folder cannot be run (missing or inconsistent tensors, wrong config)."""
+
+
+class _Linear:
+    """One packed projection: validated once, then called straight through ctypes."""
+
+    def __init__(self, name: str, q: np.ndarray, scale: float, layout: str, n: int, k: int):
+        self.name, self.q, self.scale, self.n, self.k = name, q, float(scale), n, k
+        lib = kernels._lib()
+        self._fn = lib.ob_linear_i2 if layout == "i2" else lib.ob_linear_t1_6
+        self._w = q.ctypes.data
+
+    def __call__(self, xc: np.ndarray, xs: np.ndarray, out: np.ndarray) -> np.ndarray:
+        m = xc.shape[0]
+        st = self._fn(self._w, self.n, self.k, xc.ctypes.data, m, self.k, self.scale,
+                      xs.ctypes.data, out.ctypes.data)
+        if st:
+            if st == -4:
+                raise PackedFormatError(f"packed weight {self.name!r} holds an invalid code: the "
+                                        f"model file is corrupt; re-export it")
+            raise EngineError(f"kernel error {st} in {self.name!r}")
+        return out
+
+
+class _Quantizer:
+    """Fused RMSNorm (optional weight) + per-token INT8 into preallocated code/scale buffers."""
+
+    def __init__(self, k: int, weight: np.ndarray | None, eps: float):
+        self.k, self.eps = k, float(eps)
+        self.w = None if weight is None else np.ascontiguousarray(weight, dtype=np.float32)
+        self._fn = kernels._lib().ob_quantize_act_i8
+
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = x.shape[0]
+        codes = np.empty((m, self.k), dtype=np.int8)
+        scale = np.empty(m, dtype=np.float32)
+        st = self._fn(x.ctypes.data, m, self.k, self.k, None if self.w is None else self.w.ctypes.data,
+                      self.eps, codes.ctypes.data, scale.ctypes.data)
+        if st:
+            raise EngineError("the activations became NaN or inf (status %d): the model or its "
+                              "input is broken" % st)
+        return codes, scale
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    return (x * (1.0 / np.sqrt(ms + np.float32(eps)))).astype(np.float32) * w
+
+
+class Runtime:
+    """A loaded packed model: ``forward(ids, pos) -> logits`` with its own KV cache."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
+            raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
+                              f"model.safetensors); create one with `onebit export`")
+        try:
+            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            self.packed = packed_config(folder)
+            cfg = ModelConfig.from_dict(raw["model"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError(f"'{folder}/config.json': {e}") from None
+        self.folder, self.config = folder, cfg
+        tensors, meta = read_safetensors(folder / "model.safetensors")
+        declared = _read_declared(folder / "model.safetensors", meta)
+        self._tensors = tensors
+        D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.resolved_head_dim
+        self.H, self.Hkv, self.hd = H, Hkv, hd
+        eps, inner = cfg.rms_norm_eps, cfg.norm_placement == "inner"
+        self.eps, self.inner, self.relu2 = eps, inner, cfg.hidden_act == "relu2"
+
+        def vec(name: str, n: int) -> np.ndarray:
+            t = tensors.get(name)
+            if t is None or t.shape != (n,) or t.dtype != np.float32:
+                raise EngineError(f"'{folder}': tensor {name!r} must be float32 [{n}], got "
+                                  f"{None if t is None else (t.dtype, t.shape)}; re-export the model")
+            return t
+
+        def lin(name: str, n: int, k: int) -> _Linear:
+            d = declared.get(name)
+            if d is None or d[1] != (n, k):
+                raise EngineError(f"'{folder}': packed projection {name!r} must be [{n}, {k}] "
+                                  f"(declared {d}); the folder does not match its config")
+            q, s = tensors.get(name + QWEIGHT_SUFFIX), tensors.get(name + SCALE_SUFFIX)
+            if q is None or s is None or q.dtype != np.uint8 or q.shape != (n, packed_row_bytes(k, d[0])) \
+                    or s.dtype != np.float32 or s.shape != (1,) or not (math.isfinite(s[0]) and s[0] >= 0):
+                raise EngineError(f"'{folder}': tensors of {name!r} are missing or malformed (see "
+                                  f"{META_TENSORS}); re-export the model")
+            return _Linear(name, q, float(s[0]), d[0], n, k)
+
+        def quantizer(k: int, norm: str | None) -> _Quantizer:
+            return _Quantizer(k, None if norm is None else vec(norm, k), eps)
+
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            L: dict = {}
+            for role, n, k in (("self_attn.q_proj", H * hd, D), ("self_attn.k_proj", Hkv * hd, D),
+                               ("self_attn.v_proj", Hkv * hd, D), ("self_attn.o_proj", D, H * hd),
+                               ("mlp.gate_proj", F, D), ("mlp.up_proj", F, D), ("mlp.down_proj", D, F)):
+                L[role] = lin(p + role, n, k)
+                if inner:
+                    L[role + ".quant"] = quantizer(k, p + role + ".norm.weight")
+            if not inner:
+                L["attn_in"] = quantizer(D, p + "input_layernorm.weight")
+                L["o_in"] = quantizer(H * hd, p + "self_attn.attn_sub_norm.weight")
+                L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
+                L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight")
+            self.layers.append(L)
+        self.norm_w = vec("model.norm.weight", D)
+        self.embed = self._matrix("model.embed_tokens.weight", V, D)
+        self.head = self.embed if cfg.tie_word_embeddings else self._matrix("lm_head.weight", V, D)
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        self._inv_freq = inv_freq
+        self.cache_k: list[np.ndarray] = []
+        self.cache_v: list[np.ndarray] = []
+        self.max_len = 0
+
+    # -- weights -------------------------------------------------------------------------------
+    def _matrix(self, name: str, V: int, D: int) -> np.ndarray:
+        """Embedding / LM head as float32 [V, D] (f16 and int8 storage are widened once)."""
+        t = self._tensors.get(name)
+        if t is None or t.shape != (V, D):
+            raise EngineError(f"'{self.folder}': tensor {name!r} must be [{V}, {D}], got "
+                              f"{None if t is None else t.shape}; re-export the model")
+        if t.dtype == np.float32:
+            return t
+        if t.dtype == np.float16:
+            return t.astype(np.float32)
+        if t.dtype == np.int8:
+            s = self._tensors.get(name + I8_SCALE_SUFFIX)
+            if s is None or s.shape != (V,) or s.dtype != np.float32:
+                raise EngineError(f"'{self.folder}': int8 {name!r} needs float32 "
+                                  f"{name + I8_SCALE_SUFFIX!r} [{V}]; re-export the model")
+            return t.astype(np.float32) * s[:, None]
+        raise EngineError(f"'{self.folder}': tensor {name!r} has dtype {t.dtype}; expected float32, "
+                          f"float16 or int8")
+
+    # -- cache ---------------------------------------------------------------------------------
+    def reset(self, max_len: int | None = None) -> None:
+        """(Re)allocate an empty KV cache for ``max_len`` positions (default: the model's context)."""
+        cfg = self.config
+        max_len = cfg.max_position_embeddings if max_len is None else int(max_len)
+        if not 0 < max_len <= cfg.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} must be in [1, {cfg.max_position_embeddings}]")
+        if max_len != self.max_len:
+            shape = (self.Hkv, max_len, self.hd)
+            self.cache_k = [np.zeros(shape, np.float32) for _ in self.layers]
+            self.cache_v = [np.zeros(shape, np.float32) for _ in self.layers]
+            self.max_len = max_len
+
+    def _rope(self, x: np.ndarray, pos: int) -> np.ndarray:
+        """x [T, heads, hd] rotated at positions pos.. (HF rotate_half layout, float64 angles)."""
+        T = x.shape[0]
+        ang = np.outer(np.arange(pos, pos + T, dtype=np.float64), self._inv_freq)
+        emb = np.concatenate([ang, ang], axis=-1)
+        cos = np.cos(emb).astype(np.float32)[:, None, :]
+        sin = np.sin(emb).astype(np.float32)[:, None, :]
+        half = self.hd // 2
+        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rot * sin
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, ids, pos: int = 0, last_only: bool = True) -> np.ndarray:
+        """Feed token ids [T] at positions pos..pos+T-1 (the cache holds 0..pos-1).
+
+        Returns float32 logits [V] of the last token (``last_only``) or [T, V].
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        T = ids.shape[0]
+        V = self.config.vocab_size
+        if T < 1:
+            raise ValueError("forward needs at least one token")
+        if ids.min() < 0 or ids.max() >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got {int(ids.min())}..{int(ids.max())}")
+        if not self.max_len:
+            self.reset()
+        if pos < 0 or pos + T > self.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} do not fit the KV cache of "
+                             f"{self.max_len}; call reset(max_len) with a larger max_len")
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        g = H // Hkv
+        x = np.array(self.embed[ids], dtype=np.float32)                 # [T, D]
+        S = pos + T
+        causal = None
+        if T > 1:  # query i (absolute pos+i) sees keys 0..pos+i
+            causal = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]   # [T, S] True = masked
+        scale = np.float32(1.0 / math.sqrt(hd))
+        for li, L in enumerate(self.layers):
+            if self.inner:
+                q = L["self_attn.q_proj"](*L["self_attn.q_proj.quant"](x), np.empty((T, H * hd), np.float32))
+                k = L["self_attn.k_proj"](*L["self_attn.k_proj.quant"](x), np.empty((T, Hkv * hd), np.float32))
+                v = L["self_attn.v_proj"](*L["self_attn.v_proj.quant"](x), np.empty((T, Hkv * hd), np.float32))
+            else:
+                xc, xs = L["attn_in"](x)
+                q = L["self_attn.q_proj"](xc, xs, np.empty((T, H * hd), np.float32))
+                k = L["self_attn.k_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
+                v = L["self_attn.v_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
+            q = self._rope(q.reshape(T, H, hd), pos)
+            k = self._rope(k.reshape(T, Hkv, hd), pos)
+            ck, cv = self.cache_k[li], self.cache_v[li]
+            ck[:, pos:S] = k.transpose(1, 0, 2)
+            cv[:, pos:S] = v.reshape(T, Hkv, hd).transpose(1, 0, 2)
+            qg = q.reshape(T, Hkv, g, hd).transpose(1, 2, 0, 3)             # [Hkv, g, T, hd]
+            att = np.matmul(qg, ck[:, None, :S].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, S]
+            if causal is not None:
+                att[..., causal] = -np.inf
+            att -= att.max(axis=-1, keepdims=True)
+            np.exp(att, out=att)
+            att /= att.sum(axis=-1, keepdims=True)
+            y = np.matmul(att, cv[:, None, :S])                             # [Hkv, g, T, hd]
+            y = np.ascontiguousarray(y.transpose(2, 0, 1, 3).reshape(T, H * hd))
+            oq = L["self_attn.o_proj.quant"](y) if self.inner else L["o_in"](y)
+            x += L["self_attn.o_proj"](*oq, np.empty((T, x.shape[1]), np.float32))
+            F = self.config.intermediate_size
+            if self.inner:
+                gt = L["mlp.gate_proj"](*L["mlp.gate_proj.quant"](x), np.empty((T, F), np.float32))
+                up = L["mlp.up_proj"](*L["mlp.up_proj.quant"](x), np.empty((T, F), np.float32))
+            else:
+                xc, xs = L["mlp_in"](x)
+                gt = L["mlp.gate_proj"](xc, xs, np.empty((T, F), np.float32))
+                up = L["mlp.up_proj"](xc, xs, np.empty((T, F), np.float32))
+            if self.relu2:
+                np.maximum(gt, 0, out=gt)
+                gt *= gt
+            else:
+                gt = gt / (1.0 + np.exp(-gt))
+            gt *= up
+            dq = L["mlp.down_proj.quant"](gt) if self.inner else L["down_in"](gt)
+            x += L["mlp.down_proj"](*dq, np.empty((T, x.shape[1]), np.float32))
+        if last_only:
+            x = x[-1:]
+        h = _rms_norm(x, self.norm_w, self.eps)
+        logits = h @ self.head.T                                            # [T, V]
+        return logits[0] if last_only else logits

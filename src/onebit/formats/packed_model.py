@@ -1,0 +1,112 @@
+"""Packed model folders: what the inference engine runs (spec: docs/formats.md §5).
+
+A packed model folder holds::
+
+    config.json        {"model": ModelConfig, "packed": {"layout", "embedding", "format_version"}}
+    model.safetensors  every ternary projection packed (``{name}.qweight`` + ``{name}.scale``, the
+                       onebit-packed container of formats.packing), norms float32, embeddings
+                       (and an untied LM head) as float32, float16 or int8 + per-row scale
+    tokenizer.json     when the source had one
+
+``export_packed`` writes one from a trained model folder (it needs torch; reading does not).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .packing import LAYOUTS, save_packed
+
+__all__ = ["EMBEDDINGS", "PACKED_VERSION", "export_packed", "quantize_rows_i8", "packed_config"]
+
+PACKED_VERSION = 1
+EMBEDDINGS = ("f32", "f16", "i8")
+I8_SCALE_SUFFIX = ".row_scale"  # int8 embeddings: value = q * row_scale[row]
+
+
+def quantize_rows_i8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax int8 of a float matrix [V, D]: (q int8 [V, D], scale float32 [V])."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.maximum(np.abs(w).max(axis=1), 1e-8).astype(np.float32)
+    scale = (amax / 127.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def packed_config(folder: Path) -> dict[str, Any]:
+    """The "packed" table of a packed folder's config.json (checked), or raise ValueError."""
+    raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    p = raw.get("packed") if isinstance(raw, dict) else None
+    if not isinstance(p, dict):
+        raise ValueError(f"'{folder}/config.json' has no 'packed' table: this is not a packed model "
+                         f"folder; write one with `onebit export` (formats.packed_model.export_packed)")
+    if p.get("format_version") != PACKED_VERSION:
+        raise ValueError(f"'{folder}' is packed format version {p.get('format_version')!r}; this "
+                         f"onebit reads version {PACKED_VERSION}: re-export the model")
+    if p.get("layout") not in LAYOUTS or p.get("embedding") not in EMBEDDINGS:
+        raise ValueError(f"'{folder}/config.json': packed layout {p.get('layout')!r} / embedding "
+                         f"{p.get('embedding')!r} unknown (layouts {sorted(LAYOUTS)}, embeddings "
+                         f"{list(EMBEDDINGS)}); re-export the model")
+    return p
+
+
+def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
+                  embedding: str = "f32") -> Path:
+    """Pack the trained model at ``src`` (a model, checkpoint or run folder) into folder ``dst``.
+
+    ``layout``: "i2" (2 bits/weight, fastest) or "t1_6" (1.6 bits/weight). ``embedding``: "f32"
+    (lossless), "f16" or "i8" (per-row absmax; its quality cost is measured by the engine tests).
+    The folder is written atomically. Raises ValueError for a model that is not ternary.
+    """
+    import torch
+
+    from .. import quant
+    from ..checkpoint import TOKENIZER_FILE, load_model, write_dir_atomic
+    from ..nn import BitLinear
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown; use one of {sorted(LAYOUTS)}")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"embedding={embedding!r} is unknown; use one of {list(EMBEDDINGS)}")
+    model, _, folder = load_model(src)
+    cfg = model.config
+    if cfg.linear != "bitnet":
+        raise ValueError(f"'{folder}' is a full-precision model (linear={cfg.linear!r}); only "
+                         f"ternary (linear='bitnet') models can be packed")
+    if cfg.activation_scheme != "a8":
+        raise ValueError(f"'{folder}' uses activation_scheme={cfg.activation_scheme!r}; the engine "
+                         f"runs 'a8' models so far")
+    ternary = {name for name, m in model.named_modules() if isinstance(m, BitLinear) and m.weight_quant}
+    packed: dict[str, tuple[np.ndarray, float]] = {}
+    extra: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            owner = name.rsplit(".", 1)[0]
+            if owner in ternary and name.endswith(".weight"):
+                codes, scale = quant.ternary_absmean(t)
+                packed[owner] = (codes.numpy(), float(scale))
+            elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+                w = t.float().numpy()
+                if embedding == "i8":
+                    q, s = quantize_rows_i8(w)
+                    extra[name], extra[name + I8_SCALE_SUFFIX] = q, s
+                else:
+                    extra[name] = w.astype(np.float16 if embedding == "f16" else np.float32)
+            else:
+                extra[name] = t.float().numpy()
+    config = {"model": cfg.to_dict(),
+              "packed": {"layout": layout, "embedding": embedding, "format_version": PACKED_VERSION}}
+    tok = folder / TOKENIZER_FILE
+
+    def fill(d: Path) -> None:
+        save_packed(d / "model.safetensors", packed, layout, extra_tensors=extra,
+                    metadata={"source": str(folder)})
+        (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        if tok.is_file():
+            (d / TOKENIZER_FILE).write_bytes(tok.read_bytes())
+
+    return write_dir_atomic(Path(dst), fill)
