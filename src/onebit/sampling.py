@@ -2,8 +2,8 @@
 
 No torch here: the torch-free inference engine reuses this module. Every function takes a 1-D
 float array ``[V]`` and returns a new float64 array (never mutates its input); masked tokens are
-``-inf``. ``sample_next`` composes them: temperature, then top-k, then top-p (the order of
-transformers' logits warpers), then softmax and one inverse-CDF draw.
+``-inf``. ``sample_next`` composes them: repetition penalty, temperature, then top-k, top-p, min-p (the
+order of transformers' logits warpers), then softmax and one inverse-CDF draw.
 """
 
 from __future__ import annotations
@@ -19,16 +19,28 @@ __all__ = [
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
+    "apply_min_p",
+    "apply_repetition_penalty",
     "greedy",
     "sample_next",
 ]
 
 
-def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                      min_p: float | None = None, repetition_penalty: float = 1.0) -> None:
     """Raise ``ValueError`` naming the parameter and its valid range if a setting is invalid.
 
-    temperature: finite real >= 0 (0 = greedy); top_k: None or int >= 1; top_p: None or 0 < p <= 1.
+    temperature: finite real >= 0 (0 = greedy); top_k: None or int >= 1; top_p: None or 0 < p <= 1;
+    min_p: None or 0 <= p <= 1; repetition_penalty: finite real > 0 (1 = off).
     """
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, numbers.Real)
+                              or not 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p={min_p!r} is invalid: use None (off) or a number in [0, 1] (keep "
+                         f"tokens at least min_p times as likely as the most likely one)")
+    if (isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real)
+            or not math.isfinite(repetition_penalty) or repetition_penalty <= 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} is invalid: use a finite "
+                         f"number > 0 (1 = off, >1 discourages repeating context tokens)")
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or temperature < 0):
         raise ValueError(f"temperature={temperature!r} is invalid: use a finite number >= 0 "
@@ -93,6 +105,28 @@ def apply_top_p(logits, top_p: float) -> np.ndarray:
     return x
 
 
+def apply_min_p(logits, min_p: float) -> np.ndarray:
+    """Keep tokens whose probability is >= ``min_p`` times the top token's; the rest -> ``-inf``."""
+    x = _as_logits(logits).copy()
+    if min_p <= 0.0:
+        return x
+    x[x < x.max() + math.log(min_p)] = -np.inf  # p_i / p_max = exp(x_i - x_max)
+    return x
+
+
+def apply_repetition_penalty(logits, context, penalty: float) -> np.ndarray:
+    """The CTRL / transformers / llama.cpp penalty: for every token id in ``context``, a positive
+    logit is divided by ``penalty`` and a negative one multiplied by it (each id once)."""
+    x = _as_logits(logits).copy()
+    if penalty == 1.0:
+        return x
+    ids = np.unique(np.asarray(list(context), dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < x.size)]
+    v = x[ids]
+    x[ids] = np.where(v > 0, v / penalty, v * penalty)
+    return x
+
+
 def greedy(logits) -> int:
     """Index of the largest logit; ties go to the lowest index."""
     return int(np.argmax(_as_logits(logits)))
@@ -107,19 +141,25 @@ def _draw(probs: np.ndarray, rng: np.random.Generator) -> int:
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+                top_p: float | None = None, rng: np.random.Generator | None = None,
+                min_p: float | None = None, repetition_penalty: float = 1.0,
+                context=()) -> int:
     """Draw the next token id from ``logits`` ``[V]`` (any float dtype; computed in float64).
 
-    ``temperature == 0`` is greedy (argmax, ties to the lowest index) and ignores top_k/top_p and
-    rng. ``rng`` None uses a fresh unseeded generator. Raises ``ValueError`` for invalid settings
-    (see ``validate_sampling``), a non-1-D input, or NaN/±inf logits.
+    Order: repetition penalty over ``context`` ids, then greedy if ``temperature == 0`` (argmax,
+    ties to the lowest index; top_k/top_p/min_p and rng ignored), else temperature, top-k, top-p,
+    min-p, softmax and one draw. ``rng`` None uses a fresh unseeded generator. Raises
+    ``ValueError`` for invalid settings (see ``validate_sampling``), a non-1-D input, or NaN/±inf
+    logits.
     """
-    validate_sampling(temperature, top_k, top_p)
+    validate_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     x = _as_logits(logits)
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x))
         raise ValueError(f"logits contain {bad.size} NaN/inf value(s) (first at index {bad[0]}): "
                          f"the model output is broken (check the weights/dtype)")
+    if repetition_penalty != 1.0:
+        x = apply_repetition_penalty(x, context, repetition_penalty)
     if temperature == 0:
         return greedy(x)
     # Shift by the max first (softmax is shift-invariant) so a tiny temperature cannot overflow.
@@ -129,4 +169,6 @@ def sample_next(logits, temperature: float = 1.0, top_k: int | None = None,
         x = apply_top_k(x, top_k)
     if top_p is not None:
         x = apply_top_p(x, top_p)
+    if min_p is not None:
+        x = apply_min_p(x, min_p)
     return _draw(softmax(x), np.random.default_rng() if rng is None else rng)

@@ -1,0 +1,225 @@
+"""``onebit.load(path)`` -> ``Model``: generate, stream and chat on a packed model, without torch.
+
+    m = onebit.load("model_dir")
+    m.generate("Once upon a time", max_new_tokens=50, temperature=0)   # -> str
+    for piece in m.stream("Once upon a time"): print(piece, end="")
+    m.chat([{"role": "user", "content": "Hi"}])                        # chat template
+    m.generate(["a", "b"])                                              # -> [str, str]
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..sampling import sample_next, validate_sampling
+from ..streaming import stream_text
+from .runtime import EngineError, Runtime
+
+__all__ = ["Model", "load", "BITNET_CHAT_TEMPLATE"]
+
+# microsoft/bitnet-b1.58-2B-4T's format (BITNET.md §4): "Role: content<|eot_id|>" turns, the
+# first one after <|begin_of_text|>, joined by newlines; generation continues "Assistant: ".
+# (Newlines are written as expressions: transformers renders with trim_blocks, as we do.)
+BITNET_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ m['role'] | capitalize }}: {{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\nAssistant: ' }}{% endif %}"
+)
+
+
+def _tokenizer_config(folder: Path) -> dict:
+    p = folder / "tokenizer_config.json"
+    if not p.is_file():
+        return {}
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"'{p}' is not valid JSON ({e}); fix or remove it") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+class Model:
+    """A packed model with its tokenizer. One generation at a time (the KV cache is shared)."""
+
+    def __init__(self, runtime: Runtime, tokenizer=None):
+        self.runtime, self.tokenizer, self.config = runtime, tokenizer, runtime.config
+        tc = _tokenizer_config(runtime.folder)
+        tmpl = tc.get("chat_template")
+        self.chat_template = tmpl if isinstance(tmpl, str) else BITNET_CHAT_TEMPLATE
+        self.bos_id, self.eos_id = self.config.bos_token_id, self.config.eos_token_id
+        self.stop_ids = {self.eos_id}
+        if tokenizer is not None:
+            for special in ("<|eot_id|>", "<|end_of_text|>"):
+                tid = tokenizer.token_to_id(special)
+                if tid is not None:
+                    self.stop_ids.add(tid)
+
+    # -- tokens ------------------------------------------------------------------------------
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise EngineError(f"'{self.runtime.folder}' has no tokenizer.json: pass token ids, or "
+                              f"copy the tokenizer the model was trained with into the folder")
+        return self.tokenizer
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"prompt must be a str (or a list of token ids), got {type(text).__name__}")
+        ids = self._need_tokenizer().encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos else []) + list(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._need_tokenizer().decode(list(ids))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [T, V] of every position of ``ids`` (a fresh cache)."""
+        ids = list(ids)
+        self.runtime.reset(max(len(ids), 1))
+        return self.runtime.forward(ids, 0, last_only=False)
+
+    # -- generation --------------------------------------------------------------------------
+    def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
+                     top_k: int | None = None, top_p: float | None = None,
+                     min_p: float | None = None, repetition_penalty: float = 1.0,
+                     seed: int | None = None, stop_ids: Iterable[int] | None = None) -> Iterator[int]:
+        """Yield new token ids continuing ``ids``; stops at a stop id (not yielded)."""
+        ids = [int(t) for t in ids]
+        V, ctx = self.config.vocab_size, self.config.max_position_embeddings
+        if not ids:
+            raise ValueError("the prompt is empty: generation needs at least one token (e.g. BOS)")
+        if any(not 0 <= t < V for t in ids):
+            raise ValueError(f"prompt token ids must be in [0, {V}): encode with this model's tokenizer")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
+        if len(ids) + max_new_tokens > ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}, "
+                             f"but the model's context is {ctx}: shorten one of them")
+        validate_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        stop = set(self.stop_ids if stop_ids is None else stop_ids)
+        return self._generate(ids, max_new_tokens, temperature, top_k, top_p, min_p,
+                              repetition_penalty, seed, stop)
+
+    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, min_p, rep, seed, stop):
+        if max_new_tokens == 0:
+            return
+        rng = np.random.default_rng(seed)
+        rt = self.runtime
+        rt.reset(len(ids) + max_new_tokens)
+        logits = rt.forward(ids, 0)
+        context = list(ids)
+        for i in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, rng, min_p=min_p,
+                                repetition_penalty=rep, context=context)
+            if token in stop:
+                return
+            yield token
+            context.append(token)
+            if i + 1 < max_new_tokens:
+                logits = rt.forward([token], len(context) - 1)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128,
+               stop: Sequence[str] | None = None, **sampling) -> Iterator[str]:
+        """Yield text pieces as they are generated (concatenation = the completion).
+
+        ``stop``: strings that end the generation (not included). Other keyword arguments as
+        ``generate_ids`` (temperature, top_k, top_p, min_p, repetition_penalty, seed).
+        """
+        tok = self._need_tokenizer()
+        pieces = stream_text(tok, self.generate_ids(self._prompt_ids(prompt), max_new_tokens, **sampling))
+        if not stop:
+            yield from pieces
+            return
+        stop = [s for s in stop if s]
+        text, emitted = "", 0
+        hold = max(len(s) for s in stop) - 1 if stop else 0
+        try:
+            for piece in pieces:
+                text += piece
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    if cut > emitted:
+                        yield text[emitted:cut]
+                    return
+                safe = len(text) - hold  # a stop string may still be forming in the tail
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+            if len(text) > emitted:
+                yield text[emitted:]
+        finally:
+            pieces.close()
+
+    def generate(self, prompt: str | Sequence[int] | list[str], max_new_tokens: int = 128,
+                 temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float = 1.0,
+                 stop: Sequence[str] | None = None, seed: int | None = None) -> str | list[str]:
+        """The completion of ``prompt`` (text, or token ids); a list of prompts gives a list.
+
+        ``temperature=0`` is greedy. ``seed`` makes sampling reproducible.
+        """
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                  min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed)
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return ["".join(self.stream(p, **kw)) for p in prompt]
+        return "".join(self.stream(prompt, **kw))
+
+    # -- chat --------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` [{"role", "content"}] with the model's Jinja chat template."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        for i, m in enumerate(messages):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+        tok = self._need_tokenizer()
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        try:
+            tmpl = env.from_string(self.chat_template)
+            return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=tok.id_to_token(self.bos_id) or "",
+                               eos_token=tok.id_to_token(self.eos_id) or "")
+        except jinja2.TemplateError as e:
+            raise EngineError(f"the chat template of '{self.runtime.folder}' failed ({e}); fix "
+                              f"chat_template in tokenizer_config.json") from None
+
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        text = self.apply_chat_template(messages)
+        # the template writes the specials as text: encode them as special tokens
+        return list(self._need_tokenizer().encode(text, add_special_tokens=False).ids)
+
+    def stream_chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kw) -> Iterator[str]:
+        return self.stream(self.chat_ids(messages), max_new_tokens, **kw)
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kw) -> str:
+        """The assistant's reply to ``messages`` (rendered with the chat template)."""
+        return "".join(self.stream_chat(messages, max_new_tokens, **kw))
+
+
+def load(path: str | Path) -> Model:
+    """Load a packed model folder (``onebit export`` writes one) for torch-free inference."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EngineError(f"model path '{folder}' is not a folder; pass a packed model folder "
+                          f"written by `onebit export`")
+    runtime = Runtime(folder)
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
+            raise EngineError(f"'{folder / 'tokenizer.json'}' is not a valid tokenizer ({e})") from None
+    return Model(runtime, tokenizer)
