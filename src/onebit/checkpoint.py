@@ -59,6 +59,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_dir_atomic(final: Path, fill) -> Path:
     """Create folder ``final`` by letting ``fill(tmpdir)`` write into a sibling temp folder and
     renaming it into place. An existing ``final`` is replaced only after the new one is complete."""
@@ -67,7 +73,10 @@ def write_dir_atomic(final: Path, fill) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent))
     try:
         fill(tmp)
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp/mkstemp make 0700/0600; give what mkdir/open give
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():

@@ -1,4 +1,7 @@
-"""``onebit`` command line: a thin shell over the library (train, generate, eval, bench)."""
+"""``onebit`` command line: a thin shell over the library (train, export, generate, chat, eval, bench).
+
+Nothing here imports torch unless the command needs it: generate/chat on a packed model run on
+the torch-free engine."""
 
 from __future__ import annotations
 
@@ -18,11 +21,89 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _is_packed(path) -> bool:
+    from pathlib import Path
+
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and "packed" in json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def _engine_stats(m, n_prompt: int, times: list[float], t0: float) -> str:
+    """One line: speeds, and the packed model's size next to what fp16 weights would need."""
+    from pathlib import Path
+
+    from .engine.stats import model_sizes
+
+    sizes = model_sizes(m.runtime)
+    n = len(times)
+    pp = n_prompt / (times[0] - t0) if n else float("nan")
+    tg = (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan")
+    disk = sum(f.stat().st_size for f in Path(m.runtime.folder).iterdir() if f.is_file())
+    return (f"[onebit] {n_prompt} prompt tokens, prefill {pp:,.1f} tok/s; {n} generated, decode "
+            f"{tg:,.1f} tok/s | model {disk / 1e6:.2f} MB on disk ({sizes['params'] / 1e6:.2f}M "
+            f"params; fp16 weights would be {sizes['fp16_bytes'] / 1e6:.2f} MB, "
+            f"{sizes['fp16_bytes'] / disk:.1f}x more) | peak RSS {_peak_rss_mb():.0f} MB")
+
+
+def _timed(tokens, times: list[float]):
+    import time
+
+    for t in tokens:
+        times.append(time.perf_counter())
+        yield t
+
+
+def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
+    import time
+
+    import onebit
+
+    from .streaming import stream_text
+
+    m = onebit.load(path)
+    ids = m.encode(args.prompt)
+    times: list[float] = []
+    t0 = time.perf_counter()
+    gen = m.generate_ids(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                         seed=args.seed)
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(m.tokenizer, _timed(gen, times)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(_engine_stats(m, len(ids), times, t0), file=sys.stderr)
+    return 0
+
+
+def _default_model():
+    from .engine import default_model_path
+
+    return default_model_path()
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .generate import generate_text
 
-    model, tok, folder = load_model(args.model)
+    path = args.model or _default_model()
+    if _is_packed(path):
+        return _cmd_generate_engine(args, path)
+    if args.min_p is not None or args.repetition_penalty != 1.0:
+        raise ValueError("--min-p and --repetition-penalty need a packed model (the engine); "
+                         "export this one with `onebit export`")
+    model, tok, folder = load_model(path)
     if tok is None:
         raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
                          f"trained with next to model.safetensors")
@@ -35,6 +116,49 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import onebit
+
+    m = onebit.load(args.model or _default_model())
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("onebit chat: type a message; /reset clears the history, /exit or Ctrl-D quits.",
+          file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for piece in m.stream_chat(messages, args.max_new_tokens, temperature=args.temperature,
+                                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                                   repetition_penalty=args.repetition_penalty, seed=args.seed):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .formats.packed_model import export_packed
+
+    out = export_packed(args.src, args.dst, layout=args.layout, embedding=args.embedding)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"packed {args.src} -> {out} ({args.layout}, embeddings {args.embedding}, {size / 1e6:.2f} MB)")
     return 0
 
 
@@ -82,14 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="TOML file or built-in config name")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
-    g = sub.add_parser("generate", help="generate text from a trained model (PyTorch path)")
+    def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:
+        a.add_argument("--max-new-tokens", type=int, default=max_new)
+        a.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        a.add_argument("--top-k", type=int, default=None)
+        a.add_argument("--top-p", type=float, default=None)
+        a.add_argument("--min-p", type=float, default=None, help="engine only")
+        a.add_argument("--repetition-penalty", type=float, default=1.0, help="engine only; 1 = off")
+        a.add_argument("--seed", type=int, default=None)
+
+    g = sub.add_parser("generate", help="generate text (packed model: the C engine; training "
+                                        "folder: PyTorch)")
     g.add_argument("prompt", nargs="?", default="", help="prompt text")
-    g.add_argument("--model", required=True, help="run folder, model folder or checkpoint folder")
-    g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--model", default=None, help="packed model folder (`onebit export`), or a run / "
+                                                 "model / checkpoint folder; default: the built-in model")
+    sampling_args(g, 100)
+    g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
+
+    c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
+    c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
+    c.add_argument("--system", default=None, help="system message")
+    sampling_args(c, 256)
+
+    x = sub.add_parser("export", help="pack a trained model for the engine")
+    x.add_argument("src", help="run, model or checkpoint folder of a ternary model")
+    x.add_argument("dst", help="packed model folder to write (replaced atomically)")
+    x.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="i2: 2 bits/weight (fast), "
+                                                                          "t1_6: 1.6 bits/weight (small)")
+    x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8"],
+                   help="embedding / LM head storage (f32 lossless)")
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -107,9 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .data import DataError
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -122,14 +265,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "generate":
             return _cmd_generate(args)
+        if args.cmd == "chat":
+            return _cmd_chat(args)
+        if args.cmd == "export":
+            return _cmd_export(args)
         if args.cmd == "eval":
             return _cmd_eval_ppl(args)
-    except (ConfigError, DataError, CheckpointError, ValueError) as e:
+    except (ConfigError, ValueError) as e:  # every onebit error is a ValueError subclass
         print(f"onebit {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        print(f"onebit {args.cmd}: error: this command needs PyTorch (training extras): "
+              f"pip install 'onebit[train]'", file=sys.stderr)
+        return 2
     return 0
 
 

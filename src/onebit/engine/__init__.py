@@ -3,7 +3,18 @@
 ``runtime.Runtime`` is the forward pass over a memory-mapped packed folder; ``api.Model`` adds
 the tokenizer, sampling, streaming and chat; ``load(path)`` builds one.
 """
+from pathlib import Path
+
 from .api import BITNET_CHAT_TEMPLATE, Model, load
 from .runtime import EngineError, Runtime
 
-__all__ = ["BITNET_CHAT_TEMPLATE", "EngineError", "Model", "Runtime", "load"]
+__all__ = ["BITNET_CHAT_TEMPLATE", "EngineError", "Model", "Runtime", "default_model_path", "load"]
+
+
+def default_model_path() -> Path:
+    """The built-in model shipped in the package (a small BitNet b1.58 trained on Gutenberg)."""
+    p = Path(__file__).resolve().parent.parent / "models" / "default"
+    if not (p / "model.safetensors").is_file():
+        raise EngineError(f"the built-in model is missing from this installation ({p}); reinstall "
+                          f"onebit, or pass --model with a packed model folder")
+    return p
