@@ -164,6 +164,24 @@ def test_c_pack_matches_numpy():
         K.unpack(bad, 5, "i2")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_i8_exact(impl):
+    rng = np.random.default_rng(4)
+    for m, n, k in ((1, 1, 1), (1, 7, 33), (3, 64, 100), (2, 1000, 2560)):
+        w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+        x = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
+        x[0, :3] = 127
+        w[0, :3] = -127
+        ws = rng.uniform(0.001, 0.1, n).astype(np.float32)
+        xs = rng.uniform(0.001, 0.1, m).astype(np.float32)
+        acc = (x.astype(np.int64) @ w.T.astype(np.int64)).astype(np.float32)
+        want = acc * ws[None, :] * xs[:, None]
+        with K.use(impl):
+            np.testing.assert_array_equal(K.linear_i8(w, ws, x, xs), want)
+    with pytest.raises(ValueError, match="-128"):
+        K.linear_i8(w, ws, np.full((1, k), -128, np.int8), xs[:1])
+
+
 def test_read_probe():
     buf = np.arange(1 << 16, dtype=np.uint64).view(np.uint8)
     s1 = K.read_probe(buf, 1)

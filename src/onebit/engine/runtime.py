@@ -148,8 +148,16 @@ class Runtime:
                 L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight")
             self.layers.append(L)
         self.norm_w = vec("model.norm.weight", D)
-        self.embed = self._matrix("model.embed_tokens.weight", V, D)
-        self.head = self.embed if cfg.tie_word_embeddings else self._matrix("lm_head.weight", V, D)
+        self.embed = self._stored("model.embed_tokens.weight", V, D)
+        head = self.embed if cfg.tie_word_embeddings else self._stored("lm_head.weight", V, D)
+        if head[0].dtype == np.int8:  # 8-bit head: fused final norm + INT8, then the int8 kernel
+            self.head_i8 = head
+            self.head_quant = _Quantizer(D, self.norm_w, eps)
+            self.head = None
+        else:                         # float head: widened to float32 once (numpy BLAS GEMV)
+            self.head_i8 = None
+            self.head = head[0] if head[0].dtype == np.float32 else head[0].astype(np.float32)
+        self._i8 = kernels._lib().ob_linear_i8
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
         self._inv_freq = inv_freq
         self.cache_k: list[np.ndarray] = []
@@ -157,24 +165,39 @@ class Runtime:
         self.max_len = 0
 
     # -- weights -------------------------------------------------------------------------------
-    def _matrix(self, name: str, V: int, D: int) -> np.ndarray:
-        """Embedding / LM head as float32 [V, D] (f16 and int8 storage are widened once)."""
+    def _stored(self, name: str, V: int, D: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Embedding / LM head as stored: (float32 or float16 [V, D], None) or (int8, scale [V])."""
         t = self._tensors.get(name)
         if t is None or t.shape != (V, D):
             raise EngineError(f"'{self.folder}': tensor {name!r} must be [{V}, {D}], got "
                               f"{None if t is None else t.shape}; re-export the model")
-        if t.dtype == np.float32:
-            return t
-        if t.dtype == np.float16:
-            return t.astype(np.float32)
+        if t.dtype in (np.float32, np.float16):
+            return t, None
         if t.dtype == np.int8:
             s = self._tensors.get(name + I8_SCALE_SUFFIX)
             if s is None or s.shape != (V,) or s.dtype != np.float32:
                 raise EngineError(f"'{self.folder}': int8 {name!r} needs float32 "
                                   f"{name + I8_SCALE_SUFFIX!r} [{V}]; re-export the model")
-            return t.astype(np.float32) * s[:, None]
+            return t, s
         raise EngineError(f"'{self.folder}': tensor {name!r} has dtype {t.dtype}; expected float32, "
                           f"float16 or int8")
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        w, s = self.embed
+        x = w[ids].astype(np.float32)
+        return x * s[ids, None] if s is not None else x
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        if self.head_i8 is not None:
+            q, s = self.head_i8
+            xc, xs = self.head_quant(x)
+            out = np.empty((x.shape[0], q.shape[0]), np.float32)
+            st = self._i8(q.ctypes.data, s.ctypes.data, q.shape[0], q.shape[1], xc.ctypes.data,
+                          x.shape[0], q.shape[1], xs.ctypes.data, out.ctypes.data)
+            if st:
+                raise EngineError(f"int8 LM head kernel failed (status {st})")
+            return out
+        return _rms_norm(x, self.norm_w, self.eps) @ self.head.T
 
     # -- cache ---------------------------------------------------------------------------------
     def reset(self, max_len: int | None = None) -> None:
@@ -220,7 +243,7 @@ class Runtime:
                              f"{self.max_len}; call reset(max_len) with a larger max_len")
         H, Hkv, hd = self.H, self.Hkv, self.hd
         g = H // Hkv
-        x = np.array(self.embed[ids], dtype=np.float32)                 # [T, D]
+        x = self._embed(ids)                                            # [T, D]
         S = pos + T
         causal = None
         if T > 1:  # query i (absolute pos+i) sees keys 0..pos+i
@@ -270,6 +293,5 @@ class Runtime:
             x += L["mlp.down_proj"](*dq, np.empty((T, x.shape[1]), np.float32))
         if last_only:
             x = x[-1:]
-        h = _rms_norm(x, self.norm_w, self.eps)
-        logits = h @ self.head.T                                            # [T, V]
+        logits = self._logits(np.ascontiguousarray(x))                      # [T, V]
         return logits[0] if last_only else logits

@@ -29,7 +29,7 @@ import numpy as np
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -37,7 +37,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 2  # OB_ABI_VERSION
+_ABI_VERSION = 3  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -74,6 +74,7 @@ def _lib() -> ctypes.CDLL:
         "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_unpack": (i32, [p, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
+        "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -341,4 +342,28 @@ def unpack(packed, k: int, layout: str) -> np.ndarray:
         raise PackedFormatError("unpack: packed weights hold an invalid code/byte or nonzero "
                                 "padding; locate it with formats.packing.validate_packed")
     _check_status(st, "unpack")
+    return out
+
+
+def linear_i8(w, w_scale, x_codes, x_scale) -> np.ndarray:
+    """8-bit linear (the int8 LM head): float32 [m, n] = (w @ x^T) * w_scale[j] * x_scale[r].
+
+    ``w`` int8 [n, k] with per-row ``w_scale`` float32 [n]; ``x_codes`` int8 [m, k] in
+    [-127, 127] (``quantize_act_i8`` output) with ``x_scale`` float32 [m].
+    """
+    w = _array(w, "w", np.int8, (2,))
+    if not w.flags.c_contiguous or w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"w must be a non-empty C-contiguous int8 [n, k], got shape {w.shape}")
+    n, k = w.shape
+    ws = _vector(w_scale, "w_scale", np.float32, n)
+    x, ldx = _codes(x_codes, k)
+    m = x.shape[0]
+    xs = _vector(x_scale, "x_scale", np.float32, m)
+    out = np.empty((m, n), dtype=np.float32)
+    st = _lib().ob_linear_i8(w.ctypes.data, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
+                             xs.ctypes.data, out.ctypes.data)
+    if st == -7:
+        raise ValueError("linear_i8: an activation code is -128; the int8 head takes codes in "
+                         "[-127, 127] (quantize_act_i8 never writes -128)")
+    _check_status(st, "linear_i8")
     return out

@@ -92,7 +92,8 @@ int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const 
     if (ldx < k) return OB_ERR_STRIDE;
     if (norm_weight && !(isfinite(norm_eps) && norm_eps >= 0.0f)) return OB_ERR_VALUE;
 #ifdef OB_HAVE_X86
-    if (strcmp(active()->name, "reference") != 0)
+    const char *isa = active()->name;
+    if (strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0)
         return ob_avx2_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
 #endif
     return ob_ref_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
@@ -195,6 +196,43 @@ int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_
 int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
                    float w_scale, const float *x_scale, float *out) {
     return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out);
+}
+
+/* ---- int8 x int8 linear ------------------------------------------------------------------- */
+
+typedef struct {
+    ob_i8_args a;
+    int simd;
+} i8_job_t;
+
+static void i8_task(void *ctx, int t, int nt) {
+    i8_job_t *J = (i8_job_t *)ctx;
+    int64_t n = J->a.n, per = ((n + nt - 1) / nt + 1) / 2 * 2;
+    int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
+    if (j0 >= j1) return;
+#ifdef OB_HAVE_X86
+    if (J->simd) {
+        ob_avx2_linear_i8(&J->a, j0, j1);
+        return;
+    }
+#endif
+    ob_ref_linear_i8(&J->a, j0, j1);
+}
+
+int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k, const int8_t *x,
+                 int64_t m, int64_t ldx, const float *x_scale, float *out) {
+    if (!w || !w_scale || !x || !x_scale || !out) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t e = 0; e < k; e++)
+            if (x[r * ldx + e] == -128) return OB_ERR_VALUE;
+    const char *isa = active()->name;
+    i8_job_t J = {{w, w_scale, n, k, x, m, ldx, x_scale, out},
+                  strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0};
+    int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
+    ob_parallel(i8_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
+    return OB_OK;
 }
 
 #ifdef _WIN32

@@ -34,6 +34,18 @@ typedef struct {
     int auto_select;     /* 0: only when forced (not verified on real hardware, or slower) */
 } ob_variant;
 
+/* int8 x int8 rows j0..j1-1 of out[m, n] (ob_linear_i8, arguments checked) */
+typedef struct {
+    const int8_t *w;
+    const float *w_scale;
+    int64_t n, k;
+    const int8_t *x;
+    int64_t m, ldx;
+    const float *x_scale;
+    float *out;
+} ob_i8_args;
+void ob_ref_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
+
 /* 1 if byte b can be written by the t1_6 packer (243 of 256 values). */
 int ob_t1_6_byte_valid(uint8_t b);
 
@@ -52,6 +64,7 @@ int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 /* lookup-table family (lut.c): T-MAC / bitnet.cpp TL-style, selected by name "avx2_lut" */
 int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                             const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);
 #endif

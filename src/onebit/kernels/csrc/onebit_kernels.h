@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 2
+#define OB_ABI_VERSION 3
 
 enum {
     OB_OK = 0,
@@ -71,6 +71,13 @@ OB_API int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
                         int64_t ldx, float w_scale, const float *x_scale, float *out);
 OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                           int64_t ldx, float w_scale, const float *x_scale, float *out);
+
+/* int8 x int8 (the 8-bit LM head / embeddings): out[m, n] = (sum_e w[j,e] * x[r,e]) * w_scale[j]
+ * * x_scale[r] (float32, in that order). w int8 [n, k] (row stride k), per-row scales w_scale[n];
+ * x int8 [m, k] (row stride ldx) with x in [-127, 127] (what ob_quantize_act_i8 writes);
+ * OB_ERR_VALUE if an activation is -128. Exact int32 accumulation. */
+OB_API int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k,
+                        const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out);
 
 /* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
  * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */

@@ -90,3 +90,12 @@ int ob_ref_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
     }
     return OB_OK;
 }
+
+void ob_ref_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < a->m; r++)
+        for (int64_t j = j0; j < j1; j++) {
+            int32_t sum = 0;
+            for (int64_t e = 0; e < a->k; e++) sum += a->w[j * a->k + e] * a->x[r * a->ldx + e];
+            a->out[r * a->n + j] = (float)sum * a->w_scale[j] * a->x_scale[r];
+        }
+}

@@ -347,6 +347,40 @@ DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, panel_t16_avx2, micro_avx2, O
 DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, panel_i2_vnni, micro_vnni, OB_I2_BLOCK, I2_BAD)
 DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, panel_t16_vnni, micro_vnni, OB_T1_6_BLOCK, T16_BAD)
 
+/* ---- int8 x int8 (8-bit LM head) -------------------------------------------------------------
+ * vpmaddubsw(|w|, sign(x, w)) = w*x pair sums (|.| <= 2*127*127 < 2^15: x is never -128), then
+ * vpmaddwd to int32. Two weight rows per pass share the activation loads; tail bytes scalar. */
+AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int64_t k = a->k, k32 = k / 32 * 32;
+    for (int64_t r = 0; r < a->m; r++) {
+        const int8_t *x = a->x + r * a->ldx;
+        for (int64_t j = j0; j < j1; j += 2) {
+            int two = j + 1 < j1;
+            const int8_t *w0 = a->w + j * k, *w1 = w0 + (two ? k : 0);
+            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+            for (int64_t e = 0; e < k32; e += 32) {
+                _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + e));
+                __m256i a0 = _mm256_loadu_si256((const __m256i *)(w0 + e));
+                __m256i a1 = _mm256_loadu_si256((const __m256i *)(w1 + e));
+                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    _mm256_sign_epi8(a0, a0), _mm256_sign_epi8(xv, a0)), ones));
+                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                    _mm256_sign_epi8(a1, a1), _mm256_sign_epi8(xv, a1)), ones));
+            }
+            int32_t t0 = hsum_avx2(s0), t1 = hsum_avx2(s1);
+            for (int64_t e = k32; e < k; e++) {
+                t0 += w0[e] * x[e];
+                t1 += w1[e] * x[e];
+            }
+            a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
+            if (two) a->out[r * a->n + j + 1] = (float)t1 * a->w_scale[j + 1] * a->x_scale[r];
+        }
+    }
+}
+
 /* ---- activation quantizer (RMSNorm + per-token absmax INT8), bit-identical to ref.c ---------- */
 
 INLINE AVX2 __m256 load_tail(const float *p, int64_t n) { /* n < 8 floats, zeros after */
