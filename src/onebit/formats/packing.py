@@ -263,13 +263,14 @@ def _check_scale(scale, name: str) -> float:
 
 def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, float]], layout: str,
                 extra_tensors: dict[str, np.ndarray] | None = None,
-                metadata: dict[str, str] | None = None) -> Path:
+                metadata: dict[str, str] | None = None, packer=None) -> Path:
     """Pack ``{name: (codes int8 [N, K], scale)}`` with ``layout`` and write a safetensors file.
 
     Writes ``{name}.qweight`` (uint8 [N, row_bytes]) and ``{name}.scale`` (float32 [1]) per
     tensor, the ``extra_tensors`` unchanged, and metadata ``onebit.format``,
     ``onebit.format_version`` and ``onebit.tensors`` (JSON {name: {"layout", "shape": [N, K]}})
-    plus ``metadata``. Atomic: temp file in the same folder, fsync, os.replace.
+    plus ``metadata``. Atomic: temp file in the same folder, fsync, os.replace. ``packer`` (default
+    ``pack``) may be the byte-identical C twin ``onebit.kernels.pack`` for big models.
     Raises TypeError / ValueError naming the offending tensor or key.
     """
     from safetensors.numpy import save_file
@@ -290,7 +291,7 @@ def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, fl
             _check_codes(codes)
         except (TypeError, ValueError) as e:
             raise type(e)(f"tensor {name!r}: {e}") from None
-        out[name + QWEIGHT_SUFFIX] = pack(codes, layout)
+        out[name + QWEIGHT_SUFFIX] = (packer or pack)(codes, layout)
         out[name + SCALE_SUFFIX] = np.array([_check_scale(scale, name)], dtype=np.float32)
         declared[name] = {"layout": layout, "shape": [int(codes.shape[0]), int(codes.shape[1])]}
     for name, arr in (extra_tensors or {}).items():

@@ -64,6 +64,7 @@ int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 /* lookup-table family (lut.c): T-MAC / bitnet.cpp TL-style, selected by name "avx2_lut" */
 int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+uint64_t ob_avx2_read_sum(const uint8_t *p, int64_t bytes); /* sum of the 64-bit words */
 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                             const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);
