@@ -182,6 +182,58 @@ def test_linear_i8_exact(impl):
         K.linear_i8(w, ws, np.full((1, k), -128, np.int8), xs[:1])
 
 
+def _attention_reference(q, k, v, pos, cos, sin, ck, cv):
+    # numpy float64 oracle: rotate-half RoPE, cache write, causal GQA softmax attention
+    T, H, hd = q.shape
+    Hkv, half = k.shape[1], hd // 2
+
+    def rope(x):
+        c = cos[pos:pos + T, None, :].astype(np.float64)
+        s_ = sin[pos:pos + T, None, :].astype(np.float64)
+        a, b = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+        return np.concatenate([a * c - b * s_, b * c + a * s_], axis=-1)
+
+    q, k = rope(q), rope(k)
+    ck, cv = ck.astype(np.float64), cv.astype(np.float64)
+    ck[:, pos:pos + T] = k.transpose(1, 0, 2)
+    cv[:, pos:pos + T] = v.transpose(1, 0, 2)
+    y = np.zeros((T, H, hd))
+    for t in range(T):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            sc = ck[kv, :pos + t + 1] @ q[t, h] / np.sqrt(hd)
+            p = np.exp(sc - sc.max())
+            y[t, h] = (p / p.sum()) @ cv[kv, :pos + t + 1]
+    return y.reshape(T, H * hd), ck, cv
+
+
+@pytest.mark.parametrize("T,pos,H,Hkv,hd", [(1, 0, 1, 1, 2), (1, 37, 4, 2, 64), (5, 0, 6, 2, 32),
+                                            (7, 20, 20, 5, 128), (3, 9, 3, 3, 6)])
+def test_attention_matches_reference(T, pos, H, Hkv, hd):
+    rng = np.random.default_rng(T * 100 + pos)
+    L = 64
+    ang = np.outer(np.arange(L), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))
+    cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+    q = rng.standard_normal((T, H, hd)).astype(np.float32)
+    k = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
+    v = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
+    ck = rng.standard_normal((Hkv, L, hd)).astype(np.float32)  # positions < pos: earlier tokens
+    cv = rng.standard_normal((Hkv, L, hd)).astype(np.float32)
+    want, wk, wv = _attention_reference(q, k, v, pos, cos, sin, ck, cv)
+    for nt in (1, 2):
+        with K.threads(nt):
+            qq, kk, cck, ccv = q.copy(), k.copy(), ck.copy(), cv.copy()
+            y = K.attention(qq, kk, v, pos, cos, sin, cck, ccv)
+        np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(cck[:, :pos + T], wk[:, :pos + T], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ccv[:, pos:pos + T], v.transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="must fit the cache"):
+        K.attention(q.copy(), k.copy(), v, L - T + 1, cos, sin, ck.copy(), cv.copy())
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        K.attention(q.copy(), np.zeros((T, H + 1, hd), np.float32), np.zeros((T, H + 1, hd), np.float32),
+                    pos, cos, sin, ck.copy(), cv.copy())
+
+
 def test_read_probe():
     buf = np.arange(1 << 16, dtype=np.uint64).view(np.uint8)
     s1 = K.read_probe(buf, 1)

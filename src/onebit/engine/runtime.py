@@ -4,8 +4,7 @@ One forward pass, per layer (``B`` = 1 sequence, ``T`` new tokens at positions p
 
     h = quantize(norm(x))                      # C: fused RMSNorm + per-token INT8 (one call)
     q, k, v = linear(h)                        # C: ternary x INT8 GEMM, int32, scaled
-    q, k = rope(q, k); cache k, v              # numpy
-    y = softmax(q k^T / sqrt(hd) + causal) v   # numpy, GQA by grouping query heads
+    y = attention(q, k, v)                     # C: RoPE, cache write, causal GQA softmax
     x += o_proj(quantize(attn_sub_norm(y)))    # C
     h = quantize(norm(x)); g, u = gate(h), up(h)
     x += down(quantize(ffn_sub_norm(act(g) * u)))
@@ -158,6 +157,7 @@ class Runtime:
             self.head_i8 = None
             self.head = head[0] if head[0].dtype == np.float32 else head[0].astype(np.float32)
         self._i8 = kernels._lib().ob_linear_i8
+        self._attn = kernels._lib().ob_attention
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
         self._inv_freq = inv_freq
         self.cache_k: list[np.ndarray] = []
@@ -210,18 +210,13 @@ class Runtime:
             shape = (self.Hkv, max_len, self.hd)
             self.cache_k = [np.zeros(shape, np.float32) for _ in self.layers]
             self.cache_v = [np.zeros(shape, np.float32) for _ in self.layers]
+            self._ck_p = [c.ctypes.data for c in self.cache_k]
+            self._cv_p = [c.ctypes.data for c in self.cache_v]
+            # RoPE tables as the PyTorch model builds them: float64 angles, float32 cos/sin
+            ang = np.outer(np.arange(max_len, dtype=np.float64), self._inv_freq)   # [L, hd/2]
+            self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            self._cos_p, self._sin_p = self._cos.ctypes.data, self._sin.ctypes.data
             self.max_len = max_len
-
-    def _rope(self, x: np.ndarray, pos: int) -> np.ndarray:
-        """x [T, heads, hd] rotated at positions pos.. (HF rotate_half layout, float64 angles)."""
-        T = x.shape[0]
-        ang = np.outer(np.arange(pos, pos + T, dtype=np.float64), self._inv_freq)
-        emb = np.concatenate([ang, ang], axis=-1)
-        cos = np.cos(emb).astype(np.float32)[:, None, :]
-        sin = np.sin(emb).astype(np.float32)[:, None, :]
-        half = self.hd // 2
-        rot = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rot * sin
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, ids, pos: int = 0, last_only: bool = True) -> np.ndarray:
@@ -242,13 +237,7 @@ class Runtime:
             raise ValueError(f"positions {pos}..{pos + T - 1} do not fit the KV cache of "
                              f"{self.max_len}; call reset(max_len) with a larger max_len")
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        g = H // Hkv
         x = self._embed(ids)                                            # [T, D]
-        S = pos + T
-        causal = None
-        if T > 1:  # query i (absolute pos+i) sees keys 0..pos+i
-            causal = np.arange(S)[None, :] > (pos + np.arange(T))[:, None]   # [T, S] True = masked
-        scale = np.float32(1.0 / math.sqrt(hd))
         for li, L in enumerate(self.layers):
             if self.inner:
                 q = L["self_attn.q_proj"](*L["self_attn.q_proj.quant"](x), np.empty((T, H * hd), np.float32))
@@ -259,20 +248,12 @@ class Runtime:
                 q = L["self_attn.q_proj"](xc, xs, np.empty((T, H * hd), np.float32))
                 k = L["self_attn.k_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
                 v = L["self_attn.v_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
-            q = self._rope(q.reshape(T, H, hd), pos)
-            k = self._rope(k.reshape(T, Hkv, hd), pos)
-            ck, cv = self.cache_k[li], self.cache_v[li]
-            ck[:, pos:S] = k.transpose(1, 0, 2)
-            cv[:, pos:S] = v.reshape(T, Hkv, hd).transpose(1, 0, 2)
-            qg = q.reshape(T, Hkv, g, hd).transpose(1, 2, 0, 3)             # [Hkv, g, T, hd]
-            att = np.matmul(qg, ck[:, None, :S].transpose(0, 1, 3, 2)) * scale  # [Hkv, g, T, S]
-            if causal is not None:
-                att[..., causal] = -np.inf
-            att -= att.max(axis=-1, keepdims=True)
-            np.exp(att, out=att)
-            att /= att.sum(axis=-1, keepdims=True)
-            y = np.matmul(att, cv[:, None, :S])                             # [Hkv, g, T, hd]
-            y = np.ascontiguousarray(y.transpose(2, 0, 1, 3).reshape(T, H * hd))
+            y = np.empty((T, H * hd), np.float32)
+            st = self._attn(q.ctypes.data, k.ctypes.data, v.ctypes.data, T, pos, H, Hkv, hd,
+                            self._cos_p, self._sin_p, self.max_len, self._ck_p[li], self._cv_p[li],
+                            self.max_len, y.ctypes.data)
+            if st:
+                raise EngineError(f"attention kernel failed (status {st})")
             oq = L["self_attn.o_proj.quant"](y) if self.inner else L["o_in"](y)
             x += L["self_attn.o_proj"](*oq, np.empty((T, x.shape[1]), np.float32))
             F = self.config.intermediate_size

@@ -29,7 +29,7 @@ import numpy as np
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "attention", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -37,7 +37,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 3  # OB_ABI_VERSION
+_ABI_VERSION = 4  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -75,6 +75,7 @@ def _lib() -> ctypes.CDLL:
         "ob_unpack": (i32, [p, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
         "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
+        "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -367,3 +368,44 @@ def linear_i8(w, w_scale, x_codes, x_scale) -> np.ndarray:
                          "[-127, 127] (quantize_act_i8 never writes -128)")
     _check_status(st, "linear_i8")
     return out
+
+
+def attention(q, k, v, pos: int, rope_cos, rope_sin, cache_k, cache_v) -> np.ndarray:
+    """RoPE + KV-cache write + causal GQA attention for T new tokens (the engine's layer step).
+
+    ``q`` float32 [T, H, hd] and ``k`` [T, Hkv, hd] are rotated IN PLACE; ``v`` [T, Hkv, hd];
+    ``rope_cos/rope_sin`` float32 [L, hd/2]; caches float32 [Hkv, cache_len, hd] (written at
+    positions pos..pos+T-1). Returns y float32 [T, H*hd].
+    """
+    q = _array(q, "q", np.float32, (3,))
+    T, H, hd = q.shape
+    k = _array(k, "k", np.float32, (3,))
+    v = _array(v, "v", np.float32, (3,))
+    Hkv = k.shape[1]
+    if k.shape != (T, Hkv, hd) or v.shape != k.shape or Hkv < 1 or H % Hkv or hd % 2:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape}: need q [T, H, hd], k and v "
+                         f"[T, Hkv, hd] with H a multiple of Hkv and hd even")
+    cos = _array(rope_cos, "rope_cos", np.float32, (2,))
+    sin = _array(rope_sin, "rope_sin", np.float32, (2,))
+    ck = _array(cache_k, "cache_k", np.float32, (3,))
+    cv = _array(cache_v, "cache_v", np.float32, (3,))
+    if cos.shape != sin.shape or cos.shape[1] != hd // 2:
+        raise ValueError(f"rope tables {cos.shape}/{sin.shape} must both be [L, {hd // 2}]")
+    if ck.shape != cv.shape or ck.shape[0] != Hkv or ck.shape[2] != hd:
+        raise ValueError(f"caches {ck.shape}/{cv.shape} must both be [{Hkv}, cache_len, {hd}]")
+    if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0 \
+            or pos + T > min(ck.shape[1], cos.shape[0]):
+        raise ValueError(f"pos={pos!r}: positions pos..pos+{T - 1} must fit the cache "
+                         f"({ck.shape[1]}) and the rope tables ({cos.shape[0]})")
+    for a, name in ((q, "q"), (k, "k"), (v, "v"), (cos, "rope_cos"), (sin, "rope_sin"),
+                    (ck, "cache_k"), (cv, "cache_v")):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous; pass np.ascontiguousarray({name})")
+        if not a.flags.writeable and name in ("q", "k", "cache_k", "cache_v"):
+            raise ValueError(f"{name} is read-only; it is written in place")
+    y = np.empty((T, H * hd), dtype=np.float32)
+    st = _lib().ob_attention(q.ctypes.data, k.ctypes.data, v.ctypes.data, T, int(pos), H, Hkv, hd,
+                             cos.ctypes.data, sin.ctypes.data, cos.shape[0], ck.ctypes.data,
+                             cv.ctypes.data, ck.shape[1], y.ctypes.data)
+    _check_status(st, "attention")
+    return y

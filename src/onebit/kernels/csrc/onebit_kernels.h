@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 3
+#define OB_ABI_VERSION 4
 
 enum {
     OB_OK = 0,
@@ -78,6 +78,15 @@ OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *
  * OB_ERR_VALUE if an activation is -128. Exact int32 accumulation. */
 OB_API int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k,
                         const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out);
+
+/* One attention step of a decoder layer, float32, T new tokens at positions pos..pos+T-1:
+ * rotates q [T, H, hd] and k [T, Hkv, hd] in place (RoPE, rotate-half layout, tables
+ * rope_cos/rope_sin [rope_len, hd/2]), writes k and v [T, Hkv, hd] into the caches
+ * [Hkv, cache_len, hd] at pos.., then y [T, H*hd] = causal softmax(q k^T / sqrt(hd)) v over
+ * keys 0..pos+t, query head h reading kv head h / (H/Hkv). Threaded over (token, head). */
+OB_API int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
+                        int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
+                        int64_t rope_len, float *cache_k, float *cache_v, int64_t cache_len, float *y);
 
 /* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
  * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */
