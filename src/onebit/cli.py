@@ -188,10 +188,14 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .benchmarks import bitlinear
-
     if args.what == "bitlinear":
+        from .benchmarks import bitlinear
+
         return bitlinear.main(rest) or 0
+    if args.what == "model":
+        from .benchmarks import model
+
+        return model.main(rest) or 0
     raise ValueError(f"unknown bench {args.what!r}")
 
 
@@ -247,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    b.add_argument("what", choices=["bitlinear"], help="bitlinear: BitLinear fwd+bwd vs nn.Linear")
+    b.add_argument("what", choices=["model", "bitlinear"],
+                   help="model: engine prefill/decode speed, memory (llama-bench style; --help for "
+                        "options); bitlinear: BitLinear fwd+bwd vs nn.Linear")
     return p
 
 

@@ -1,0 +1,173 @@
+"""`onebit bench model`: end-to-end engine speed, llama-bench style (torch-free).
+
+Measures, for a packed model folder (``--model``) or a random-ternary model of a named shape
+(``--shape 2b4t|700m``, written once into ``.cache/onebit/bench-models``):
+
+- prefill tokens/s for each ``--pp`` prompt length (default 128 and 512), from an empty cache;
+- decode tokens/s over ``--tg`` tokens (default 128), one token per step from position 0;
+- time to first token for the first prompt length (prefill + the first sampled token);
+- peak RSS of the process, the bytes one decode step reads (packed weights + LM head as the
+  engine reads it + norms; the KV cache read is listed separately at the --tg context) and that
+  traffic as a fraction of the read bandwidth measured in the same run.
+
+Every figure states the embedding/head format, which moves decode speed as much as the kernels.
+``--json`` prints one object: {"pp_tok_s", "pp512_tok_s", "tg_tok_s", "ttft_s", "peak_rss_mb",
+"bytes_per_token", "read_gb_s", "bw_frac", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m"}
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def read_bandwidth_gb_s(nthreads: int, mib: int = 512, reps: int = 5) -> float:
+    """Best-of-``reps`` read bandwidth over a buffer far larger than the last-level cache."""
+    from .. import kernels
+
+    buf = np.ones(mib << 20, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        kernels.read_probe(buf, nthreads)
+        best = min(best, time.perf_counter() - t)
+    return buf.size / best / 1e9
+
+
+def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -> dict:
+    import onebit
+
+    from .. import kernels
+    from ..engine.stats import model_sizes
+
+    kernels.set_num_threads(threads)
+    t0 = time.perf_counter()
+    m = onebit.load(folder)
+    load_s = time.perf_counter() - t0
+    rt, cfg = m.runtime, m.config
+    need = max(max(pp), tg) + 1
+    if need > cfg.max_position_embeddings:
+        raise ValueError(f"--pp/--tg need {need} positions but the model's context is "
+                         f"{cfg.max_position_embeddings}: use smaller lengths")
+    rt.reset(need)
+    rng = np.random.default_rng(0)
+    res: dict = {"model": str(folder), "threads": threads, "isa": kernels.isa(),
+                 "layout": rt.packed["layout"], "embedding": rt.packed["embedding"],
+                 "params": model_sizes(rt)["params"], "load_s": load_s}
+    rt.forward([cfg.bos_token_id], 0)  # warm-up: page in the weights, start the pool
+    pp_res = {}
+    ttft = None
+    for n in pp:
+        ids = rng.integers(0, cfg.vocab_size, n)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            logits = rt.forward(ids, 0)
+            tok = int(np.argmax(logits))
+            dt = time.perf_counter() - t
+            best = min(best, dt)
+        pp_res[n] = n / best
+        if ttft is None:
+            ttft = best
+        del tok
+    best = float("inf")
+    for _ in range(reps):
+        tok = cfg.bos_token_id
+        t = time.perf_counter()
+        for i in range(tg):
+            tok = int(np.argmax(rt.forward([tok], i)))
+        best = min(best, time.perf_counter() - t)
+    tg_tok_s = tg / best
+    sizes = model_sizes(rt)
+    kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.resolved_head_dim * 4 * (tg // 2)
+    rss = peak_rss_mb()  # before the bandwidth probe allocates its buffer
+    read = read_bandwidth_gb_s(threads)
+    per_tok = sizes["weight_bytes_per_token"]
+    res.update({
+        "pp_tok_s": pp_res[pp[0]], "pp": {str(k): v for k, v in pp_res.items()},
+        "tg_tok_s": tg_tok_s, "tg": tg, "ttft_s": ttft, "peak_rss_mb": rss,
+        "bytes_per_token": per_tok, "kv_bytes_per_token_avg": kv_bytes,
+        "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
+        "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
+        "fp16_mb": sizes["fp16_bytes"] / 1e6,
+    })
+    if 512 in pp_res:
+        res["pp512_tok_s"] = pp_res[512]
+    return res
+
+
+def model_for_shape(shape: str, layout: str, embedding: str, cache: Path) -> Path:
+    """The random model's folder, written once by a child process (so that its ~GB of
+    temporary arrays never count in this process's peak RSS)."""
+    import subprocess
+
+    folder = cache / f"{shape}-{layout}-{embedding}"
+    if not (folder / "model.safetensors").is_file():
+        print(f"writing a random {shape} model to {folder} (once)...", file=sys.stderr)
+        code = ("import sys; from onebit.engine.synth import write_random_model; "
+                "write_random_model(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])")
+        subprocess.run([sys.executable, "-c", code, str(folder), SHAPES[shape], layout, embedding],
+                       check=True)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .. import kernels
+
+    ap = argparse.ArgumentParser(prog="onebit bench model", description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="packed model folder (default: the built-in model)")
+    src.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                     help="benchmark a random-ternary model of this shape instead")
+    ap.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="with --shape")
+    ap.add_argument("--embedding", default="i8", choices=["f32", "f16", "i8"], help="with --shape")
+    ap.add_argument("--pp", default="128,512", help="prompt lengths, comma-separated")
+    ap.add_argument("--tg", type=int, default=128, help="tokens to decode")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
+    ap.add_argument("--cache-dir", default=os.path.join(".cache", "onebit", "bench-models"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        pp = [int(v) for v in args.pp.split(",") if v.strip()]
+    except ValueError:
+        pp = []
+    if not pp or min(pp) < 1:
+        ap.error(f"--pp {args.pp!r}: give positive prompt lengths, e.g. --pp 128,512")
+    if args.tg < 1 or args.reps < 1:
+        ap.error("--tg and --reps must be >= 1")
+    threads = args.threads or kernels.get_num_threads()
+    if args.shape:
+        folder = model_for_shape(args.shape, args.layout, args.embedding, Path(args.cache_dir))
+    else:
+        from ..engine import default_model_path
+
+        folder = Path(args.model) if args.model else default_model_path()
+    r = bench_model(folder, pp, args.tg, args.reps, threads)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"model {r['model']} ({r['params'] / 1e6:.1f}M params, {r['layout']} weights, "
+          f"{r['embedding']} embeddings/head) | {r['isa']}, {threads} threads")
+    for n, v in r["pp"].items():
+        print(f"  pp{n:<5} {v:10.1f} tok/s")
+    print(f"  tg{r['tg']:<5} {r['tg_tok_s']:10.1f} tok/s   ttft {r['ttft_s'] * 1000:.1f} ms")
+    print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
+          f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
+          f"{r['read_gb_s']:.1f} GB/s"
+          f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB)")
+    return 0
