@@ -12,7 +12,7 @@
 
 /* One GEMM call as every variant sees it, arguments already checked by dispatch.c.
  * xp holds the activations zero-padded to kp = padded k (a multiple of the layout's block), row
- * stride ldxp >= kp, 32-byte aligned; xsum[r] = sum of row r (variants that multiply the stored
+ * stride ldxp >= kp (a multiple of 64), rows 64-byte aligned; xsum[r] = sum of row r (variants that multiply the stored
  * codes c = w + 1 subtract it). acc row stride ldc. */
 typedef struct {
     const uint8_t *w;     /* [n, rb] packed rows */

@@ -30,6 +30,9 @@
 #ifndef OB_CHECK
 #define OB_CHECK 1
 #endif
+#ifndef OB_PF_HINT
+#define OB_PF_HINT _MM_HINT_T0
+#endif
 #ifndef OB_PREFETCH
 #define OB_PREFETCH 2048 /* bytes ahead of the weight stream (0: none) */
 #endif
@@ -120,7 +123,7 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
                 __m256i c[2][LANES];                                                              \
                 for (int i = 0; i < WR; i++) {                                                    \
                     if (OB_PREFETCH && (b & 1) == 0)                                              \
-                        _mm_prefetch((const char *)(w + i * rb + b * OB_BLOCK_BYTES) + OB_PREFETCH, _MM_HINT_T0); \
+                        _mm_prefetch((const char *)(w + i * rb + b * OB_BLOCK_BYTES) + OB_PREFETCH, OB_PF_HINT); \
                     __m256i v = _mm256_loadu_si256((const __m256i *)(w + i * rb + b * OB_BLOCK_BYTES)); \
                     DECODE(v, c[i], *bad);                                                        \
                 }                                                                                 \
@@ -136,7 +139,8 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
                 for (int r = 0; r < R; r++) FLUSH16(acc[i][r], s[i][r]);                          \
         }                                                                                         \
         for (int i = 0; i < WR; i++)                                                              \
-            for (int r = 0; r < R; r++) out[r * ldc + i] = hsum_avx2(acc[i][r]) - xsum[r];        \
+            for (int r = 0; r < R; r++) /* mod 2^32: lanes may wrap near OB_MAX_K */           \
+                out[r * ldc + i] = (int32_t)((uint32_t)hsum_avx2(acc[i][r]) - (uint32_t)xsum[r]); \
     }
 
 /* ---- panel GEMM ------------------------------------------------------------------------------ */
@@ -304,7 +308,7 @@ static inline int32_t load_i32(const int8_t *p) {
             for (int64_t jp = j0; jp < j1; jp += NR) {                                            \
                 int nc = (int)(j1 - jp < NR ? j1 - jp : NR);                                      \
                 for (int64_t r = 0; r < m; r++)                                                   \
-                    for (int q = 0; q < nc; q++) a->acc[r * a->ldc + jp + q] = -a->xsum[r];       \
+                    for (int q = 0; q < nc; q++) a->acc[r * a->ldc + jp + q] = (int32_t)(0u - (uint32_t)a->xsum[r]); \
                 for (int64_t b0 = 0; b0 < nblk; b0 += KC_BLOCKS) {                                \
                     int64_t b1 = b0 + KC_BLOCKS < nblk ? b0 + KC_BLOCKS : nblk;                   \
                     PANEL(a->w + jp * rb, rb, nc, b0, b1, panel, &bad);                           \
