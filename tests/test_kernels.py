@@ -234,6 +234,23 @@ def test_attention_matches_reference(T, pos, H, Hkv, hd):
                     pos, cos, sin, ck.copy(), cv.copy())
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_validate_and_unchecked_linear(impl, layout):
+    rng = np.random.default_rng(8)
+    for m, n, k in ((1, 37, 300), (1, 600, 2560), (3, 64, 1000), (9, 40, 700)):
+        packed, x = rand_case(rng, m, n, k, layout)
+        xs = rng.uniform(0.01, 0.1, m).astype(np.float32)
+        with K.use(impl):
+            K.validate(packed, k, layout)
+            np.testing.assert_array_equal(K.linear_unchecked(packed, k, layout, 0.5, x, xs),
+                                          K.linear(packed, k, layout, 0.5, x, xs))
+        bad = packed.copy()
+        bad[n // 2, -1] = 0xFF if layout == "i2" else 0x01
+        with pytest.raises(PackedFormatError, match="invalid code"):
+            K.validate(bad, k, layout)
+
+
 def test_read_probe():
     buf = np.arange(1 << 16, dtype=np.uint64).view(np.uint8)
     s1 = K.read_probe(buf, 1)

@@ -29,7 +29,7 @@ import numpy as np
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "attention", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -37,7 +37,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 4  # OB_ABI_VERSION
+_ABI_VERSION = 5  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -65,6 +65,9 @@ def _lib() -> ctypes.CDLL:
         "ob_gemm_t1_6": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_linear_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
         "ob_linear_t1_6": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_i2_unchecked": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_t1_6_unchecked": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_validate_packed": (i32, [p, i64, i64, i32]),
         "ob_set_num_threads": (i32, [i32]),
         "ob_get_num_threads": (i32, []),
         "ob_isa": (ctypes.c_char_p, []),
@@ -409,3 +412,24 @@ def attention(q, k, v, pos: int, rope_cos, rope_sin, cache_k, cache_v) -> np.nda
                              cv.ctypes.data, ck.shape[1], y.ctypes.data)
     _check_status(st, "attention")
     return y
+
+
+def validate(packed, k: int, layout: str) -> None:
+    """Check every packed byte is a valid code byte (C, threaded, memory speed); raise
+    PackedFormatError otherwise. Padding values are not checked (kernels ignore them)."""
+    packed, k = _weights(packed, k, layout)
+    st = _lib().ob_validate_packed(packed.ctypes.data, packed.shape[0], k, _LAYOUT_ID[layout])
+    _check_status(st, "validate")
+
+
+def linear_unchecked(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.ndarray:
+    """``linear`` for weights that passed ``validate``: skips the per-call code check."""
+    packed, k = _weights(packed, k, layout)
+    x, ldx = _codes(x_codes, k)
+    m, n = x.shape[0], packed.shape[0]
+    xs = _vector(x_scale, "x_scale", np.float32, m)
+    out = np.empty((m, n), dtype=np.float32)
+    fn = _lib().ob_linear_i2_unchecked if layout == "i2" else _lib().ob_linear_t1_6_unchecked
+    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, float(w_scale),
+                     xs.ctypes.data, out.ctypes.data), "linear_unchecked")
+    return out

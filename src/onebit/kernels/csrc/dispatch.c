@@ -131,7 +131,8 @@ static void gemm_task(void *ctx, int t, int nt) {
 }
 
 static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                    int64_t ldx, int32_t *acc, float w_scale, const float *x_scale, float *out) {
+                    int64_t ldx, int32_t *acc, float w_scale, const float *x_scale, float *out,
+                    int check) {
     if (!w || !x || !acc) return OB_ERR_NULL;
     if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
     if (ldx < k) return OB_ERR_STRIDE;
@@ -154,7 +155,8 @@ static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const in
         memset(xp + r * ldxp + k, 0, (size_t)(ldxp - k));
         xsum[r] = s;
     }
-    job_t J = {active(), layout, {w, n, k, kp, rb, xp, m, ldxp, xsum, acc, n}, w_scale, x_scale, out, {0}};
+    job_t J = {active(), layout, {w, n, k, kp, rb, xp, m, ldxp, xsum, acc, n, check}, w_scale, x_scale,
+               out, {0}};
     int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     int nt = ob_parallel(gemm_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
     int st = OB_OK;
@@ -167,16 +169,16 @@ static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const in
 
 static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                 int64_t ldx, int32_t *acc) {
-    return run_gemm(layout, w, n, k, x, m, ldx, acc, 0.0f, NULL, NULL);
+    return run_gemm(layout, w, n, k, x, m, ldx, acc, 0.0f, NULL, NULL, 1);
 }
 
 static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                  int64_t ldx, float w_scale, const float *x_scale, float *out) {
+                  int64_t ldx, float w_scale, const float *x_scale, float *out, int check) {
     if (!x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || m < 1) return OB_ERR_SIZE;
     int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
     if (!acc) return OB_ERR_NOMEM;
-    int st = run_gemm(layout, w, n, k, x, m, ldx, acc, w_scale, x_scale, out);
+    int st = run_gemm(layout, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, check);
     free(acc);
     return st;
 }
@@ -191,11 +193,53 @@ int ob_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_
 }
 int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
                  float w_scale, const float *x_scale, float *out) {
-    return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out);
+    return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
 }
 int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
                    float w_scale, const float *x_scale, float *out) {
-    return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out);
+    return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
+}
+int ob_linear_i2_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                           int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
+}
+int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                             int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
+}
+
+/* Every byte of n packed rows is a valid code byte (padding included), threaded. */
+typedef struct {
+    const uint8_t *w;
+    int64_t bytes;
+    int layout;
+    int bad[256];
+} validate_job_t;
+
+static void validate_task(void *ctx, int t, int nt) {
+    validate_job_t *J = (validate_job_t *)ctx;
+    int64_t per = (J->bytes + nt - 1) / nt, i0 = t * per, i1 = i0 + per < J->bytes ? i0 + per : J->bytes;
+    int bad = 0;
+    if (J->layout == OB_LAYOUT_I2) {
+        uint8_t acc = 0;
+        for (int64_t i = i0; i < i1; i++) acc |= J->w[i] & (J->w[i] >> 1);
+        bad = (acc & 0x55) != 0;
+    } else {
+        for (int64_t i = i0; i < i1 && !bad; i++) bad = !ob_t1_6_byte_valid(J->w[i]);
+    }
+    J->bad[t] = bad;
+}
+
+int ob_validate_packed(const uint8_t *w, int64_t n, int64_t k, int layout) {
+    if (!w) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || k > OB_MAX_K || (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6))
+        return OB_ERR_SIZE;
+    validate_job_t J = {w, n * ob_packed_row_bytes(k, layout), layout, {0}};
+    int64_t want = J.bytes / (1 << 20);
+    int nt = ob_parallel(validate_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
+    for (int t = 0; t < nt; t++)
+        if (J.bad[t]) return OB_ERR_CORRUPT;
+    return OB_OK;
 }
 
 /* ---- int8 x int8 linear ------------------------------------------------------------------- */

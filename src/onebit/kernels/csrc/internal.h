@@ -22,6 +22,9 @@ typedef struct {
     const int32_t *xsum;  /* [m] */
     int32_t *acc;         /* [m, ldc] */
     int64_t ldc;
+    int check;            /* 0: the caller validated the weights (ob_validate_packed); variants
+                           * may then skip the per-block code check (invalid codes still never
+                           * touch memory out of bounds, they just give wrong sums) */
 } ob_gemm_args;
 
 /* Computes acc[:, j0:j1] from weight rows j0..j1-1 (a thread's share). Returns OB_OK or

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 4
+#define OB_ABI_VERSION 5
 
 enum {
     OB_OK = 0,
@@ -71,6 +71,15 @@ OB_API int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
                         int64_t ldx, float w_scale, const float *x_scale, float *out);
 OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                           int64_t ldx, float w_scale, const float *x_scale, float *out);
+
+/* For weights that passed ob_validate_packed (the engine validates once at load): the same as
+ * ob_linear_*, minus the per-call code check. Invalid codes give wrong sums, never a memory error. */
+OB_API int ob_validate_packed(const uint8_t *w, int64_t n, int64_t k, int layout);
+OB_API int ob_linear_i2_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                                  int64_t ldx, float w_scale, const float *x_scale, float *out);
+OB_API int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
+                                    int64_t m, int64_t ldx, float w_scale, const float *x_scale,
+                                    float *out);
 
 /* int8 x int8 (the 8-bit LM head / embeddings): out[m, n] = (sum_e w[j,e] * x[r,e]) * w_scale[j]
  * * x_scale[r] (float32, in that order). w int8 [n, k] (row stride k), per-row scales w_scale[n];

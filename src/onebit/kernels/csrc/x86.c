@@ -143,6 +143,68 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
                 out[r * ldc + i] = (int32_t)((uint32_t)hsum_avx2(acc[i][r]) - (uint32_t)xsum[r]); \
     }
 
+/* Two weight rows x one activation row through the generic row kernel. */
+#define DEFINE_GEMV2_FROM_ROW(NAME, ATTR, ROW)                                                    \
+    INLINE ATTR void NAME(const uint8_t *w, int64_t rb, const int8_t *x, int32_t xsum, int32_t *out, \
+                          __m256i *bad) {                                                          \
+        ROW(w, rb, 2, x, 0, &xsum, 1, out, 0, bad);                                               \
+    }
+
+/* i2 GEMV, two weight rows per pass, with a 5-instruction decode: the 16-bit shift by 4 serves
+ * lanes 2 and 3, and lanes 1 and 3 are masked in place (0x0C: the code times 4), so their
+ * products land 4x too large in a second int16 accumulator that is shifted back (exactly: it
+ * only holds multiples of 4) when widened. Bounds per 8 blocks: A in [-8192, 8128], B in
+ * [-32768, 32512] — both int16. */
+#define DEFINE_GEMV2_I2(NAME, CHECK)                                                               \
+INLINE AVX2 void NAME(const uint8_t *w, int64_t rb, const int8_t *x, int32_t xsum,                 \
+                               int32_t *out, __m256i *bad) {                                       \
+    const __m256i m3 = _mm256_set1_epi8(3), mc = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1); \
+    int64_t nblk = rb / OB_BLOCK_BYTES;                                                            \
+    const uint8_t *w1 = w + rb;                                                                    \
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, bd = *bad;                                 \
+    for (int64_t b0 = 0; b0 < nblk; b0 += FLUSH) {                                                 \
+        int64_t b1 = b0 + FLUSH < nblk ? b0 + FLUSH : nblk;                                        \
+        __m256i a0 = _mm256_setzero_si256(), q0 = a0, a1 = a0, q1 = a0;                            \
+        for (int64_t b = b0; b < b1; b++) {                                                        \
+            if (OB_PREFETCH && (b & 1) == 0) {                                                     \
+                _mm_prefetch((const char *)(w + b * OB_BLOCK_BYTES) + OB_PREFETCH, OB_PF_HINT);    \
+                _mm_prefetch((const char *)(w1 + b * OB_BLOCK_BYTES) + OB_PREFETCH, OB_PF_HINT);   \
+            }                                                                                      \
+            const int8_t *xb = x + b * OB_I2_BLOCK;                                                \
+            __m256i x0 = _mm256_load_si256((const __m256i *)xb);                                   \
+            __m256i x1 = _mm256_load_si256((const __m256i *)(xb + 32));                            \
+            __m256i x2 = _mm256_load_si256((const __m256i *)(xb + 64));                            \
+            __m256i x3 = _mm256_load_si256((const __m256i *)(xb + 96));                            \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * OB_BLOCK_BYTES));             \
+            __m256i u = _mm256_srli_epi16(v, 4);                                                   \
+            if (CHECK) bd = _mm256_or_si256(bd, _mm256_and_si256(v, _mm256_srli_epi16(v, 1)));     \
+            a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0));          \
+            q0 = _mm256_add_epi16(q0, _mm256_maddubs_epi16(_mm256_and_si256(v, mc), x1));          \
+            a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_and_si256(u, m3), x2));          \
+            q0 = _mm256_add_epi16(q0, _mm256_maddubs_epi16(_mm256_and_si256(u, mc), x3));          \
+            v = _mm256_loadu_si256((const __m256i *)(w1 + b * OB_BLOCK_BYTES));                    \
+            u = _mm256_srli_epi16(v, 4);                                                           \
+            if (CHECK) bd = _mm256_or_si256(bd, _mm256_and_si256(v, _mm256_srli_epi16(v, 1)));     \
+            a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0));          \
+            q1 = _mm256_add_epi16(q1, _mm256_maddubs_epi16(_mm256_and_si256(v, mc), x1));          \
+            a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_and_si256(u, m3), x2));          \
+            q1 = _mm256_add_epi16(q1, _mm256_maddubs_epi16(_mm256_and_si256(u, mc), x3));          \
+        }                                                                                          \
+        acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(_mm256_add_epi16(a0, _mm256_srai_epi16(q0, 2)), ones)); \
+        acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_add_epi16(a1, _mm256_srai_epi16(q1, 2)), ones)); \
+    }                                                                                              \
+    out[0] = (int32_t)((uint32_t)hsum_avx2(acc0) - (uint32_t)xsum);                                \
+    out[1] = (int32_t)((uint32_t)hsum_avx2(acc1) - (uint32_t)xsum);                                \
+    *bad = bd;                                                                                     \
+}
+
+DEFINE_GEMV2_I2(gemv2_i2_avx2_chk, 1)
+DEFINE_GEMV2_I2(gemv2_i2_avx2_nochk, 0)
+
+/* checked unless the caller vouched for the weights (ob_linear_i2_unchecked) */
+#define gemv2_i2_avx2(w, rb, x, xsum, out, bad) \
+    (a->check ? gemv2_i2_avx2_chk(w, rb, x, xsum, out, bad) : gemv2_i2_avx2_nochk(w, rb, x, xsum, out, bad))
+
 /* ---- panel GEMM ------------------------------------------------------------------------------ */
 
 /* 8x8 transpose of 32-bit elements: in[c] = 8 dwords (k4-steps) of column c -> out[s] = column
@@ -279,7 +341,7 @@ static inline int32_t load_i32(const int8_t *p) {
 /* KC = blocks per panel: 8 (i2: 1024 inputs, 16 KiB panel; t1_6: 1280 inputs, 20 KiB). */
 #define KC_BLOCKS 8
 
-#define DEFINE_GEMM(NAME, ATTR, ROW, PANEL, MICRO, BLOCK, BADF)                                  \
+#define DEFINE_GEMM(NAME, ATTR, ROW, GEMV2, PANEL, MICRO, BLOCK, BADF)                           \
     ATTR int NAME(const ob_gemm_args *a, int64_t j0, int64_t j1) {                               \
         __m256i bad = _mm256_setzero_si256();                                                     \
         int64_t m = a->m, rb = a->rb, nblk = rb / OB_BLOCK_BYTES;                                 \
@@ -292,7 +354,7 @@ static inline int32_t load_i32(const int8_t *p) {
                 int64_t j = j0;                                                                   \
                 if (R == 1)                                                                       \
                     for (; j + 1 < j1; j += 2)                                                    \
-                        ROW(a->w + j * rb, rb, 2, xt, a->ldxp, xs, 1, o + j, a->ldc, &bad);       \
+                        GEMV2(a->w + j * rb, rb, xt, xs[0], o + j, &bad);                          \
                 for (; j < j1; j++) {                                                             \
                     const uint8_t *wr = a->w + j * rb;                                            \
                     if (R == 4) ROW(wr, rb, 1, xt, a->ldxp, xs, 4, o + j, a->ldc, &bad);          \
@@ -342,6 +404,9 @@ DEFINE_ROW_KERNEL(row_i2_avx2, AVX2, I2_DECODE, I2_LANES, OB_I2_BLOCK, MUL16_AVX
 DEFINE_ROW_KERNEL(row_t16_avx2, AVX2, T16_DECODE, T16_LANES, OB_T1_6_BLOCK, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2)
 DEFINE_ROW_KERNEL(row_i2_vnni, VNNI, I2_DECODE, I2_LANES, OB_I2_BLOCK, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
 DEFINE_ROW_KERNEL(row_t16_vnni, VNNI, T16_DECODE, T16_LANES, OB_T1_6_BLOCK, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI)
+DEFINE_GEMV2_FROM_ROW(gemv2_t16_avx2, AVX2, row_t16_avx2)
+DEFINE_GEMV2_FROM_ROW(gemv2_i2_vnni, VNNI, row_i2_vnni)
+DEFINE_GEMV2_FROM_ROW(gemv2_t16_vnni, VNNI, row_t16_vnni)
 DEFINE_PANEL(panel_i2_avx2, AVX2, I2_DECODE, I2_LANES, OB_I2_BLOCK)
 DEFINE_PANEL(panel_t16_avx2, AVX2, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
 DEFINE_PANEL(panel_i2_vnni, VNNI, I2_DECODE, I2_LANES, OB_I2_BLOCK)
@@ -349,10 +414,10 @@ DEFINE_PANEL(panel_t16_vnni, VNNI, T16_DECODE, T16_LANES, OB_T1_6_BLOCK)
 DEFINE_MICRO(micro_avx2, AVX2, MUL16_AVX2, ADD16_AVX2, FLUSH16_AVX2, STEP_AVX2)
 DEFINE_MICRO(micro_vnni, VNNI, MUL16_VNNI, ADD16_VNNI, FLUSH16_VNNI, STEP_INTRIN)
 
-DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, panel_i2_avx2, micro_avx2, OB_I2_BLOCK, I2_BAD)
-DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, panel_t16_avx2, micro_avx2, OB_T1_6_BLOCK, T16_BAD)
-DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, panel_i2_vnni, micro_vnni, OB_I2_BLOCK, I2_BAD)
-DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, panel_t16_vnni, micro_vnni, OB_T1_6_BLOCK, T16_BAD)
+DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, gemv2_i2_avx2, panel_i2_avx2, micro_avx2, OB_I2_BLOCK, I2_BAD)
+DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, gemv2_t16_avx2, panel_t16_avx2, micro_avx2, OB_T1_6_BLOCK, T16_BAD)
+DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, gemv2_i2_vnni, panel_i2_vnni, micro_vnni, OB_I2_BLOCK, I2_BAD)
+DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, gemv2_t16_vnni, panel_t16_vnni, micro_vnni, OB_T1_6_BLOCK, T16_BAD)
 
 /* ---- int8 x int8 (8-bit LM head) -------------------------------------------------------------
  * vpmaddubsw(|w|, sign(x, w)) = w*x pair sums (|.| <= 2*127*127 < 2^15: x is never -128), then
