@@ -183,3 +183,19 @@ def test_engine_does_not_import_torch(tmp_path, tokenizer):
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_corrupt_packed_weight_is_refused_at_load(tmp_path, tokenizer):
+    import json as _json
+
+    from onebit.formats.packing import PackedFormatError
+
+    _, folder = make_packed(tmp_path, tokenizer, small_config())
+    path = folder / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    entry = _json.loads(raw[8:8 + n])["model.layers.1.mlp.up_proj.qweight"]
+    raw[8 + n + entry["data_offsets"][0] + 5] = 0xFF  # i2 code 3 in every lane
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PackedFormatError, match="up_proj.*invalid code"):
+        onebit.load(folder)

@@ -44,7 +44,12 @@ class _Linear:
     def __init__(self, name: str, q: np.ndarray, scale: float, layout: str, n: int, k: int):
         self.name, self.q, self.scale, self.n, self.k = name, q, float(scale), n, k
         lib = kernels._lib()
-        self._fn = lib.ob_linear_i2 if layout == "i2" else lib.ob_linear_t1_6
+        # validated once here, so every call can skip the per-block code check
+        st = lib.ob_validate_packed(q.ctypes.data, n, k, 0 if layout == "i2" else 1)
+        if st:
+            raise PackedFormatError(f"packed weight {name!r} holds an invalid code (status {st}): "
+                                    f"the model file is corrupt; re-export it")
+        self._fn = lib.ob_linear_i2_unchecked if layout == "i2" else lib.ob_linear_t1_6_unchecked
         self._w = q.ctypes.data
 
     def __call__(self, xc: np.ndarray, xs: np.ndarray, out: np.ndarray) -> np.ndarray:
