@@ -188,13 +188,23 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.what is None:  # `onebit bench [--help]`: the list of benchmarks
+        if args.help:
+            print(args.bench_help())
+            return 0
+        print(f"{args.bench_help()}\nonebit bench: error: name a benchmark, e.g. onebit bench model",
+              file=sys.stderr)
+        return 2
+    if args.help:  # `onebit bench WHAT --help`: that benchmark's own options
+        rest = ["--help", *rest]
     if args.what == "bitlinear":
         from .benchmarks import bitlinear
-
         return bitlinear.main(rest) or 0
+    if args.what == "kernels":
+        from .benchmarks import kernels
+        return kernels.main(rest) or 0
     if args.what == "model":
         from .benchmarks import model
-
         return model.main(rest) or 0
     raise ValueError(f"unknown bench {args.what!r}")
 
@@ -250,10 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--max-tokens", type=int, default=None)
     ep.add_argument("--json", action="store_true")
 
-    b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)")
-    b.add_argument("what", choices=["model", "bitlinear"],
-                   help="model: engine prefill/decode speed, memory (llama-bench style; --help for "
-                        "options); bitlinear: BitLinear fwd+bwd vs nn.Linear")
+    b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
+                       add_help=False)  # -h goes to the benchmark's own parser
+    b.add_argument("-h", "--help", action="store_true", help="show this help, or WHAT's options")
+    b.add_argument("what", nargs="?", choices=["model", "kernels", "bitlinear"],
+                   help="model: engine prefill/decode tok/s, TTFT, memory (llama-bench style); "
+                        "kernels: the C ternary GEMV/GEMM vs torch fp32/bf16 and the read bandwidth; "
+                        "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
+    b.set_defaults(bench_help=b.format_help)
     return p
 
 
