@@ -199,3 +199,15 @@ def test_corrupt_packed_weight_is_refused_at_load(tmp_path, tokenizer):
     path.write_bytes(bytes(raw))
     with pytest.raises(PackedFormatError, match="up_proj.*invalid code"):
         onebit.load(folder)
+
+
+def test_cli_generate_on_packed_model_is_torch_free(tmp_path):
+    # the README's main job: the built-in model through the CLI, with the speed/memory line
+    code = ("import sys; from onebit.cli import main; rc = main(['generate', 'Once', "
+            "'--max-new-tokens', '8', '--seed', '0']); "
+            "assert not [k for k in sys.modules if k == 'torch' or k.startswith('torch.')]; "
+            "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("Once")
+    assert "decode" in r.stderr and "fp16 weights would be" in r.stderr and "peak RSS" in r.stderr

@@ -94,12 +94,12 @@ def _default_model():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model
-    from .generate import generate_text
-
     path = args.model or _default_model()
     if _is_packed(path):
         return _cmd_generate_engine(args, path)
+    from .checkpoint import load_model  # the PyTorch path: a training run / checkpoint folder
+    from .generate import generate_text
+
     if args.min_p is not None or args.repetition_penalty != 1.0:
         raise ValueError("--min-p and --repetition-penalty need a packed model (the engine); "
                          "export this one with `onebit export`")
