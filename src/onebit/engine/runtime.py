@@ -18,6 +18,7 @@ little. The logits equal the PyTorch fake-quant forward up to float summation or
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from pathlib import Path
@@ -151,6 +152,26 @@ class Runtime:
                 L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
                 L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight")
             self.layers.append(L)
+        self._structs, self._keep = [], []
+        roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+        for i, L in enumerate(self.layers):
+            st = kernels.Layer(hidden=D, ffn=F, heads=H, kv_heads=Hkv, head_dim=hd,
+                               layout=0 if self.packed["layout"] == "i2" else 1,
+                               relu2=int(self.relu2), inner=int(inner), eps=eps)
+            for j, role in enumerate(roles):
+                st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
+            if inner:
+                norms = [L[role + ".quant"].w for role in roles]
+            else:
+                norms = [L["attn_in"].w, L["mlp_in"].w, L["o_in"].w, L["down_in"].w]
+                norms += [norms[0]] * 3  # unused slots must be non-NULL
+            for j, nw in enumerate(norms):
+                st.norm[j] = nw.ctypes.data
+            self._structs.append(st)
+            self._keep.append(norms)  # the arrays behind the struct's pointers
+        self._struct_p = [ctypes.addressof(st) for st in self._structs]
+        self._layer_fn = kernels._lib().ob_decoder_layer
         self.norm_w = vec("model.norm.weight", D)
         self.embed = self._stored("model.embed_tokens.weight", V, D)
         head = self.embed if cfg.tie_word_embeddings else self._stored("lm_head.weight", V, D)
@@ -241,42 +262,14 @@ class Runtime:
         if pos < 0 or pos + T > self.max_len:
             raise ValueError(f"positions {pos}..{pos + T - 1} do not fit the KV cache of "
                              f"{self.max_len}; call reset(max_len) with a larger max_len")
-        H, Hkv, hd = self.H, self.Hkv, self.hd
-        x = self._embed(ids)                                            # [T, D]
-        for li, L in enumerate(self.layers):
-            if self.inner:
-                q = L["self_attn.q_proj"](*L["self_attn.q_proj.quant"](x), np.empty((T, H * hd), np.float32))
-                k = L["self_attn.k_proj"](*L["self_attn.k_proj.quant"](x), np.empty((T, Hkv * hd), np.float32))
-                v = L["self_attn.v_proj"](*L["self_attn.v_proj.quant"](x), np.empty((T, Hkv * hd), np.float32))
-            else:
-                xc, xs = L["attn_in"](x)
-                q = L["self_attn.q_proj"](xc, xs, np.empty((T, H * hd), np.float32))
-                k = L["self_attn.k_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
-                v = L["self_attn.v_proj"](xc, xs, np.empty((T, Hkv * hd), np.float32))
-            y = np.empty((T, H * hd), np.float32)
-            st = self._attn(q.ctypes.data, k.ctypes.data, v.ctypes.data, T, pos, H, Hkv, hd,
-                            self._cos_p, self._sin_p, self.max_len, self._ck_p[li], self._cv_p[li],
-                            self.max_len, y.ctypes.data)
+        x = np.ascontiguousarray(self._embed(ids))                      # [T, D]
+        xp = x.ctypes.data
+        for li, sp in enumerate(self._struct_p):                        # C: one call per layer
+            st = self._layer_fn(sp, xp, T, pos, self._cos_p, self._sin_p, self.max_len,
+                                self._ck_p[li], self._cv_p[li], self.max_len)
             if st:
-                raise EngineError(f"attention kernel failed (status {st})")
-            oq = L["self_attn.o_proj.quant"](y) if self.inner else L["o_in"](y)
-            x += L["self_attn.o_proj"](*oq, np.empty((T, x.shape[1]), np.float32))
-            F = self.config.intermediate_size
-            if self.inner:
-                gt = L["mlp.gate_proj"](*L["mlp.gate_proj.quant"](x), np.empty((T, F), np.float32))
-                up = L["mlp.up_proj"](*L["mlp.up_proj.quant"](x), np.empty((T, F), np.float32))
-            else:
-                xc, xs = L["mlp_in"](x)
-                gt = L["mlp.gate_proj"](xc, xs, np.empty((T, F), np.float32))
-                up = L["mlp.up_proj"](xc, xs, np.empty((T, F), np.float32))
-            if self.relu2:
-                np.maximum(gt, 0, out=gt)
-                gt *= gt
-            else:
-                gt = gt / (1.0 + np.exp(-gt))
-            gt *= up
-            dq = L["mlp.down_proj.quant"](gt) if self.inner else L["down_in"](gt)
-            x += L["mlp.down_proj"](*dq, np.empty((T, x.shape[1]), np.float32))
+                raise EngineError(f"layer {li} failed (kernel status {st}): "
+                                  + ("NaN/inf activations" if st == -7 else "see onebit_kernels.h"))
         if last_only:
             x = x[-1:]
         logits = self._logits(np.ascontiguousarray(x))                      # [T, V]

@@ -37,9 +37,18 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 5  # OB_ABI_VERSION
+_ABI_VERSION = 6  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
+
+
+class Layer(ctypes.Structure):
+    """ob_layer (onebit_kernels.h): one decoder layer's dimensions and weight pointers."""
+    _fields_ = [("hidden", ctypes.c_int64), ("ffn", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("layout", ctypes.c_int32), ("relu2", ctypes.c_int32), ("inner", ctypes.c_int32),
+                ("eps", ctypes.c_float), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
+                ("norm", ctypes.c_void_p * 7)]
 
 
 def _find_library() -> Path:
@@ -79,6 +88,7 @@ def _lib() -> ctypes.CDLL:
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
         "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
+        "ob_decoder_layer": (i32, [p, p, i64, i64, p, p, i64, p, p, i64]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

@@ -199,6 +199,11 @@ int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int6
                    float w_scale, const float *x_scale, float *out) {
     return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
 }
+int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
+                        int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
+    return linear(layout, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
+}
 int ob_linear_i2_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                            int64_t ldx, float w_scale, const float *x_scale, float *out) {
     return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);

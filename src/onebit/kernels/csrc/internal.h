@@ -78,6 +78,10 @@ int ob_neon_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_neon_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 #endif
 
+/* ob_linear_* without the per-call code check (dispatch.c), for layer.c */
+int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
+                        int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out);
+
 /* ---- thread pool (threads.c) ------------------------------------------------------------- */
 /* fn(ctx, t, nt) for t = 0..nt-1, t = 0 on the calling thread, the rest on pool workers that
  * spin briefly and then sleep (so an idle pool never competes with torch's threads). nt is

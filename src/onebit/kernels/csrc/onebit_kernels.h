@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 5
+#define OB_ABI_VERSION 6
 
 enum {
     OB_OK = 0,
@@ -96,6 +96,27 @@ OB_API int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_
 OB_API int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
                         int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
                         int64_t rope_len, float *cache_k, float *cache_v, int64_t cache_len, float *y);
+
+/* One decoder layer's weights for ob_decoder_layer. w/w_scale: packed q, k, v, o, gate, up, down
+ * (validated once with ob_validate_packed: the layer calls the unchecked linears). norm: for
+ * inner (b1.58) placement the per-projection norm weights in the same order; for subln (2B4T)
+ * [input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm, and any 3 non-NULL]. */
+typedef struct {
+    int64_t hidden, ffn, heads, kv_heads, head_dim;
+    int32_t layout;  /* OB_LAYOUT_I2 / OB_LAYOUT_T1_6 */
+    int32_t relu2;   /* 1: ReLU^2-GLU, 0: SwiGLU */
+    int32_t inner;   /* 1: b1.58 norms inside every projection, 0: SubLN */
+    float eps;       /* RMSNorm epsilon */
+    const uint8_t *w[7];
+    float w_scale[7];
+    const float *norm[7];
+} ob_layer;
+
+/* x [T, hidden] float32 += the layer's attention and MLP for T tokens at positions pos..pos+T-1
+ * (caches and RoPE tables as ob_attention). */
+OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t pos,
+                            const float *rope_cos, const float *rope_sin, int64_t rope_len,
+                            float *cache_k, float *cache_v, int64_t cache_len);
 
 /* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
  * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */

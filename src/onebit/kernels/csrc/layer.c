@@ -1,0 +1,97 @@
+/* A whole decoder layer in one call (the engine's per-token Python overhead was one call per op):
+ *
+ *   subln (2B4T):  h = q8(rms(x) * input_ln);  q, k, v = W h;  y = attention(q, k, v)
+ *                  x += Wo q8(rms(y) * attn_sub);  h = q8(rms(x) * post_ln)
+ *                  x += Wdown q8(rms(act(Wgate h) * (Wup h)) * ffn_sub)
+ *   inner (b1.58): every projection quantizes rms(its input) * its own norm weight
+ *
+ * q8 is ob_quantize_act_i8 (RMSNorm fused), W the packed ternary linears (validated by the
+ * caller once, so called unchecked), attention is ob_attention, act is ReLU^2 or SiLU. Every
+ * step is the same C function the parity tests check one by one; tests/test_engine.py checks the
+ * composition against the PyTorch model. float32 activations throughout. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+enum { Q = 0, K = 1, V = 2, O = 3, GATE = 4, UP = 5, DOWN = 6 };
+
+/* silu(g) * u and relu(g)^2 * u in place in g; exp of a non-positive argument only. */
+static float sigmoid(float g) {
+    float e = expf(-fabsf(g));
+    return g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+}
+
+static void glu(float *g, const float *u, int64_t n, int relu2) {
+    if (relu2)
+        for (int64_t i = 0; i < n; i++) {
+            float r = g[i] > 0.0f ? g[i] : 0.0f;
+            g[i] = r * r * u[i];
+        }
+    else
+        for (int64_t i = 0; i < n; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
+}
+
+int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const float *rope_cos,
+                     const float *rope_sin, int64_t rope_len, float *cache_k, float *cache_v,
+                     int64_t cache_len) {
+    if (!L || !x || !rope_cos || !rope_sin || !cache_k || !cache_v) return OB_ERR_NULL;
+    int64_t D = L->hidden, F = L->ffn, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim;
+    if (T < 1 || D < 1 || F < 1 || H < 1 || Hkv < 1 || hd < 2) return OB_ERR_SIZE;
+    for (int i = 0; i < 7; i++)
+        if (!L->w[i] || !L->norm[i]) return OB_ERR_NULL;
+    int64_t QD = H * hd, KD = Hkv * hd, maxk = D > F ? D : F;
+    maxk = maxk > QD ? maxk : QD;
+    /* one scratch block: codes, scales, q, k, v, y, o, gate, up */
+    size_t bytes = (size_t)(T * maxk) + (size_t)T * 4 * (size_t)(1 + QD + 2 * KD + QD + D + 2 * F) + 64;
+    char *buf = (char *)malloc(bytes);
+    if (!buf) return OB_ERR_NOMEM;
+    float *xs = (float *)buf, *q = xs + T, *k = q + T * QD, *v = k + T * KD, *y = v + T * KD;
+    float *o = y + T * QD, *g = o + T * D, *u = g + T * F;
+    int8_t *xc = (int8_t *)(u + T * F);
+    int st = OB_OK, lay = L->layout;
+    float eps = L->eps;
+#define QUANT(src, k_, norm) \
+    if ((st = ob_quantize_act_i8(src, T, k_, k_, norm, eps, xc, xs))) goto done
+#define LIN(idx, n_, k_, out) \
+    if ((st = ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) goto done
+
+    if (L->inner) {
+        QUANT(x, D, L->norm[Q]);
+        LIN(Q, QD, D, q);
+        QUANT(x, D, L->norm[K]);
+        LIN(K, KD, D, k);
+        QUANT(x, D, L->norm[V]);
+        LIN(V, KD, D, v);
+    } else {
+        QUANT(x, D, L->norm[0]); /* input_layernorm */
+        LIN(Q, QD, D, q);
+        LIN(K, KD, D, k);
+        LIN(V, KD, D, v);
+    }
+    if ((st = ob_attention(q, k, v, T, pos, H, Hkv, hd, rope_cos, rope_sin, rope_len, cache_k, cache_v,
+                           cache_len, y)))
+        goto done;
+    QUANT(y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
+    LIN(O, D, QD, o);
+    for (int64_t i = 0; i < T * D; i++) x[i] += o[i];
+    if (L->inner) {
+        QUANT(x, D, L->norm[GATE]);
+        LIN(GATE, F, D, g);
+        QUANT(x, D, L->norm[UP]);
+        LIN(UP, F, D, u);
+    } else {
+        QUANT(x, D, L->norm[1]); /* post_attention_layernorm */
+        LIN(GATE, F, D, g);
+        LIN(UP, F, D, u);
+    }
+    glu(g, u, T * F, L->relu2);
+    QUANT(g, F, L->inner ? L->norm[DOWN] : L->norm[3]); /* ffn_sub_norm */
+    LIN(DOWN, D, F, o);
+    for (int64_t i = 0; i < T * D; i++) x[i] += o[i];
+#undef QUANT
+#undef LIN
+done:
+    free(buf);
+    return st;
+}
