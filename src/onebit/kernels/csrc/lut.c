@@ -84,59 +84,74 @@ static AVX2 void build_tables(const int8_t *x, int64_t nblk, __m256i *tab) {
 
 /* ---- weights: 16 rows x 1 block -> 16 LUT vectors ------------------------------------------- */
 
-/* rows[r] = 32 bytes of row r (a block); out[p] lane 0 byte r = rows[r][p], lane 1 = rows[r][p+16].
- * Four rounds of the perfect shuffle (pairing i with i + 8) transpose each 16x16 byte lane. */
-INLINE AVX2 void transpose16(__m256i *v) {
-    for (int s = 0; s < 4; s++) {
-        __m256i t[16];
-        for (int i = 0; i < 8; i++) {
-            t[2 * i] = _mm256_unpacklo_epi8(v[i], v[i + 8]);
-            t[2 * i + 1] = _mm256_unpackhi_epi8(v[i], v[i + 8]);
-        }
-        for (int i = 0; i < 16; i++) v[i] = t[i];
-    }
+/* One round of the perfect shuffle: out[2i], out[2i+1] = interleave(in[i], in[i + 8]). Four
+ * rounds transpose each 16x16 byte lane: lane 0 of out[p] byte r = in[r] byte p, lane 1 = byte
+ * p + 16. Written out so that the compiler keeps the 16 vectors in registers as far as it can. */
+#define PS_ROUND(o, i)                                                                        \
+    do {                                                                                      \
+        o##0 = _mm256_unpacklo_epi8(i##0, i##8);   o##1 = _mm256_unpackhi_epi8(i##0, i##8);   \
+        o##2 = _mm256_unpacklo_epi8(i##1, i##9);   o##3 = _mm256_unpackhi_epi8(i##1, i##9);   \
+        o##4 = _mm256_unpacklo_epi8(i##2, i##10);  o##5 = _mm256_unpackhi_epi8(i##2, i##10);  \
+        o##6 = _mm256_unpacklo_epi8(i##3, i##11);  o##7 = _mm256_unpackhi_epi8(i##3, i##11);  \
+        o##8 = _mm256_unpacklo_epi8(i##4, i##12);  o##9 = _mm256_unpackhi_epi8(i##4, i##12);  \
+        o##10 = _mm256_unpacklo_epi8(i##5, i##13); o##11 = _mm256_unpackhi_epi8(i##5, i##13); \
+        o##12 = _mm256_unpacklo_epi8(i##6, i##14); o##13 = _mm256_unpackhi_epi8(i##6, i##14); \
+        o##14 = _mm256_unpacklo_epi8(i##7, i##15); o##15 = _mm256_unpackhi_epi8(i##7, i##15); \
+    } while (0)
+
+/* 16 rows (row r at src + r * rb), one block -> 16 LUT vectors out[0..15]; bad |= code-3 bits. */
+INLINE AVX2 void tile_block(const uint8_t *src, int64_t rb, __m256i *out, __m256i *bad) {
+#define LD(r) _mm256_loadu_si256((const __m256i *)(src + (r) * rb))
+    __m256i a0 = LD(0), a1 = LD(1), a2 = LD(2), a3 = LD(3), a4 = LD(4), a5 = LD(5), a6 = LD(6), a7 = LD(7);
+    __m256i a8 = LD(8), a9 = LD(9), a10 = LD(10), a11 = LD(11), a12 = LD(12), a13 = LD(13), a14 = LD(14), a15 = LD(15);
+#undef LD
+    __m256i b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15;
+    PS_ROUND(b, a);
+    PS_ROUND(a, b);
+    PS_ROUND(b, a);
+    PS_ROUND(a, b);
+    /* code 3 = both bits of a 2-bit field set; checked on the transposed bytes (same bytes) */
+    __m256i t = _mm256_or_si256(
+        _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(a0, _mm256_srli_epi16(a0, 1)), _mm256_and_si256(a1, _mm256_srli_epi16(a1, 1))),
+                        _mm256_or_si256(_mm256_and_si256(a2, _mm256_srli_epi16(a2, 1)), _mm256_and_si256(a3, _mm256_srli_epi16(a3, 1)))),
+        _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(a4, _mm256_srli_epi16(a4, 1)), _mm256_and_si256(a5, _mm256_srli_epi16(a5, 1))),
+                        _mm256_or_si256(_mm256_and_si256(a6, _mm256_srli_epi16(a6, 1)), _mm256_and_si256(a7, _mm256_srli_epi16(a7, 1)))));
+    t = _mm256_or_si256(t, _mm256_or_si256(
+        _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(a8, _mm256_srli_epi16(a8, 1)), _mm256_and_si256(a9, _mm256_srli_epi16(a9, 1))),
+                        _mm256_or_si256(_mm256_and_si256(a10, _mm256_srli_epi16(a10, 1)), _mm256_and_si256(a11, _mm256_srli_epi16(a11, 1)))),
+        _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(a12, _mm256_srli_epi16(a12, 1)), _mm256_and_si256(a13, _mm256_srli_epi16(a13, 1))),
+                        _mm256_or_si256(_mm256_and_si256(a14, _mm256_srli_epi16(a14, 1)), _mm256_and_si256(a15, _mm256_srli_epi16(a15, 1))))));
+    *bad = _mm256_or_si256(*bad, t);
+    _mm256_store_si256(out + 0, a0);   _mm256_store_si256(out + 1, a1);   _mm256_store_si256(out + 2, a2);
+    _mm256_store_si256(out + 3, a3);   _mm256_store_si256(out + 4, a4);   _mm256_store_si256(out + 5, a5);
+    _mm256_store_si256(out + 6, a6);   _mm256_store_si256(out + 7, a7);   _mm256_store_si256(out + 8, a8);
+    _mm256_store_si256(out + 9, a9);   _mm256_store_si256(out + 10, a10); _mm256_store_si256(out + 11, a11);
+    _mm256_store_si256(out + 12, a12); _mm256_store_si256(out + 13, a13); _mm256_store_si256(out + 14, a14);
+    _mm256_store_si256(out + 15, a15);
 }
 
 /* Rows j..j+nr-1 (nr <= 16; missing rows read as 0x55 = all zeros), blocks [b0, b0+nb), into
  * out[(b - b0) * 16 + p]; bad |= invalid-code bits. */
-INLINE AVX2 void load_tile(const uint8_t *w, int64_t rb, int nr, int64_t b0, int nb, __m256i *out,
-                           __m256i *bad) {
+static __attribute__((noinline)) AVX2 void load_tile(const uint8_t *w, int64_t rb, int nr, int64_t b0,
+                                                     int nb, __m256i *out, __m256i *bad) {
+    if (nr == NT) {
+        for (int bi = 0; bi < nb; bi++)
+            tile_block(w + (b0 + bi) * OB_BLOCK_BYTES, rb, out + bi * VEC_PER_BLK, bad);
+        return;
+    }
+    _Alignas(32) uint8_t rows[NT * OB_BLOCK_BYTES]; /* edge tile: pad with zero rows */
+    memset(rows, 0x55, sizeof rows);
     for (int bi = 0; bi < nb; bi++) {
-        __m256i v[16];
-        for (int r = 0; r < NT; r++) {
-            if (r < nr) {
-                v[r] = _mm256_loadu_si256((const __m256i *)(w + r * rb + (b0 + bi) * OB_BLOCK_BYTES));
-                *bad = _mm256_or_si256(*bad, _mm256_and_si256(v[r], _mm256_srli_epi16(v[r], 1)));
-            } else
-                v[r] = _mm256_set1_epi8(0x55);
-        }
-        transpose16(v);
-        for (int p = 0; p < 16; p++) _mm256_store_si256(out + bi * VEC_PER_BLK + p, v[p]);
+        for (int r = 0; r < nr; r++)
+            memcpy(rows + r * OB_BLOCK_BYTES, w + r * rb + (b0 + bi) * OB_BLOCK_BYTES, OB_BLOCK_BYTES);
+        tile_block(rows, OB_BLOCK_BYTES, out + bi * VEC_PER_BLK, bad);
     }
 }
 
-/* ---- inner loop: one tile x one activation row x nvec (<= 32, multiple of 4) LUT vectors ----- */
+/* ---- inner loop: one tile x R (1 or 2) activation rows x nvec (<= 32, multiple of 4) vectors - */
 
-INLINE AVX2 void lut_core(const __m256i *wv, const __m256i *tab, int nvec, int32_t *out, int nr) {
-    const __m256i m15 = _mm256_set1_epi8(15);
-    const __m256i e1 = _mm256_set1_epi16(0x0001), o1 = _mm256_set1_epi16(0x0100);
-    const __m256i e32 = _mm256_set1_epi16(0x0020), o32 = _mm256_set1_epi16(0x2000);
-    __m256i acc_e = _mm256_setzero_si256(), acc_o = _mm256_setzero_si256();
-    for (int v = 0; v < nvec; v += 4) {
-        __m256i L = _mm256_setzero_si256(), H = _mm256_setzero_si256();
-        for (int u = 0; u < 4; u++) {
-            __m256i w = _mm256_load_si256(wv + v + u);
-            __m256i ilo = _mm256_and_si256(w, m15);
-            __m256i ihi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m15);
-            const __m256i *t = tab + (v + u) * 4;
-            L = _mm256_add_epi8(L, _mm256_shuffle_epi8(_mm256_load_si256(t + 0), ilo));
-            H = _mm256_add_epi8(H, _mm256_shuffle_epi8(_mm256_load_si256(t + 1), ilo));
-            L = _mm256_add_epi8(L, _mm256_shuffle_epi8(_mm256_load_si256(t + 2), ihi));
-            H = _mm256_add_epi8(H, _mm256_shuffle_epi8(_mm256_load_si256(t + 3), ihi));
-        }
-        acc_e = _mm256_add_epi16(acc_e, _mm256_add_epi16(_mm256_maddubs_epi16(L, e1), _mm256_maddubs_epi16(e32, H)));
-        acc_o = _mm256_add_epi16(acc_o, _mm256_add_epi16(_mm256_maddubs_epi16(L, o1), _mm256_maddubs_epi16(o32, H)));
-    }
+/* Adds the int16 even/odd-row sums of acc_e/acc_o (both lanes) to out[0..nr). */
+INLINE AVX2 void store_rows(__m256i acc_e, __m256i acc_o, int32_t *out, int nr) {
     /* word i of acc_e: row 2i (lane 0: byte p, lane 1: byte p + 16); acc_o: row 2i + 1 */
     __m256i e = _mm256_add_epi32(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc_e)),
                                  _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc_e, 1)));
@@ -155,6 +170,50 @@ INLINE AVX2 void lut_core(const __m256i *wv, const __m256i *tab, int nvec, int32
     }
 }
 
+/* One tile x R activation rows x nvec (<= 32, a multiple of 4) LUT vectors; tab[i]: the tables
+ * of activation row i from the first vector on, out[i]: its 16 outputs. Not inlined: one
+ * function per R gets its own register allocation (R = 2 shares the weight loads and indices). */
+#define DEFINE_CORE(NAME, R)                                                                        \
+    static __attribute__((noinline)) AVX2 void NAME(const __m256i *wv, const __m256i *const *tab,  \
+                                                    int nvec, int32_t *const *out, int nr) {       \
+        const __m256i m15 = _mm256_set1_epi8(15);                                                   \
+        __m256i acc_e[R], acc_o[R];                                                                 \
+        const __m256i *t[R];                                                                        \
+        for (int i = 0; i < R; i++) {                                                               \
+            acc_e[i] = acc_o[i] = _mm256_setzero_si256();                                           \
+            t[i] = tab[i];                                                                          \
+        }                                                                                           \
+        for (int v = 0; v < nvec; v += 4) {                                                         \
+            __m256i L[R], H[R];                                                                     \
+            for (int i = 0; i < R; i++) L[i] = H[i] = _mm256_setzero_si256();                      \
+            for (int u = 0; u < 4; u++) {                                                           \
+                __m256i w = _mm256_load_si256(wv + v + u);                                          \
+                __m256i ilo = _mm256_and_si256(w, m15);                                             \
+                __m256i ihi = _mm256_and_si256(_mm256_srli_epi16(w, 4), m15);                       \
+                for (int i = 0; i < R; i++) {                                                       \
+                    const __m256i *ti = t[i] + (v + u) * 4;                                         \
+                    __m256i l = _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(ti + 0), ilo), \
+                                                _mm256_shuffle_epi8(_mm256_load_si256(ti + 2), ihi)); \
+                    __m256i h = _mm256_add_epi8(_mm256_shuffle_epi8(_mm256_load_si256(ti + 1), ilo), \
+                                                _mm256_shuffle_epi8(_mm256_load_si256(ti + 3), ihi)); \
+                    L[i] = _mm256_add_epi8(L[i], l);                                                \
+                    H[i] = _mm256_add_epi8(H[i], h);                                                \
+                }                                                                                   \
+            }                                                                                       \
+            for (int i = 0; i < R; i++) {                                                           \
+                acc_e[i] = _mm256_add_epi16(acc_e[i], _mm256_add_epi16(                             \
+                    _mm256_maddubs_epi16(L[i], _mm256_set1_epi16(0x0001)),                          \
+                    _mm256_maddubs_epi16(_mm256_set1_epi16(0x0020), H[i])));                        \
+                acc_o[i] = _mm256_add_epi16(acc_o[i], _mm256_add_epi16(                             \
+                    _mm256_maddubs_epi16(L[i], _mm256_set1_epi16(0x0100)),                          \
+                    _mm256_maddubs_epi16(_mm256_set1_epi16(0x2000), H[i])));                        \
+            }                                                                                       \
+        }                                                                                           \
+        for (int i = 0; i < R; i++) store_rows(acc_e[i], acc_o[i], out[i], nr);                     \
+    }
+DEFINE_CORE(lut_core1, 1)
+DEFINE_CORE(lut_core2, 2)
+
 /* ---- driver -------------------------------------------------------------------------------- */
 
 /* Columns [j0, j1) (j0 a multiple of 16 when pre is set) for m rows. pre: chunk-major LUT vectors
@@ -169,9 +228,12 @@ static AVX2 int lut_gemv(const ob_gemm_args *a, int64_t j0, int64_t j1, const __
         for (int64_t j = j0; j < j1; j++) a->acc[r * a->ldc + j] = 0;
     }
     __m256i bad = _mm256_setzero_si256();
-    _Alignas(64) __m256i buf[CB * VEC_PER_BLK];
-    for (int64_t b0 = 0; b0 < nblk; b0 += CB) {
-        int nb = (int)(nblk - b0 < CB ? nblk - b0 : CB);
+    /* blocks per chunk: the tables of a chunk (m x chunk x 2 KiB) stay in L1; the repacked layout
+     * is fixed at CB */
+    int cbc = pre ? CB : (m == 1 ? 8 : m == 2 ? 4 : CB);
+    _Alignas(64) __m256i buf[8 * VEC_PER_BLK];
+    for (int64_t b0 = 0; b0 < nblk; b0 += cbc) {
+        int nb = (int)(nblk - b0 < cbc ? nblk - b0 : cbc);
         for (int64_t j = j0; j < j1; j += NT) {
             int nr = (int)(j1 - j < NT ? j1 - j : NT);
             const __m256i *wv;
@@ -181,9 +243,20 @@ static AVX2 int lut_gemv(const ob_gemm_args *a, int64_t j0, int64_t j1, const __
                 load_tile(a->w + j * rb, rb, nr, b0, nb, buf, &bad);
                 wv = buf;
             }
-            for (int64_t r = 0; r < m; r++)
-                lut_core(wv, tab + r * tab_vecs + b0 * VEC_PER_BLK * 4, nb * VEC_PER_BLK,
-                         a->acc + r * a->ldc + j, nr);
+            for (int sb = 0; sb < nb; sb += CB) { /* int16 accumulators: CB blocks at a time */
+                int ns = nb - sb < CB ? nb - sb : CB;
+                for (int64_t r = 0; r < m; r += 2) {
+                    int R = m - r < 2 ? 1 : 2;
+                    const __m256i *t[2];
+                    int32_t *o[2];
+                    for (int i = 0; i < R; i++) {
+                        t[i] = tab + (r + i) * tab_vecs + (b0 + sb) * VEC_PER_BLK * 4;
+                        o[i] = a->acc + (r + i) * a->ldc + j;
+                    }
+                    if (R == 2) lut_core2(wv + sb * VEC_PER_BLK, t, ns * VEC_PER_BLK, o, nr);
+                    else lut_core1(wv + sb * VEC_PER_BLK, t, ns * VEC_PER_BLK, o, nr);
+                }
+            }
         }
     }
     free(tab);
