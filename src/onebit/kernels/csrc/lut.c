@@ -24,9 +24,19 @@
  *    H (s8) sums 4 vectors (|.| <= 64), then vpmaddubsw against (1,0)/(0,1) and (32,0)/(0,32)
  *    widens even/odd rows to int16 accumulators (multiplier ports are otherwise idle here), exact
  *    for 32 vectors (|.| <= 32 * 512); after each chunk of 2 blocks the int16 sums go to int32.
- *  - Loop order: chunk of 2 blocks (tables 4 KiB per activation row, stay in L1) outer, 16-row
- *    tiles inner; weights are read in column walks of 64 bytes per row.
- *  - Code 3 is detected on the raw bytes (v & v >> 1 & 0x55) as in x86.c.
+ *  - Loop order: chunks of blocks outer (8/4/2 blocks for m = 1/2/3+, so that the tables, 2 KiB
+ *    per block and activation row, stay in L1), 16-row tiles inner (weights read in column walks);
+ *    m = 2 rows share each weight load and index computation.
+ *  - Code 3 is detected on the transposed bytes (v & v >> 1 & 0x55, as in x86.c).
+ *
+ * Measured (bench/lut_vs_mad.py, Zen 3 EPYC, 2 shared cores): slower than the multiply-add
+ * kernel everywhere. As shipped (transposition in the call) 1.4-2.2x its time at m = 1 and
+ * ~2.1-2.4x at m = 4; even with the transposition moved to load time (ob_avx2lut_repack_i2) the
+ * inner loop is 1.10-1.19x at m = 1 and 1.7-2.1x at m = 4. Why: vpmaddubsw already does 32
+ * multiply-adds per instruction on 2-bit codes decoded with one and/shift each, so a lookup saves
+ * only the decode; an exact (two byte-table) lookup costs 2 vpshufb per 32 weight pairs per row,
+ * the transposition 4 more shuffles per 128 weights, and every activation row needs its own
+ * lookups and accumulators (MAD: 2 ops per 32 weights per extra row).
  *
  * Tables are built per call and per thread (each thread builds all of them: the ob_gemm_fn
  * contract has no shared per-call scratch), cost ~ 40 vector ops per 128 activations.
