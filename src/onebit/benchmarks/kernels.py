@@ -14,7 +14,9 @@ Everything is measured in one process, in one run:
   machine's limit.
 * **Per shape N×K** (N outputs, K inputs; W is [N, K]) and op (``gemv``: m=1; ``gemm``:
   m=``--m-gemm``), these candidates run interleaved (A B C ... A B C ...) after ``--warmup`` untimed
-  rounds, so drift and neighbours hit all of them alike; the median of ``--reps`` rounds is kept:
+  rounds, so drift and neighbours hit all of them alike (with a 10 ms pause before each timed batch,
+  so no candidate runs against the previous one's still-spinning worker threads: torch's OpenMP
+  pool spins for milliseconds after an operator); the median of ``--reps`` rounds is kept:
   ``kernels.gemm`` (exact int32 accumulators, the core: the ``us`` column), the same C function
   called straight through ctypes with pointers computed once (``raw_us``: no argument checks or
   output allocation; ``us - raw_us`` is the binding's per-call cost), ``kernels.linear``
@@ -159,11 +161,19 @@ def _rotating(copies: list, call: Callable) -> Callable[[], object]:
     return lambda: call(next(it))
 
 
+SETTLE_S = 0.01  # pause before each timed batch: the previous candidate's threads go idle
+
+
 def interleaved(cands: dict[str, Callable[[], object]], *, reps: int, warmup: int,
                 sample_s: float) -> dict[str, float]:
     """Median seconds per call of each candidate, timed in rounds A B C ... A B C.
 
     One round of a candidate is a batch of calls sized (from the warm-up) to last ~``sample_s``.
+    Each batch starts after a ``SETTLE_S`` pause: torch's OpenMP workers spin for up to a few ms
+    after an operator (and onebit's pool for 50 µs), and a candidate timed right after another
+    would otherwise share the two cores with those spinning threads. Then a quarter batch runs
+    untimed, so the candidate's own threads are awake again (waking a sleeping vCPU costs up to
+    milliseconds here): each candidate is timed in its steady state, as inside a model's forward.
     """
     last = {}
     for _ in range(max(1, warmup)):
@@ -176,6 +186,9 @@ def interleaved(cands: dict[str, Callable[[], object]], *, reps: int, warmup: in
     for _ in range(reps):
         for name, fn in cands.items():
             b = batch[name]
+            time.sleep(SETTLE_S)
+            for _ in range(max(2, b // 4)):  # untimed: wake this candidate's threads back up
+                fn()
             t0 = time.perf_counter()
             for _ in range(b):
                 fn()

@@ -24,6 +24,9 @@ static int g_nthreads = 0; /* 0 = not decided yet */
 
 #define OB_MAX_THREADS 256
 
+static int g_core_cpu[OB_MAX_THREADS]; /* one CPU id per physical core we may run on */
+static int g_ncore_cpu = 0;
+
 static int physical_cores(void) {
     int logical = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (logical < 1) logical = 1;
@@ -46,8 +49,12 @@ static int physical_cores(void) {
         long key = pkg * 1000000 + core;
         int dup = 0;
         for (int i = 0; i < nseen; i++) dup |= seen[i] == key;
-        if (!dup && nseen < OB_MAX_THREADS) seen[nseen++] = key;
+        if (!dup && nseen < OB_MAX_THREADS) {
+            g_core_cpu[nseen] = c;
+            seen[nseen++] = key;
+        }
     }
+    g_ncore_cpu = nseen;
     return nseen > 0 ? nseen : (allowed > 0 ? allowed : logical);
 #else
     return logical;
@@ -85,10 +92,27 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+/* Worker t stays on physical core t (mod cores): woken from a futex, an unpinned worker is often
+ * placed on the waker's CPU (wake-affine) and the "parallel" job then runs on one core; pinned,
+ * the scheduler moves the (unpinned) caller instead. ONEBIT_PIN=0 turns this off. */
+static void pin_self(int t) {
+#if defined(__linux__)
+    const char *env = getenv("ONEBIT_PIN");
+    if ((env && env[0] == '0') || g_ncore_cpu < 2) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(g_core_cpu[t % g_ncore_cpu], &set);
+    pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+#else
+    (void)t;
+#endif
+}
+
 static void *worker(void *arg) {
     /* arg = (generation before the job that created us) << 16 | task index */
     int t = (int)((intptr_t)arg & 0xFFFF);
     int seen = (int)(unsigned)((uintptr_t)arg >> 16);
+    pin_self(t);
     for (;;) {
         long t0 = now_ns();
         int spins = 0;
@@ -120,10 +144,14 @@ static void after_fork_child(void) {
 }
 
 static void decide_threads(void) {
-    if (g_nthreads > 0) return;
+    if (g_nthreads > 0) {
+        if (!g_ncore_cpu) physical_cores(); /* the core list for pinning */
+        return;
+    }
     const char *env = getenv("ONEBIT_NUM_THREADS");
     int n = env ? atoi(env) : 0;
-    g_nthreads = n >= 1 ? (n > OB_MAX_THREADS ? OB_MAX_THREADS : n) : physical_cores();
+    int cores = physical_cores();
+    g_nthreads = n >= 1 ? (n > OB_MAX_THREADS ? OB_MAX_THREADS : n) : cores;
 }
 
 /* Creates workers 1..want-1 (pool lock held). Returns how many tasks can run in parallel. */
