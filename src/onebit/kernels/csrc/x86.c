@@ -30,6 +30,9 @@
 #ifndef OB_CHECK
 #define OB_CHECK 1
 #endif
+#ifndef SPLIT
+#define SPLIT 1 /* GEMV: pair row j with row j + half (two weight streams per thread) */
+#endif
 #ifndef OB_PF_HINT
 #define OB_PF_HINT _MM_HINT_T0
 #endif
@@ -145,9 +148,14 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
 
 /* Two weight rows x one activation row through the generic row kernel. */
 #define DEFINE_GEMV2_FROM_ROW(NAME, ATTR, ROW)                                                    \
-    INLINE ATTR void NAME(const uint8_t *w, int64_t rb, const int8_t *x, int32_t xsum, int32_t *out, \
-                          __m256i *bad) {                                                          \
-        ROW(w, rb, 2, x, 0, &xsum, 1, out, 0, bad);                                               \
+    INLINE ATTR void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int8_t *x,       \
+                          int32_t xsum, int32_t *out, int32_t *out1, __m256i *bad) {               \
+        if (w1 == w + rb && out1 == out + 1) {                                                    \
+            ROW(w, rb, 2, x, 0, &xsum, 1, out, 0, bad);                                           \
+        } else {                                                                                  \
+            ROW(w, rb, 1, x, 0, &xsum, 1, out, 0, bad);                                           \
+            ROW(w1, rb, 1, x, 0, &xsum, 1, out1, 0, bad);                                         \
+        }                                                                                         \
     }
 
 /* i2 GEMV, two weight rows per pass, with a 5-instruction decode: the 16-bit shift by 4 serves
@@ -156,11 +164,10 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
  * only holds multiples of 4) when widened. Bounds per 8 blocks: A in [-8192, 8128], B in
  * [-32768, 32512] — both int16. */
 #define DEFINE_GEMV2_I2(NAME, CHECK)                                                               \
-INLINE AVX2 void NAME(const uint8_t *w, int64_t rb, const int8_t *x, int32_t xsum,                 \
-                               int32_t *out, __m256i *bad) {                                       \
+INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int8_t *x,             \
+                      int32_t xsum, int32_t *out, int32_t *out1, __m256i *bad) {                   \
     const __m256i m3 = _mm256_set1_epi8(3), mc = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1); \
     int64_t nblk = rb / OB_BLOCK_BYTES;                                                            \
-    const uint8_t *w1 = w + rb;                                                                    \
     __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, bd = *bad;                                 \
     for (int64_t b0 = 0; b0 < nblk; b0 += FLUSH) {                                                 \
         int64_t b1 = b0 + FLUSH < nblk ? b0 + FLUSH : nblk;                                        \
@@ -194,7 +201,7 @@ INLINE AVX2 void NAME(const uint8_t *w, int64_t rb, const int8_t *x, int32_t xsu
         acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(_mm256_add_epi16(a1, _mm256_srai_epi16(q1, 2)), ones)); \
     }                                                                                              \
     out[0] = (int32_t)((uint32_t)hsum_avx2(acc0) - (uint32_t)xsum);                                \
-    out[1] = (int32_t)((uint32_t)hsum_avx2(acc1) - (uint32_t)xsum);                                \
+    out1[0] = (int32_t)((uint32_t)hsum_avx2(acc1) - (uint32_t)xsum);                               \
     *bad = bd;                                                                                     \
 }
 
@@ -202,8 +209,9 @@ DEFINE_GEMV2_I2(gemv2_i2_avx2_chk, 1)
 DEFINE_GEMV2_I2(gemv2_i2_avx2_nochk, 0)
 
 /* checked unless the caller vouched for the weights (ob_linear_i2_unchecked) */
-#define gemv2_i2_avx2(w, rb, x, xsum, out, bad) \
-    (a->check ? gemv2_i2_avx2_chk(w, rb, x, xsum, out, bad) : gemv2_i2_avx2_nochk(w, rb, x, xsum, out, bad))
+#define gemv2_i2_avx2(w, w1, rb, x, xsum, out, out1, bad)                                        \
+    (a->check ? gemv2_i2_avx2_chk(w, w1, rb, x, xsum, out, out1, bad)                             \
+              : gemv2_i2_avx2_nochk(w, w1, rb, x, xsum, out, out1, bad))
 
 /* ---- panel GEMM ------------------------------------------------------------------------------ */
 
@@ -352,9 +360,15 @@ static inline int32_t load_i32(const int8_t *p) {
                 int32_t *o = a->acc + r0 * a->ldc;                                                \
                 const int32_t *xs = a->xsum + r0;                                                 \
                 int64_t j = j0;                                                                   \
-                if (R == 1)                                                                       \
+                if (R == 1 && SPLIT) { /* rows j and j + half: two distant weight streams */  \
+                    int64_t half = (j1 - j0) / 2;                                                 \
+                    for (int64_t p = 0; p < half; p++)                                            \
+                        GEMV2(a->w + (j0 + p) * rb, a->w + (j0 + half + p) * rb, rb, xt, xs[0],   \
+                              o + j0 + p, o + j0 + half + p, &bad);                               \
+                    j = j0 + 2 * half;                                                            \
+                } else if (R == 1)                                                                \
                     for (; j + 1 < j1; j += 2)                                                    \
-                        GEMV2(a->w + j * rb, rb, xt, xs[0], o + j, &bad);                          \
+                        GEMV2(a->w + j * rb, a->w + (j + 1) * rb, rb, xt, xs[0], o + j, o + j + 1, &bad); \
                 for (; j < j1; j++) {                                                             \
                     const uint8_t *wr = a->w + j * rb;                                            \
                     if (R == 4) ROW(wr, rb, 1, xt, a->ldxp, xs, 4, o + j, a->ldc, &bad);          \
