@@ -251,6 +251,25 @@ def test_validate_and_unchecked_linear(impl, layout):
             K.validate(bad, k, layout)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_f16(impl):
+    rng = np.random.default_rng(6)
+    specials = np.array([0.0, -0.0, 6.1e-5, 5.96e-8, -3.0e-6, 65504.0, 1.0], np.float16)  # subnormals
+    for m, n, k in ((1, 1, 1), (1, 9, 37), (3, 70, 300), (2, 500, 2560)):
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
+        w[0, :min(k, specials.size)] = specials[:min(k, specials.size)]
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        want = x.astype(np.float64) @ w.astype(np.float64).T
+        with K.use(impl):
+            got = K.linear_f16(w, x)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.sqrt(k) * 70)
+    # every one of the 65536 half values converts exactly (k = 1, x = 1): subnormals, inf, NaN
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    with K.use(impl):
+        got = K.linear_f16(halves, np.ones((1, 1), np.float32))[0]
+    np.testing.assert_array_equal(got, halves[:, 0].astype(np.float32))
+
+
 def test_read_probe():
     buf = np.arange(1 << 16, dtype=np.uint64).view(np.uint8)
     s1 = K.read_probe(buf, 1)

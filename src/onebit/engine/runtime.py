@@ -179,10 +179,11 @@ class Runtime:
             self.head_i8 = head
             self.head_quant = _Quantizer(D, self.norm_w, eps)
             self.head = None
-        else:                         # float head: widened to float32 once (numpy BLAS GEMV)
+        else:                         # float16: the f16 kernel; float32: numpy (BLAS) GEMV
             self.head_i8 = None
-            self.head = head[0] if head[0].dtype == np.float32 else head[0].astype(np.float32)
+            self.head = head[0]
         self._i8 = kernels._lib().ob_linear_i8
+        self._f16 = kernels._lib().ob_linear_f16
         self._attn = kernels._lib().ob_attention
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
         self._inv_freq = inv_freq
@@ -223,7 +224,15 @@ class Runtime:
             if st:
                 raise EngineError(f"int8 LM head kernel failed (status {st})")
             return out
-        return _rms_norm(x, self.norm_w, self.eps) @ self.head.T
+        h = np.ascontiguousarray(_rms_norm(x, self.norm_w, self.eps), dtype=np.float32)
+        if self.head.dtype == np.float16:
+            out = np.empty((x.shape[0], self.head.shape[0]), np.float32)
+            st = self._f16(self.head.ctypes.data, self.head.shape[0], self.head.shape[1],
+                           h.ctypes.data, h.shape[0], h.shape[1], out.ctypes.data)
+            if st:
+                raise EngineError(f"fp16 LM head kernel failed (status {st})")
+            return out
+        return h @ self.head.T
 
     # -- cache ---------------------------------------------------------------------------------
     def reset(self, max_len: int | None = None) -> None:

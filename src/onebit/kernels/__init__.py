@@ -29,7 +29,7 @@ import numpy as np
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_f16", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -37,7 +37,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 6  # OB_ABI_VERSION
+_ABI_VERSION = 7  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -87,6 +87,7 @@ def _lib() -> ctypes.CDLL:
         "ob_unpack": (i32, [p, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
         "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
+        "ob_linear_f16": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
         "ob_decoder_layer": (i32, [p, p, i64, i64, p, p, i64, p, p, i64]),
     }
@@ -442,4 +443,20 @@ def linear_unchecked(packed, k: int, layout: str, w_scale: float, x_codes, x_sca
     fn = _lib().ob_linear_i2_unchecked if layout == "i2" else _lib().ob_linear_t1_6_unchecked
     _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, float(w_scale),
                      xs.ctypes.data, out.ctypes.data), "linear_unchecked")
+    return out
+
+
+def linear_f16(w, x) -> np.ndarray:
+    """float16 weights [n, k] x float32 activations [m, k] -> float32 [m, n] (the fp16 LM head)."""
+    w = _array(w, "w", np.float16, (2,))
+    if not w.flags.c_contiguous or w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"w must be a non-empty C-contiguous float16 [n, k], got shape {w.shape}")
+    n, k = w.shape
+    x = _array(x, "x", np.float32, (2,))
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} columns but w has k={k}")
+    ldx = _rows(x, "x")
+    out = np.empty((x.shape[0], n), dtype=np.float32)
+    _check_status(_lib().ob_linear_f16(w.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx,
+                                       out.ctypes.data), "linear_f16")
     return out

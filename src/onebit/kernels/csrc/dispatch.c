@@ -284,6 +284,43 @@ int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k, co
     return OB_OK;
 }
 
+/* ---- float16 x float32 linear --------------------------------------------------------------- */
+
+typedef struct {
+    ob_f16_args a;
+    int simd;
+} f16_job_t;
+
+static void f16_task(void *ctx, int t, int nt) {
+    f16_job_t *J = (f16_job_t *)ctx;
+    int64_t n = J->a.n, per = (n + nt - 1) / nt;
+    int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
+    if (j0 >= j1) return;
+#ifdef OB_HAVE_X86
+    if (J->simd) {
+        ob_avx2_linear_f16(&J->a, j0, j1);
+        return;
+    }
+#endif
+    ob_ref_linear_f16(&J->a, j0, j1);
+}
+
+int ob_linear_f16(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m, int64_t ldx,
+                  float *out) {
+    if (!w || !x || !out) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || m < 1) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    int simd = 0;
+#ifdef OB_HAVE_X86
+    const char *isa = active()->name;
+    simd = strcmp(isa, "reference") != 0 && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#endif
+    f16_job_t J = {{w, n, k, x, m, ldx, out}, simd};
+    int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
+    ob_parallel(f16_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
+    return OB_OK;
+}
+
 #ifdef _WIN32
 /* setuptools exports PyInit_<name> on Windows; never called (the library is loaded with ctypes). */
 __declspec(dllexport) void *PyInit__onebit_kernels(void) { return NULL; }

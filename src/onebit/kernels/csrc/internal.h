@@ -49,6 +49,16 @@ typedef struct {
 } ob_i8_args;
 void ob_ref_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
 
+typedef struct {
+    const uint16_t *w;
+    int64_t n, k;
+    const float *x;
+    int64_t m, ldx;
+    float *out;
+} ob_f16_args;
+float ob_half_to_float(uint16_t h);
+void ob_ref_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
+
 /* 1 if byte b can be written by the t1_6 packer (243 of 256 values). */
 int ob_t1_6_byte_valid(uint8_t b);
 
@@ -68,6 +78,7 @@ int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 uint64_t ob_avx2_read_sum(const uint8_t *p, int64_t bytes); /* sum of the 64-bit words */
+void ob_avx2_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                             const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);

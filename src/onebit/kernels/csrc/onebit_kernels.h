@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 6
+#define OB_ABI_VERSION 7
 
 enum {
     OB_OK = 0,
@@ -117,6 +117,11 @@ typedef struct {
 OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t pos,
                             const float *rope_cos, const float *rope_sin, int64_t rope_len,
                             float *cache_k, float *cache_v, int64_t cache_len);
+
+/* float16 weights x float32 activations (an fp16 LM head): out[m, n] = x[m, k] . w[n, k] (w as
+ * IEEE binary16 bits, row stride k; x row stride ldx), float32 accumulation. Threaded over n. */
+OB_API int ob_linear_f16(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m,
+                         int64_t ldx, float *out);
 
 /* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
  * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */

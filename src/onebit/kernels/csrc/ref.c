@@ -1,6 +1,7 @@
 /* Scalar reference kernels: obviously correct, one element at a time with the spec's formulas
  * (docs/formats.md §2-3). Every other variant must give bit-identical integers. */
 #include <math.h>
+#include <string.h>
 #include "internal.h"
 
 static const int POW3[5] = {1, 3, 9, 27, 81};
@@ -97,5 +98,38 @@ void ob_ref_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
             int32_t sum = 0;
             for (int64_t e = 0; e < a->k; e++) sum += a->w[j * a->k + e] * a->x[r * a->ldx + e];
             a->out[r * a->n + j] = (float)sum * a->w_scale[j] * a->x_scale[r];
+        }
+}
+
+/* IEEE binary16 -> binary32, exact (normals, subnormals, inf, NaN). */
+float ob_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
+        }
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+void ob_ref_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < a->m; r++)
+        for (int64_t j = j0; j < j1; j++) {
+            float s = 0.0f;
+            for (int64_t e = 0; e < a->k; e++) s += ob_half_to_float(a->w[j * a->k + e]) * a->x[r * a->ldx + e];
+            a->out[r * a->n + j] = s;
         }
 }
