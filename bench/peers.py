@@ -50,7 +50,7 @@ def torch_runner(folder: str, dtype: str, pp: int, tg: int, threads: int) -> dic
     with torch.device("meta"):
         model = CausalLM(cfg)
     state = {}
-    for name, (_, (n, k)) in declared.items():
+    for name, (_, (_, k)) in declared.items():
         codes = kernels.unpack(tensors[name + ".qweight"], k, layout)
         w = torch.from_numpy(codes).to(dt) * float(tensors[name + ".scale"][0])
         state[name + ".weight"] = w

@@ -155,7 +155,7 @@ class Runtime:
         self._structs, self._keep = [], []
         roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-        for i, L in enumerate(self.layers):
+        for L in self.layers:
             st = kernels.Layer(hidden=D, ffn=F, heads=H, kv_heads=Hkv, head_dim=hd,
                                layout=0 if self.packed["layout"] == "i2" else 1,
                                relu2=int(self.relu2), inner=int(inner), eps=eps)

@@ -89,7 +89,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                                   f"bytes but its data_offsets span {offs[1] - offs[0]}")
             spans.append((offs[0], offs[1], name))
         spans.sort()
-        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+        for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise _fail(path, f"tensors {n0!r} and {n1!r} overlap")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
