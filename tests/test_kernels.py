@@ -207,9 +207,10 @@ def _attention_reference(q, k, v, pos, cos, sin, ck, cv):
     return y.reshape(T, H * hd), ck, cv
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,pos,H,Hkv,hd", [(1, 0, 1, 1, 2), (1, 37, 4, 2, 64), (5, 0, 6, 2, 32),
-                                            (7, 20, 20, 5, 128), (3, 9, 3, 3, 6)])
-def test_attention_matches_reference(T, pos, H, Hkv, hd):
+                                            (7, 20, 20, 5, 128), (3, 9, 3, 3, 6), (2, 3, 2, 1, 72)])
+def test_attention_matches_reference(impl, T, pos, H, Hkv, hd):
     rng = np.random.default_rng(T * 100 + pos)
     L = 64
     ang = np.outer(np.arange(L), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))
@@ -221,7 +222,7 @@ def test_attention_matches_reference(T, pos, H, Hkv, hd):
     cv = rng.standard_normal((Hkv, L, hd)).astype(np.float32)
     want, wk, wv = _attention_reference(q, k, v, pos, cos, sin, ck, cv)
     for nt in (1, 2):
-        with K.threads(nt):
+        with K.threads(nt), K.use(impl):
             qq, kk, cck, ccv = q.copy(), k.copy(), ck.copy(), cv.copy()
             y = K.attention(qq, kk, v, pos, cos, sin, cck, ccv)
         np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
