@@ -100,22 +100,46 @@ FMA_ATTR static void scores_avx2(const float *q, const float *K, int64_t n, int6
     }
 }
 
-/* y[0:hd] = sum_j p[j] * V[j], 64 outputs at a time kept in registers (hd % 8 == 0). */
-FMA_ATTR static void weighted_sum_avx2(const float *p, const float *V, int64_t n, int64_t hd, float *y) {
+/* The g query heads that share one KV head, together: each block of 4 keys is loaded once from
+ * memory and reused from L1 by every head (GQA: a quarter of the KV traffic for 2B4T's g = 4).
+ * sc[h * S + j] for head h. */
+FMA_ATTR static void scores_group_avx2(const float *q, int64_t g, const float *K, int64_t n,
+                                       int64_t hd, float scale, float *sc, int64_t S) {
+    int64_t n4 = n / 4 * 4;
+    for (int64_t j = 0; j < n4; j += 4)
+        for (int64_t h = 0; h < g; h++) scores_avx2(q + h * hd, K + j * hd, 4, hd, scale, sc + h * S + j);
+    if (n4 < n)
+        for (int64_t h = 0; h < g; h++)
+            scores_avx2(q + h * hd, K + n4 * hd, n - n4, hd, scale, sc + h * S + n4);
+}
+
+/* y_h[0:hd] = sum_j p_h[j] V[j] for the g heads: blocks of 32 value rows (8 KiB at hd = 64-wide
+ * chunks) stay in L1 while every head accumulates them. */
+FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t S, const float *V,
+                                             int64_t n, int64_t hd, float *y, int64_t ldy) {
     for (int64_t c = 0; c < hd; c += 64) {
-        int64_t w = hd - c < 64 ? hd - c : 64; /* a multiple of 8 */
-        __m256 acc[8];
-        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-        for (int64_t j = 0; j < n; j++) {
-            __m256 pj = _mm256_set1_ps(p[j]);
-            const float *v = V + j * hd + c;
-            for (int i = 0; i < 8; i++)
-                if (8 * i < w) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), acc[i]);
+        int64_t w = hd - c < 64 ? hd - c : 64;
+        for (int64_t j0 = 0; j0 < n; j0 += 32) {
+            int64_t j1 = j0 + 32 < n ? j0 + 32 : n;
+            for (int64_t h = 0; h < g; h++) {
+                float *yh = y + h * ldy + c;
+                const float *ph = p + h * S;
+                __m256 acc[8];
+                for (int i = 0; i < 8; i++)
+                    acc[i] = 8 * i < w && j0 ? _mm256_loadu_ps(yh + 8 * i) : _mm256_setzero_ps();
+                for (int64_t j = j0; j < j1; j++) {
+                    __m256 pj = _mm256_set1_ps(ph[j]);
+                    const float *v = V + j * hd + c;
+                    for (int i = 0; i < 8; i++)
+                        if (8 * i < w) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), acc[i]);
+                }
+                for (int i = 0; i < 8; i++)
+                    if (8 * i < w) _mm256_storeu_ps(yh + 8 * i, acc[i]);
+            }
         }
-        for (int i = 0; i < 8; i++)
-            if (8 * i < w) _mm256_storeu_ps(y + c + 8 * i, acc[i]);
     }
 }
+
 #endif
 
 typedef struct {
@@ -124,44 +148,46 @@ typedef struct {
     int64_t T, pos, H, Hkv, hd, cache_len;
     float *y;                /* [T, H * hd] */
     int simd;                /* explicit AVX2/FMA loops (not with ONEBIT_KERNELS=reference) */
+    int64_t group;           /* query heads per work item: H/Hkv (share the KV reads), or 1 */
     float *scratch;          /* [nt][pos + T] scores per thread */
 } attn_job_t;
 
+static void softmax_row(float *sc, int64_t n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t j = 0; j < n; j++) {
+        sc[j] = ob_expf_nonpos(sc[j] - mx);
+        sum += sc[j];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; j++) sc[j] *= inv;
+}
+
 static void attn_task(void *ctx, int t, int nt) {
     attn_job_t *J = (attn_job_t *)ctx;
-    int64_t g = J->H / J->Hkv, S = J->pos + J->T, hd = J->hd;
-    float *sc = J->scratch + (int64_t)t * S;
+    int64_t g = J->H / J->Hkv, gs = J->group, S = J->pos + J->T, hd = J->hd, nb = J->H / gs;
+    float *sc = J->scratch + (int64_t)t * gs * S; /* [gs][S] */
     float scale = 1.0f / sqrtf((float)hd);
-#ifdef OB_ATTN_AVX2
-    int simd = J->simd && hd % 8 == 0;
-#endif
-    for (int64_t w = t; w < J->T * J->H; w += nt) { /* work item = (token, head) */
-        int64_t tok = w / J->H, h = w % J->H, kvh = h / g, n = J->pos + tok + 1;
-        const float *q = J->q + (tok * J->H + h) * hd;
+    for (int64_t w = t; w < J->T * nb; w += nt) { /* work item = (token, gs heads of one kv head) */
+        int64_t tok = w / nb, h0 = (w % nb) * gs, kvh = h0 / g, n = J->pos + tok + 1;
+        const float *q = J->q + (tok * J->H + h0) * hd;
         const float *K = J->ck + kvh * J->cache_len * hd, *V = J->cv + kvh * J->cache_len * hd;
-        float mx = -INFINITY;
+        float *y = J->y + tok * J->H * hd + h0 * hd;
 #ifdef OB_ATTN_AVX2
-        if (simd)
-            scores_avx2(q, K, n, hd, scale, sc);
-        else
-#endif
-            for (int64_t j = 0; j < n; j++) sc[j] = dot(q, K + j * hd, hd) * scale;
-        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            sc[j] = ob_expf_nonpos(sc[j] - mx);
-            sum += sc[j];
-        }
-        float *y = J->y + tok * J->H * hd + h * hd, inv = 1.0f / sum;
-        for (int64_t j = 0; j < n; j++) sc[j] *= inv;
-#ifdef OB_ATTN_AVX2
-        if (simd) {
-            weighted_sum_avx2(sc, V, n, hd, y);
+        if (J->simd && hd % 8 == 0) {
+            scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
+            for (int64_t h = 0; h < gs; h++) softmax_row(sc + h * S, n);
+            weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, hd);
             continue;
         }
 #endif
-        memset(y, 0, (size_t)hd * sizeof(float));
-        for (int64_t j = 0; j < n; j++) axpy(y, sc[j], V + j * hd, hd);
+        for (int64_t h = 0; h < gs; h++) {
+            float *sh = sc + h * S, *yh = y + h * hd;
+            for (int64_t j = 0; j < n; j++) sh[j] = dot(q + h * hd, K + j * hd, hd) * scale;
+            softmax_row(sh, n);
+            memset(yh, 0, (size_t)hd * sizeof(float));
+            for (int64_t j = 0; j < n; j++) axpy(yh, sh[j], V + j * hd, hd);
+        }
     }
 }
 
@@ -184,14 +210,16 @@ int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int
     int64_t work = T * H * (pos + T) * hd, want = work / (1 << 14);
     int nt = want < 1 ? 1 : (want > 256 ? 256 : (int)want);
     if (nt > ob_get_num_threads()) nt = ob_get_num_threads();
-    float *scratch = (float *)malloc((size_t)nt * (size_t)(pos + T) * sizeof(float));
+    /* group the heads of a KV head when there are enough items to balance the threads */
+    int64_t group = T * Hkv >= 4 * (int64_t)nt ? H / Hkv : 1;
+    float *scratch = (float *)malloc((size_t)nt * (size_t)group * (size_t)(pos + T) * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
     int simd = 0;
 #ifdef OB_ATTN_AVX2
     simd = strcmp(ob_isa(), "reference") != 0 && __builtin_cpu_supports("avx2") &&
            __builtin_cpu_supports("fma");
 #endif
-    attn_job_t J = {q, cache_k, cache_v, T, pos, H, Hkv, hd, cache_len, y, simd, scratch};
+    attn_job_t J = {q, cache_k, cache_v, T, pos, H, Hkv, hd, cache_len, y, simd, group, scratch};
     ob_parallel(attn_task, &J, nt);
     free(scratch);
     return OB_OK;
