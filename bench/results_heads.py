@@ -1,4 +1,4 @@
-"""The quality cost of storing the embeddings / LM head at 16 and 8 bits (packed weights unchanged):
+"""The quality cost of storing the embeddings / LM head at 16, 8 and 4 bits (packed weights unchanged):
 validation perplexity of the Gutenberg b1.58 model (runs/gutenberg-bitnet, the docs/results.md
 training run) on the engine, and the PyTorch fake-quant model as the reference.
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = torch_ppl(model, data.val, L, max_tokens=args.max_tokens)
     rows = [("PyTorch fake-quant (float32 embeddings)", ref, None)]
     with tempfile.TemporaryDirectory() as d:
-        for emb in ("f32", "f16", "i8"):
+        for emb in ("f32", "f16", "i8", "i4"):
             folder = export_packed(run, Path(d) / emb, "i2", emb)
             size = sum(f.stat().st_size for f in folder.iterdir())
             rows.append((f"engine, {emb} embeddings/head", engine_ppl(onebit.load(folder), data.val, L,

@@ -111,14 +111,14 @@ def test_embedding_storage_costs(tmp_path, tokenizer):
     ref = Runtime(f32)
     ref.reset(64)
     want = ref.forward(ids, 0, last_only=False)
-    for emb, bound in (("f16", 2e-2), ("i8", 5e-2)):
+    for emb, bound in (("f16", 2e-2), ("i8", 5e-2), ("i4", 2e-1)):
         _, folder = make_packed(tmp_path, tokenizer, cfg, embedding=emb)
         rt = Runtime(folder)
         rt.reset(64)
         got = rt.forward(ids, 0, last_only=False)
         rel = np.abs(got - want).mean() / np.abs(want).max()
         assert 0 < rel < bound, (emb, rel)
-        assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8
+        assert (got.argmax(-1) == want.argmax(-1)).mean() > (0.8 if emb != "i4" else 0.5)
 
 
 def test_api_generate_stream_chat(tmp_path, tokenizer):

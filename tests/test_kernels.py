@@ -18,6 +18,7 @@ import torch
 from onebit import kernels as K
 from onebit import quant
 from onebit.formats import PackedFormatError, pack, packed_row_bytes, unpack
+from onebit.formats.packed_model import unpack_i4_rows
 from onebit.nn import BitLinear, RMSNorm
 
 LAYOUTS = ("i2", "t1_6")
@@ -269,6 +270,21 @@ def test_linear_f16(impl):
     with K.use(impl):
         got = K.linear_f16(halves, np.ones((1, 1), np.float32))[0]
     np.testing.assert_array_equal(got, halves[:, 0].astype(np.float32))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_i4_exact(impl):
+    rng = np.random.default_rng(14)
+    for m, n, k in ((1, 1, 1), (1, 5, 63), (2, 33, 64), (3, 70, 200), (2, 300, 2560)):
+        q = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
+        q[0, 0] = -8
+        x = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
+        ws = rng.uniform(0.001, 0.1, n).astype(np.float32)
+        xs = rng.uniform(0.001, 0.1, m).astype(np.float32)
+        want = (x.astype(np.int64) @ q.T.astype(np.int64)).astype(np.float32) * ws[None, :] * xs[:, None]
+        with K.use(impl):
+            np.testing.assert_array_equal(K.linear_i4(K.pack_i4(q), k, ws, x, xs), want)
+        np.testing.assert_array_equal(unpack_i4_rows(K.pack_i4(q), k), q)  # the engine's lookup
 
 
 def test_read_probe():

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("dst", help="packed model folder to write (replaced atomically)")
     x.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="i2: 2 bits/weight (fast), "
                                                                           "t1_6: 1.6 bits/weight (small)")
-    x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8"],
+    x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8", "i4"],
                    help="embedding / LM head storage (f32 lossless)")
 
     e = sub.add_parser("eval", help="evaluate a model")

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--shape", choices=sorted(SHAPES), default=None,
                      help="benchmark a random-ternary model of this shape instead")
     ap.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="with --shape")
-    ap.add_argument("--embedding", default="i8", choices=["f32", "f16", "i8"], help="with --shape")
+    ap.add_argument("--embedding", default="i8", choices=["f32", "f16", "i8", "i4"], help="with --shape")
     ap.add_argument("--pp", default="128,512", help="prompt lengths, comma-separated")
     ap.add_argument("--tg", type=int, default=128, help="tokens to decode")
     ap.add_argument("--reps", type=int, default=2)

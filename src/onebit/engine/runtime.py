@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
-from ..formats.packed_model import I8_SCALE_SUFFIX, packed_config
+from ..formats.packed_model import I8_SCALE_SUFFIX, packed_config, unpack_i4_rows
 from ..formats.packing import (META_TENSORS, QWEIGHT_SUFFIX, SCALE_SUFFIX, PackedFormatError,
                                _read_declared, packed_row_bytes)
 from ..formats.safetensors_mmap import read_safetensors
@@ -175,7 +175,7 @@ class Runtime:
         self.norm_w = vec("model.norm.weight", D)
         self.embed = self._stored("model.embed_tokens.weight", V, D)
         head = self.embed if cfg.tie_word_embeddings else self._stored("lm_head.weight", V, D)
-        if head[0].dtype == np.int8:  # 8-bit head: fused final norm + INT8, then the int8 kernel
+        if head[0].dtype in (np.int8, np.uint8):  # 8/4-bit: fused final norm + INT8, int kernel
             self.head_i8 = head
             self.head_quant = _Quantizer(D, self.norm_w, eps)
             self.head = None
@@ -184,6 +184,7 @@ class Runtime:
             self.head = head[0]
         self._i8 = kernels._lib().ob_linear_i8
         self._f16 = kernels._lib().ob_linear_f16
+        self._i4 = kernels._lib().ob_linear_i4
         self._attn = kernels._lib().ob_attention
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
         self._inv_freq = inv_freq
@@ -193,25 +194,31 @@ class Runtime:
 
     # -- weights -------------------------------------------------------------------------------
     def _stored(self, name: str, V: int, D: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Embedding / LM head as stored: (float32 or float16 [V, D], None) or (int8, scale [V])."""
+        """Embedding / LM head as stored: (float32 or float16 [V, D], None), (int8 [V, D], scale
+        [V]) or (4-bit: uint8 [V, ceil(D/64)*32], scale [V])."""
         t = self._tensors.get(name)
-        if t is None or t.shape != (V, D):
-            raise EngineError(f"'{self.folder}': tensor {name!r} must be [{V}, {D}], got "
+        i4 = t is not None and t.dtype == np.uint8
+        shape = (V, -(-D // 64) * 32) if i4 else (V, D)
+        if t is None or t.shape != shape:
+            raise EngineError(f"'{self.folder}': tensor {name!r} must be {list(shape)}, got "
                               f"{None if t is None else t.shape}; re-export the model")
         if t.dtype in (np.float32, np.float16):
             return t, None
-        if t.dtype == np.int8:
+        if t.dtype in (np.int8, np.uint8):
             s = self._tensors.get(name + I8_SCALE_SUFFIX)
             if s is None or s.shape != (V,) or s.dtype != np.float32:
-                raise EngineError(f"'{self.folder}': int8 {name!r} needs float32 "
+                raise EngineError(f"'{self.folder}': {'4' if i4 else '8'}-bit {name!r} needs float32 "
                                   f"{name + I8_SCALE_SUFFIX!r} [{V}]; re-export the model")
             return t, s
         raise EngineError(f"'{self.folder}': tensor {name!r} has dtype {t.dtype}; expected float32, "
-                          f"float16 or int8")
+                          f"float16, int8 or 4-bit (uint8)")
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         w, s = self.embed
-        x = w[ids].astype(np.float32)
+        rows = w[ids]
+        if w.dtype == np.uint8:
+            rows = unpack_i4_rows(rows, self.config.hidden_size)
+        x = rows.astype(np.float32)
         return x * s[ids, None] if s is not None else x
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
@@ -219,8 +226,10 @@ class Runtime:
             q, s = self.head_i8
             xc, xs = self.head_quant(x)
             out = np.empty((x.shape[0], q.shape[0]), np.float32)
-            st = self._i8(q.ctypes.data, s.ctypes.data, q.shape[0], q.shape[1], xc.ctypes.data,
-                          x.shape[0], q.shape[1], xs.ctypes.data, out.ctypes.data)
+            D = self.config.hidden_size
+            fn = self._i8 if q.dtype == np.int8 else self._i4
+            st = fn(q.ctypes.data, s.ctypes.data, q.shape[0], D, xc.ctypes.data, x.shape[0], D,
+                    xs.ctypes.data, out.ctypes.data)
             if st:
                 raise EngineError(f"int8 LM head kernel failed (status {st})")
             return out

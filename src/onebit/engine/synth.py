@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import kernels
 from ..config import ModelConfig
-from ..formats.packed_model import EMBEDDINGS, PACKED_VERSION, I8_SCALE_SUFFIX, quantize_rows_i8
+from ..formats.packed_model import (EMBEDDINGS, I8_SCALE_SUFFIX, PACKED_VERSION, quantize_rows_i4,
+                                   quantize_rows_i8)
 from ..formats.packing import LAYOUTS, save_packed
 
 __all__ = ["write_random_model", "random_config"]
@@ -55,8 +56,9 @@ def write_random_model(folder: str | Path, config: ModelConfig | str, layout: st
     extra["model.norm.weight"] = np.ones(D, np.float32)
     for name in ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"]):
         w = (rng.standard_normal((V, D), dtype=np.float32) * 0.02).astype(np.float32)
-        if embedding == "i8":
-            extra[name], extra[name + I8_SCALE_SUFFIX] = quantize_rows_i8(w)
+        if embedding in ("i8", "i4"):
+            quant = quantize_rows_i8 if embedding == "i8" else quantize_rows_i4
+            extra[name], extra[name + I8_SCALE_SUFFIX] = quant(w)
         else:
             extra[name] = w.astype(np.float16 if embedding == "f16" else np.float32)
     config = {"model": cfg.to_dict(),

@@ -5,7 +5,8 @@ A packed model folder holds::
     config.json        {"model": ModelConfig, "packed": {"layout", "embedding", "format_version"}}
     model.safetensors  every ternary projection packed (``{name}.qweight`` + ``{name}.scale``, the
                        onebit-packed container of formats.packing), norms float32, embeddings
-                       (and an untied LM head) as float32, float16 or int8 + per-row scale
+                       (and an untied LM head) as float32, float16, int8 + per-row scale, or 4-bit (pack_i4
+                       uint8 rows) + per-row scale
     tokenizer.json     when the source had one
 
 ``export_packed`` writes one from a trained model folder (it needs torch; reading does not).
@@ -21,10 +22,11 @@ import numpy as np
 
 from .packing import LAYOUTS, save_packed
 
-__all__ = ["EMBEDDINGS", "PACKED_VERSION", "export_packed", "quantize_rows_i8", "packed_config"]
+__all__ = ["EMBEDDINGS", "PACKED_VERSION", "export_packed", "quantize_rows_i8", "quantize_rows_i4",
+           "pack_i4", "unpack_i4_rows", "packed_config"]
 
 PACKED_VERSION = 1
-EMBEDDINGS = ("f32", "f16", "i8")
+EMBEDDINGS = ("f32", "f16", "i8", "i4")
 I8_SCALE_SUFFIX = ".row_scale"  # int8 embeddings: value = q * row_scale[row]
 
 
@@ -35,6 +37,39 @@ def quantize_rows_i8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = (amax / 127.0).astype(np.float32)
     q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
     return q, scale
+
+
+def pack_i4(q: np.ndarray) -> np.ndarray:
+    """int8 [n, k] in [-8, 7] -> uint8 [n, ceil(k/64)*32]: per 32-byte block the low nibbles hold
+    elements 0..31 and the high nibbles 32..63, as q + 8 (padding: q = 0). The C kernel
+    ``ob_linear_i4`` reads this layout."""
+    q = np.asarray(q)
+    if q.dtype != np.int8 or q.ndim != 2 or q.size == 0 or q.min() < -8 or q.max() > 7:
+        raise ValueError("q must be a non-empty int8 [n, k] array with values in [-8, 7]")
+    n, k = q.shape
+    kp = -(-k // 64) * 64
+    u = np.full((n, kp), 8, np.uint8)
+    u[:, :k] = (q.astype(np.int16) + 8).astype(np.uint8)
+    u = u.reshape(n, kp // 64, 2, 32)
+    return np.ascontiguousarray((u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, kp // 2))
+
+
+def unpack_i4_rows(packed: np.ndarray, k: int) -> np.ndarray:
+    """The inverse of ``pack_i4`` (for the rows given): int8 [n, k]."""
+    b = np.asarray(packed, dtype=np.uint8)
+    n = b.shape[0]
+    blocks = b.reshape(n, -1, 32)
+    u = np.stack([blocks & 15, blocks >> 4], axis=2).reshape(n, -1)   # [n, kp]
+    return (u[:, :k].astype(np.int16) - 8).astype(np.int8)
+
+
+def quantize_rows_i4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row absmax 4-bit of a float matrix [V, D]: (pack_i4 bytes, scale float32 [V]),
+    value = q * scale with q in [-7, 7]."""
+    w = np.asarray(w, dtype=np.float32)
+    scale = (np.maximum(np.abs(w).max(axis=1), 1e-8) / 7.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -7, 7).astype(np.int8)
+    return pack_i4(q), scale
 
 
 def packed_config(folder: Path) -> dict[str, Any]:
@@ -59,7 +94,8 @@ def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
     """Pack the trained model at ``src`` (a model, checkpoint or run folder) into folder ``dst``.
 
     ``layout``: "i2" (2 bits/weight, fastest) or "t1_6" (1.6 bits/weight). ``embedding``: "f32"
-    (lossless), "f16" or "i8" (per-row absmax; its quality cost is measured by the engine tests).
+    (lossless), "f16", "i8" or "i4" (per-row absmax; the quality cost is measured in
+    bench/results_heads.py and bounded by the engine tests).
     The folder is written atomically. Raises ValueError for a model that is not ternary.
     """
     import torch
@@ -91,8 +127,8 @@ def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
                 packed[owner] = (codes.numpy(), float(scale))
             elif name in ("model.embed_tokens.weight", "lm_head.weight"):
                 w = t.float().numpy()
-                if embedding == "i8":
-                    q, s = quantize_rows_i8(w)
+                if embedding in ("i8", "i4"):
+                    q, s = quantize_rows_i8(w) if embedding == "i8" else quantize_rows_i4(w)
                     extra[name], extra[name + I8_SCALE_SUFFIX] = q, s
                 else:
                     extra[name] = w.astype(np.float16 if embedding == "f16" else np.float32)

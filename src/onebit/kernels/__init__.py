@@ -27,9 +27,10 @@ from typing import Iterator
 import numpy as np
 
 from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
+from ..formats.packed_model import pack_i4
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_f16", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -37,7 +38,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 7  # OB_ABI_VERSION
+_ABI_VERSION = 8  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -88,6 +89,7 @@ def _lib() -> ctypes.CDLL:
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
         "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_linear_f16": (i32, [p, i64, i64, p, i64, i64, p]),
+        "ob_linear_i4": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
         "ob_decoder_layer": (i32, [p, p, i64, i64, p, p, i64, p, p, i64]),
     }
@@ -459,4 +461,27 @@ def linear_f16(w, x) -> np.ndarray:
     out = np.empty((x.shape[0], n), dtype=np.float32)
     _check_status(_lib().ob_linear_f16(w.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx,
                                        out.ctypes.data), "linear_f16")
+    return out
+
+
+def linear_i4(w_packed, k: int, w_scale, x_codes, x_scale) -> np.ndarray:
+    """4-bit linear: float32 [m, n] = (q @ x^T) * w_scale[j] * x_scale[r], q unpacked from
+    ``pack_i4`` bytes; ``x_codes`` int8 in [-127, 127] (``quantize_act_i8``)."""
+    w = _array(w_packed, "w_packed", np.uint8, (2,))
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= _MAX_K:
+        raise ValueError(f"k={k!r} must be an integer in [1, {_MAX_K}]")
+    k = int(k)
+    if not w.flags.c_contiguous or w.shape[0] < 1 or w.shape[1] != -(-k // 64) * 32:
+        raise ValueError(f"w_packed {w.shape} does not fit k={k}: rows of {-(-k // 64) * 32} bytes")
+    n = w.shape[0]
+    ws = _vector(w_scale, "w_scale", np.float32, n)
+    x, ldx = _codes(x_codes, k)
+    m = x.shape[0]
+    xs = _vector(x_scale, "x_scale", np.float32, m)
+    out = np.empty((m, n), dtype=np.float32)
+    st = _lib().ob_linear_i4(w.ctypes.data, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
+                             xs.ctypes.data, out.ctypes.data)
+    if st == -7:
+        raise ValueError("linear_i4: an activation code is -128; use codes in [-127, 127]")
+    _check_status(st, "linear_i4")
     return out

@@ -284,6 +284,47 @@ int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k, co
     return OB_OK;
 }
 
+/* ---- 4-bit x int8 linear ------------------------------------------------------------------ */
+
+static void i4_task(void *ctx, int t, int nt) {
+    i8_job_t *J = (i8_job_t *)ctx;
+    int64_t n = J->a.n, per = (n + nt - 1) / nt;
+    int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
+    if (j0 >= j1) return;
+#ifdef OB_HAVE_X86
+    if (J->simd) {
+        ob_avx2_linear_i4(&J->a, j0, j1);
+        return;
+    }
+#endif
+    ob_ref_linear_i4(&J->a, j0, j1);
+}
+
+int ob_linear_i4(const uint8_t *w, const float *w_scale, int64_t n, int64_t k, const int8_t *x,
+                 int64_t m, int64_t ldx, const float *x_scale, float *out) {
+    if (!w || !w_scale || !x || !x_scale || !out) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    if (ldx < k) return OB_ERR_STRIDE;
+    int64_t kp = (k + 63) / 64 * 64;
+    int8_t *xp = (int8_t *)calloc((size_t)(m * kp), 1); /* zero-padded rows: padding meets x = 0 */
+    if (!xp) return OB_ERR_NOMEM;
+    for (int64_t r = 0; r < m; r++) {
+        for (int64_t e = 0; e < k; e++)
+            if (x[r * ldx + e] == -128) {
+                free(xp);
+                return OB_ERR_VALUE;
+            }
+        memcpy(xp + r * kp, x + r * ldx, (size_t)k);
+    }
+    const char *isa = active()->name;
+    i8_job_t J = {{(const int8_t *)w, w_scale, n, k, xp, m, kp, x_scale, out},
+                  strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0};
+    int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
+    ob_parallel(i4_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
+    free(xp);
+    return OB_OK;
+}
+
 /* ---- float16 x float32 linear --------------------------------------------------------------- */
 
 typedef struct {

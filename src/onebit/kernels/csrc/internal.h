@@ -48,6 +48,10 @@ typedef struct {
     float *out;
 } ob_i8_args;
 void ob_ref_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
+/* the same args for 4-bit rows: w points at uint8 rows of ob_i4_row_bytes(k) and x is zero-padded
+ * to whole 64-blocks (ldx a multiple of 64) */
+#define ob_i4_row_bytes(k) (((k) + 63) / 64 * 32)
+void ob_ref_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1);
 
 typedef struct {
     const uint16_t *w;
@@ -78,6 +82,7 @@ int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 uint64_t ob_avx2_read_sum(const uint8_t *p, int64_t bytes); /* sum of the 64-bit words */
+void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1);
 void ob_avx2_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 7
+#define OB_ABI_VERSION 8
 
 enum {
     OB_OK = 0,
@@ -117,6 +117,12 @@ typedef struct {
 OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t pos,
                             const float *rope_cos, const float *rope_sin, int64_t rope_len,
                             float *cache_k, float *cache_v, int64_t cache_len);
+
+/* 4-bit weights x int8 (a 4-bit LM head): rows of ceil(k/64)*32 bytes; in each 32-byte block the
+ * low nibbles hold elements 0..31 and the high nibbles 32..63 of the block, as u = q + 8 with q in
+ * [-8, 7] (padding: u = 8). out[m, n] = (sum q*x) * w_scale[j] * x_scale[r]; x in [-127, 127]. */
+OB_API int ob_linear_i4(const uint8_t *w, const float *w_scale, int64_t n, int64_t k,
+                        const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out);
 
 /* float16 weights x float32 activations (an fp16 LM head): out[m, n] = x[m, k] . w[n, k] (w as
  * IEEE binary16 bits, row stride k; x row stride ldx), float32 accumulation. Threaded over n. */

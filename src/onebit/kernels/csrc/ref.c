@@ -133,3 +133,18 @@ void ob_ref_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1) {
             a->out[r * a->n + j] = s;
         }
 }
+
+void ob_ref_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
+    const uint8_t *w = (const uint8_t *)a->w;
+    int64_t rb = ob_i4_row_bytes(a->k);
+    for (int64_t r = 0; r < a->m; r++)
+        for (int64_t j = j0; j < j1; j++) {
+            int32_t sum = 0;
+            for (int64_t e = 0; e < a->k; e++) {
+                uint8_t b = w[j * rb + e / 64 * 32 + e % 32];
+                int q = (e % 64 < 32 ? (b & 15) : (b >> 4)) - 8;
+                sum += q * a->x[r * a->ldx + e];
+            }
+            a->out[r * a->n + j] = (float)sum * a->w_scale[j] * a->x_scale[r];
+        }
+}

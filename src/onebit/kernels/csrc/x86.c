@@ -467,6 +467,38 @@ AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
     }
 }
 
+/* ---- 4-bit x int8 (4-bit LM head): u = q + 8 unsigned times signed x, minus 8 * sum(x) --------
+ * Per 32-byte block: low nibbles x[0:32], high nibbles x[32:64]; int16 pair sums <= 2*15*127, four
+ * blocks (8 products per lane) <= 30480 before widening. x arrives zero-padded to whole blocks. */
+AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const uint8_t *wb = (const uint8_t *)a->w;
+    int64_t nblk = (a->k + 63) / 64, rb = nblk * 32;
+    for (int64_t r = 0; r < a->m; r++) {
+        const int8_t *x = a->x + r * a->ldx;
+        int32_t xsum = 0;
+        for (int64_t e = 0; e < a->k; e++) xsum += x[e];
+        for (int64_t j = j0; j < j1; j++) {
+            const uint8_t *w = wb + j * rb;
+            __m256i acc = _mm256_setzero_si256();
+            for (int64_t b0 = 0; b0 < nblk; b0 += 4) {
+                int64_t b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
+                __m256i s16 = _mm256_setzero_si256();
+                for (int64_t b = b0; b < b1; b++) {
+                    _mm_prefetch((const char *)(w + b * 32) + 1024, _MM_HINT_T0);
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                    __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x + b * 64))));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + b * 64 + 32))));
+                }
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
+            }
+            int32_t t = (int32_t)((uint32_t)hsum_avx2(acc) - 8u * (uint32_t)xsum);
+            a->out[r * a->n + j] = (float)t * a->w_scale[j] * a->x_scale[r];
+        }
+    }
+}
+
 /* ---- float16 x float32 (fp16 LM head): F16C widening, FMA, 4 accumulators per row ---------- */
 __attribute__((target("avx2,fma,f16c"))) void ob_avx2_linear_f16(const ob_f16_args *a, int64_t j0,
                                                                  int64_t j1) {
