@@ -211,3 +211,29 @@ def test_cli_generate_on_packed_model_is_torch_free(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("Once")
     assert "decode" in r.stderr and "fp16 weights would be" in r.stderr and "peak RSS" in r.stderr
+
+
+def test_batched_generation_equals_one_by_one(tmp_path, tokenizer):
+    # batched decode (one GEMM per projection) gives bit-identical logits, so the same tokens,
+    # greedy and sampled, with sequences of different lengths finishing at different steps
+    cfg = small_config()
+    _, folder = make_packed(tmp_path, tokenizer, cfg)
+    m = onebit.load(folder)
+    prompts = [[0] + tokenizer.encode(t).ids for t in ("Once upon a time", "The fox", "One day the bear")]
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, top_k=40, seed=3)):
+        want = [list(m.generate_ids(p, 40, stop_ids={5, 9}, **kw)) for p in prompts]
+        got = m.generate_ids_batch(prompts, 40, stop_ids={5, 9}, **kw)
+        assert got == want
+    rt = m.runtime
+    rt.reset(64, slots=3)
+    singles = []
+    for b, p in enumerate(prompts):
+        rt.forward(p, 0, slot=b)
+    rows = rt.forward_batch([7, 8, 9], [len(p) for p in prompts], [0, 1, 2])
+    for b, p in enumerate(prompts):
+        rt.reset(64, slots=3)
+        rt.forward(p, 0, slot=b)
+        singles.append(rt.forward([7 + b], len(p), slot=b))
+    np.testing.assert_array_equal(rows, np.stack(singles))
+    texts = m.generate(["Once upon a time", "The fox"], max_new_tokens=20, temperature=0)
+    assert texts == [m.generate(t, max_new_tokens=20, temperature=0) for t in ("Once upon a time", "The fox")]

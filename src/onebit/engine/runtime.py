@@ -172,6 +172,7 @@ class Runtime:
             self._keep.append(norms)  # the arrays behind the struct's pointers
         self._struct_p = [ctypes.addressof(st) for st in self._structs]
         self._layer_fn = kernels._lib().ob_decoder_layer
+        self._batch_fn = kernels._lib().ob_decoder_layer_batch
         self.norm_w = vec("model.norm.weight", D)
         self.embed = self._stored("model.embed_tokens.weight", V, D)
         head = self.embed if cfg.tie_word_embeddings else self._stored("lm_head.weight", V, D)
@@ -190,7 +191,7 @@ class Runtime:
         self._inv_freq = inv_freq
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
-        self.max_len = 0
+        self.max_len = self.slots = 0
 
     # -- weights -------------------------------------------------------------------------------
     def _stored(self, name: str, V: int, D: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -241,54 +242,93 @@ class Runtime:
             if st:
                 raise EngineError(f"fp16 LM head kernel failed (status {st})")
             return out
-        return h @ self.head.T
+        # row by row, always: BLAS picks other kernels (and summation orders) for a matrix than for
+        # a vector, and a batched decode must give the floats of one sequence alone
+        return np.stack([self.head @ row for row in h])
 
     # -- cache ---------------------------------------------------------------------------------
-    def reset(self, max_len: int | None = None) -> None:
-        """(Re)allocate an empty KV cache for ``max_len`` positions (default: the model's context)."""
+    def reset(self, max_len: int | None = None, slots: int = 1) -> None:
+        """(Re)allocate empty KV caches: ``slots`` sequences of ``max_len`` positions each
+        (default: the model's context, one sequence)."""
         cfg = self.config
         max_len = cfg.max_position_embeddings if max_len is None else int(max_len)
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"max_len={max_len} must be in [1, {cfg.max_position_embeddings}]")
-        if max_len != self.max_len:
-            shape = (self.Hkv, max_len, self.hd)
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots={slots!r} must be an integer >= 1 (sequences held at once)")
+        if max_len != self.max_len or slots != self.slots:
+            shape = (slots, self.Hkv, max_len, self.hd)
             self.cache_k = [np.zeros(shape, np.float32) for _ in self.layers]
             self.cache_v = [np.zeros(shape, np.float32) for _ in self.layers]
             self._ck_p = [c.ctypes.data for c in self.cache_k]
             self._cv_p = [c.ctypes.data for c in self.cache_v]
-            # RoPE tables as the PyTorch model builds them: float64 angles, float32 cos/sin
-            ang = np.outer(np.arange(max_len, dtype=np.float64), self._inv_freq)   # [L, hd/2]
-            self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-            self._cos_p, self._sin_p = self._cos.ctypes.data, self._sin.ctypes.data
-            self.max_len = max_len
+            self._slot_bytes = self.Hkv * max_len * self.hd * 4
+            if max_len != self.max_len:
+                # RoPE tables as the PyTorch model builds them: float64 angles, float32 cos/sin
+                ang = np.outer(np.arange(max_len, dtype=np.float64), self._inv_freq)   # [L, hd/2]
+                self._cos, self._sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+                self._cos_p, self._sin_p = self._cos.ctypes.data, self._sin.ctypes.data
+            self.max_len, self.slots = max_len, slots
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, ids, pos: int = 0, last_only: bool = True) -> np.ndarray:
-        """Feed token ids [T] at positions pos..pos+T-1 (the cache holds 0..pos-1).
-
-        Returns float32 logits [V] of the last token (``last_only``) or [T, V].
+    def forward(self, ids, pos: int = 0, last_only: bool = True, slot: int = 0) -> np.ndarray:
+        """Feed token ids [T] at positions pos..pos+T-1 of sequence ``slot`` (its cache holds
+        0..pos-1). Returns float32 logits [V] of the last token (``last_only``) or [T, V].
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T = ids.shape[0]
-        V = self.config.vocab_size
         if T < 1:
             raise ValueError("forward needs at least one token")
-        if ids.min() < 0 or ids.max() >= V:
-            raise ValueError(f"token ids must be in [0, {V}), got {int(ids.min())}..{int(ids.max())}")
-        if not self.max_len:
-            self.reset()
-        if pos < 0 or pos + T > self.max_len:
-            raise ValueError(f"positions {pos}..{pos + T - 1} do not fit the KV cache of "
-                             f"{self.max_len}; call reset(max_len) with a larger max_len")
+        self._check(ids, [pos], [T], [slot])
         x = np.ascontiguousarray(self._embed(ids))                      # [T, D]
         xp = x.ctypes.data
+        off = slot * self._slot_bytes
         for li, sp in enumerate(self._struct_p):                        # C: one call per layer
             st = self._layer_fn(sp, xp, T, pos, self._cos_p, self._sin_p, self.max_len,
-                                self._ck_p[li], self._cv_p[li], self.max_len)
-            if st:
-                raise EngineError(f"layer {li} failed (kernel status {st}): "
-                                  + ("NaN/inf activations" if st == -7 else "see onebit_kernels.h"))
+                                self._ck_p[li] + off, self._cv_p[li] + off, self.max_len)
+            self._raise(st, li)
         if last_only:
             x = x[-1:]
         logits = self._logits(np.ascontiguousarray(x))                      # [T, V]
         return logits[0] if last_only else logits
+
+    def forward_batch(self, tokens, positions, slots) -> np.ndarray:
+        """One decode step for several sequences at once: token ``tokens[i]`` at position
+        ``positions[i]`` of sequence ``slots[i]`` (distinct slots). The projections run as one
+        GEMM over the batch; the logits [B, V] are bit-identical to ``forward`` one by one."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        B = ids.shape[0]
+        pos = [int(p) for p in positions]
+        slots = [int(s) for s in slots]
+        if B < 1 or len(pos) != B or len(slots) != B or len(set(slots)) != B:
+            raise ValueError("forward_batch needs equal-length tokens/positions/slots, distinct slots")
+        self._check(ids, pos, [1] * B, slots)
+        x = np.ascontiguousarray(self._embed(ids))                      # [B, D]
+        lens = (ctypes.c_int64 * B)(*([1] * B))
+        ps = (ctypes.c_int64 * B)(*pos)
+        for li, sp in enumerate(self._struct_p):
+            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + s * self._slot_bytes for s in slots])
+            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + s * self._slot_bytes for s in slots])
+            st = self._batch_fn(sp, x.ctypes.data, B, lens, ps, self._cos_p, self._sin_p,
+                                self.max_len, ck, cv, self.max_len)
+            self._raise(st, li)
+        return self._logits(x)
+
+    def _check(self, ids: np.ndarray, pos: list[int], lens: list[int], slots: list[int]) -> None:
+        V = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= V:
+            raise ValueError(f"token ids must be in [0, {V}), got {int(ids.min())}..{int(ids.max())}")
+        if not self.max_len:
+            self.reset()
+        for p, n, s in zip(pos, lens, slots):
+            if not 0 <= s < self.slots:
+                raise ValueError(f"slot {s} does not exist: reset(max_len, slots) holds {self.slots}")
+            if p < 0 or p + n > self.max_len:
+                raise ValueError(f"positions {p}..{p + n - 1} do not fit the KV cache of "
+                                 f"{self.max_len}; call reset(max_len) with a larger max_len")
+
+    @staticmethod
+    def _raise(st: int, li: int) -> None:
+        if st:
+            raise EngineError(f"layer {li} failed (kernel status {st}): "
+                              + ("NaN/inf activations" if st == -7 else "see onebit_kernels.h"))

@@ -38,7 +38,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 8  # OB_ABI_VERSION
+_ABI_VERSION = 9  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -92,6 +92,7 @@ def _lib() -> ctypes.CDLL:
         "ob_linear_i4": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
         "ob_decoder_layer": (i32, [p, p, i64, i64, p, p, i64, p, p, i64]),
+        "ob_decoder_layer_batch": (i32, [p, p, i64, p, p, p, p, i64, p, p, i64]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)

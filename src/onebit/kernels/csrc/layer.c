@@ -35,7 +35,23 @@ static void glu(float *g, const float *u, int64_t n, int relu2) {
 int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const float *rope_cos,
                      const float *rope_sin, int64_t rope_len, float *cache_k, float *cache_v,
                      int64_t cache_len) {
-    if (!L || !x || !rope_cos || !rope_sin || !cache_k || !cache_v) return OB_ERR_NULL;
+    return ob_decoder_layer_batch(L, x, 1, &T, &pos, rope_cos, rope_sin, rope_len, &cache_k,
+                                  &cache_v, cache_len);
+}
+
+int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int64_t *seq_len,
+                           const int64_t *seq_pos, const float *rope_cos, const float *rope_sin,
+                           int64_t rope_len, float *const *cache_k, float *const *cache_v,
+                           int64_t cache_len) {
+    if (!L || !x || !seq_len || !seq_pos || !rope_cos || !rope_sin || !cache_k || !cache_v)
+        return OB_ERR_NULL;
+    if (nseq < 1) return OB_ERR_SIZE;
+    int64_t T = 0; /* all rows: the projections, norms and GLU treat them alike */
+    for (int64_t b = 0; b < nseq; b++) {
+        if (seq_len[b] < 1) return OB_ERR_SIZE;
+        if (!cache_k[b] || !cache_v[b]) return OB_ERR_NULL;
+        T += seq_len[b];
+    }
     int64_t D = L->hidden, F = L->ffn, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim;
     if (T < 1 || D < 1 || F < 1 || H < 1 || Hkv < 1 || hd < 2) return OB_ERR_SIZE;
     for (int i = 0; i < 7; i++)
@@ -69,9 +85,11 @@ int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const 
         LIN(K, KD, D, k);
         LIN(V, KD, D, v);
     }
-    if ((st = ob_attention(q, k, v, T, pos, H, Hkv, hd, rope_cos, rope_sin, rope_len, cache_k, cache_v,
-                           cache_len, y)))
-        goto done;
+    for (int64_t b = 0, r = 0; b < nseq; r += seq_len[b], b++) /* attention: per sequence */
+        if ((st = ob_attention(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv, hd,
+                               rope_cos, rope_sin, rope_len, cache_k[b], cache_v[b], cache_len,
+                               y + r * QD)))
+            goto done;
     QUANT(y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
     LIN(O, D, QD, o);
     for (int64_t i = 0; i < T * D; i++) x[i] += o[i];

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 8
+#define OB_ABI_VERSION 9
 
 enum {
     OB_OK = 0,
@@ -117,6 +117,15 @@ typedef struct {
 OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t pos,
                             const float *rope_cos, const float *rope_sin, int64_t rope_len,
                             float *cache_k, float *cache_v, int64_t cache_len);
+/* The same for nseq sequences at once (batched decoding): x holds their rows one after another,
+ * sequence b has seq_len[b] rows at positions seq_pos[b].. and its own caches cache_k[b] /
+ * cache_v[b]. The projections run as one GEMM over all rows; attention runs per sequence. Each
+ * row's result is bit-identical to running its sequence alone (per-row quantization, exact
+ * integer GEMM). */
+OB_API int ob_decoder_layer_batch(const ob_layer *layer, float *x, int64_t nseq,
+                                  const int64_t *seq_len, const int64_t *seq_pos,
+                                  const float *rope_cos, const float *rope_sin, int64_t rope_len,
+                                  float *const *cache_k, float *const *cache_v, int64_t cache_len);
 
 /* 4-bit weights x int8 (a 4-bit LM head): rows of ceil(k/64)*32 bytes; in each 32-byte block the
  * low nibbles hold elements 0..31 and the high nibbles 32..63 of the block, as u = q + 8 with q in
