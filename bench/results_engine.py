@@ -41,7 +41,8 @@ def section(rows: list[dict], threads: int) -> str:
         f"token. 'reads' = bytes one decode step must read (packed weights + the LM head as the "
         f"engine reads it + norms), '% BW' = reads x tg / the read bandwidth measured in the same "
         f"process. Random-ternary weights (same speed as trained ones: the kernels are "
-        f"data-independent); int8 embeddings/LM head for the big shapes, as stated per row.",
+        f"data-independent); int8 or 4-bit embeddings/LM head for the big shapes, as stated per row "
+        f"(their quality cost: the storage table below).",
         "",
         "| model | params | weights / emb.+head | pp128 | pp512 | tg128 | TTFT | peak RSS | reads/token | % BW | goal pp/tg | peers (pp128 / tg128, the issue's figures) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
@@ -75,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(Path(args.src).read_text())
     else:
         rows = []
-        for shape in (None, "700m", "2b4t"):
+        for shape, emb in ((None, None), ("700m", "i8"), ("2b4t", "i8"), ("2b4t", "i4")):
             extra = ["--pp", "128" if shape is None else "128,512"]
             if shape:
-                extra += ["--shape", shape]
+                extra += ["--shape", shape, "--embedding", emb]
             r = run(extra, args.threads)
             r["shape"] = shape or "built-in"
             rows.append(r)
