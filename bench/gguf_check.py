@@ -1,0 +1,185 @@
+"""Does llama.cpp run our GGUF export like our engine? Greedy tokens and logits, TQ2_0 and TQ1_0.
+
+Run with a Python that has llama-cpp-python and gguf (plus numpy, safetensors):
+
+    PYTHONPATH=src /work/peers-venv/bin/python bench/gguf_check.py [--model PACKED] [--out DIR]
+
+Without --model it writes a packed model whose dims are multiples of 256 (hidden 256, ffn 768,
+2 layers, 4 heads / 2 KV heads, SubLN + SiLU: llama.cpp's ``bitnet`` graph) with random ternary
+codes, and deliberately non-uniform per-tensor scales and norm weights (so a swapped tensor or a
+wrong scale shows up), and an embedding of std 1 (peaked logits: greedy decisions with margins),
+vocab = the built-in tokenizer's 4096. Then for each qtype it exports GGUF, loads it with llama.cpp
+(n_threads=2, logits of every position) and compares, feeding token ids (no text tokenization):
+
+- greedy: a 50-token continuation of a few prompts, token for token (llama.cpp's own eval loop vs
+  our engine's ``Runtime.forward`` loop);
+- logits: both fed the same sequence (prompt + our continuation): per-position correlation, max
+  |diff| relative to the logit range, top-1 agreement.
+
+Exact equality is not expected: llama.cpp quantizes activations to Q8_K (an int8 scale per 256
+values) where the engine uses one int8 scale per token; the script reports how close they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from onebit.config import ModelConfig  # noqa: E402
+from onebit.formats.gguf_export import export_gguf  # noqa: E402
+from onebit.formats.packed_model import PACKED_VERSION  # noqa: E402
+from onebit.formats.packing import save_packed  # noqa: E402
+
+TOKENIZER = ROOT / "src/onebit/models/default/tokenizer.json"
+
+
+def write_check_model(folder: Path, seed: int = 0, layout: str = "i2", hidden_act: str = "silu",
+                      embed_std: float = 1.0) -> Path:
+    """A packed SubLN model (dims multiples of 256) with random codes, scales and norm weights."""
+    cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, hidden_act=hidden_act,
+                      max_position_embeddings=256, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      bos_token_id=0, eos_token_id=1)
+    rng = np.random.default_rng(seed)
+    D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.resolved_head_dim
+    H, Hkv = cfg.num_attention_heads, cfg.kv_heads
+    packed, extra = {}, {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for role, n, k in (("self_attn.q_proj", H * hd, D), ("self_attn.k_proj", Hkv * hd, D),
+                           ("self_attn.v_proj", Hkv * hd, D), ("self_attn.o_proj", D, H * hd),
+                           ("mlp.gate_proj", F, D), ("mlp.up_proj", F, D), ("mlp.down_proj", D, F)):
+            # about a third zeros, like absmean-quantized weights
+            codes = rng.choice(np.array([-1, 0, 1], np.int8), size=(n, k), p=[0.33, 0.34, 0.33])
+            packed[p + role] = (codes, float(rng.uniform(0.5, 2.0) / np.sqrt(k)))
+        for name, n in (("input_layernorm", D), ("post_attention_layernorm", D),
+                        ("self_attn.attn_sub_norm", H * hd), ("mlp.ffn_sub_norm", F)):
+            extra[p + name + ".weight"] = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    extra["model.norm.weight"] = rng.uniform(0.5, 1.5, D).astype(np.float32)
+    extra["model.embed_tokens.weight"] = (rng.standard_normal((V, D)) * embed_std).astype(np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_packed(folder / "model.safetensors", packed, layout, extra_tensors=extra,
+                metadata={"source": "bench/gguf_check.py"})
+    config = {"model": cfg.to_dict(),
+              "packed": {"layout": layout, "embedding": "f32", "format_version": PACKED_VERSION}}
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    shutil.copy(TOKENIZER, folder / "tokenizer.json")
+    return folder
+
+
+def engine_greedy(rt, prompt: list[int], n: int) -> list[int]:
+    rt.reset(len(prompt) + n)
+    logits = rt.forward(prompt, 0)
+    out = []
+    for i in range(n):
+        t = int(np.argmax(logits))
+        out.append(t)
+        if i + 1 < n:
+            logits = rt.forward([t], len(prompt) + i)
+    return out
+
+
+def llama_greedy(llm, prompt: list[int], n: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt)
+    out = []
+    for i in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        if i + 1 < n:
+            llm.eval([t])
+    return out
+
+
+def llama_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+def compare(model_dir: Path, out_dir: Path, qtypes: list[str], n_new: int, prompts: list[list[int]],
+            scales: str) -> list[dict]:
+    import onebit
+    from llama_cpp import Llama
+
+    m = onebit.load(model_dir)
+    rt = m.runtime
+    results = []
+    for qt in qtypes:
+        path = out_dir / f"{model_dir.name}.{qt}.gguf"
+        t0 = time.perf_counter()
+        export_gguf(model_dir, path, qt, scales=scales)
+        t_exp = time.perf_counter() - t0
+        llm = Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=2, logits_all=True,
+                    verbose=False)
+        for pi, prompt in enumerate(prompts):
+            ours = engine_greedy(rt, prompt, n_new)
+            theirs = llama_greedy(llm, prompt, n_new)
+            same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+            seq = prompt + ours
+            lo = m.logits(seq)
+            ll = llama_logits(llm, seq)
+            corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(lo, ll)]
+            rng_ = float(np.ptp(lo))
+            maxdiff = float(np.abs(lo - ll).max())
+            top1 = float((lo.argmax(1) == ll.argmax(1)).mean())
+            # margin of our top-1 over our top-2 where they disagree (are they near-ties?)
+            srt = np.sort(lo, axis=1)
+            dis = np.nonzero(lo.argmax(1) != ll.argmax(1))[0]
+            r = dict(qtype=qt, prompt=pi, prompt_len=len(prompt), n_new=n_new,
+                     greedy_equal=ours == theirs, first_divergence=same,
+                     min_corr=min(corr), mean_corr=float(np.mean(corr)), max_abs_diff=maxdiff,
+                     logit_range=rng_, rel_max_diff=maxdiff / rng_, top1_agree=top1,
+                     disagree_margins=[float(srt[i, -1] - srt[i, -2]) for i in dis[:5]],
+                     gguf_mb=path.stat().st_size / 1e6, export_s=t_exp)
+            results.append(r)
+            print(f"{qt} prompt {pi} (len {len(prompt)}): greedy {n_new} tokens "
+                  f"{'IDENTICAL' if r['greedy_equal'] else f'diverge at {same}'}; logits over "
+                  f"{len(seq)} positions: corr min {r['min_corr']:.6f} mean {r['mean_corr']:.6f}, "
+                  f"max|diff| {maxdiff:.4f} (range {rng_:.2f}, {100 * maxdiff / rng_:.3f}%), "
+                  f"top-1 agree {100 * top1:.1f}%", flush=True)
+            if not r["greedy_equal"]:
+                print(f"   ours   {ours}\n   llama  {theirs}\n   margins at disagreements: "
+                      f"{r['disagree_margins']}", flush=True)
+        del llm
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="packed model folder (default: write the check model)")
+    ap.add_argument("--out", default=None, help="folder for the model and GGUF files (default: temp)")
+    ap.add_argument("--qtypes", default="tq2_0,tq1_0")
+    ap.add_argument("--scales", default="tensor", choices=["tensor", "block"])
+    ap.add_argument("--n", type=int, default=50, help="greedy tokens per prompt")
+    ap.add_argument("--layout", default="i2", choices=["i2", "t1_6"])
+    ap.add_argument("--embed-std", type=float, default=1.0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gguf_check_"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else write_check_model(
+        out / f"check_{args.layout}", layout=args.layout, embed_std=args.embed_std)
+    rng = np.random.default_rng(1)
+    V = json.loads((model / "config.json").read_text())["model"]["vocab_size"]
+    prompts = [[0] + rng.integers(2, V, size=n).tolist() for n in (1, 7, 30)]
+    res = compare(model, out, args.qtypes.split(","), args.n, prompts, args.scales)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    ok = all(r["greedy_equal"] for r in res)
+    print(f"greedy identical in {sum(r['greedy_equal'] for r in res)}/{len(res)} runs")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
