@@ -7,7 +7,8 @@ Run with a Python that has llama-cpp-python and gguf (plus numpy, safetensors):
 Without --model it writes a packed model whose dims are multiples of 256 (hidden 256, ffn 768,
 2 layers, 4 heads / 2 KV heads, SubLN + SiLU: llama.cpp's ``bitnet`` graph) with random ternary
 codes, and deliberately non-uniform per-tensor scales and norm weights (so a swapped tensor or a
-wrong scale shows up), and an embedding of std 1 (peaked logits: greedy decisions with margins),
+wrong scale shows up), and an embedding of std 0.1 (varied greedy continuations; larger makes the residual stream
+predict its own token forever),
 vocab = the built-in tokenizer's 4096. Then for each qtype it exports GGUF, loads it with llama.cpp
 (n_threads=2, logits of every position) and compares, feeding token ids (no text tokenization):
 
@@ -44,7 +45,7 @@ TOKENIZER = ROOT / "src/onebit/models/default/tokenizer.json"
 
 
 def write_check_model(folder: Path, seed: int = 0, layout: str = "i2", hidden_act: str = "silu",
-                      embed_std: float = 1.0) -> Path:
+                      embed_std: float = 0.1) -> Path:
     """A packed SubLN model (dims multiples of 256) with random codes, scales and norm weights."""
     cfg = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, hidden_act=hidden_act,
@@ -136,8 +137,10 @@ def compare(model_dir: Path, out_dir: Path, qtypes: list[str], n_new: int, promp
             # margin of our top-1 over our top-2 where they disagree (are they near-ties?)
             srt = np.sort(lo, axis=1)
             dis = np.nonzero(lo.argmax(1) != ll.argmax(1))[0]
+            div_margin = (float(srt[len(prompt) - 1 + same, -1] - srt[len(prompt) - 1 + same, -2])
+                          if same < len(ours) else None)
             r = dict(qtype=qt, prompt=pi, prompt_len=len(prompt), n_new=n_new,
-                     greedy_equal=ours == theirs, first_divergence=same,
+                     greedy_equal=ours == theirs, first_divergence=same, margin_at_divergence=div_margin,
                      min_corr=min(corr), mean_corr=float(np.mean(corr)), max_abs_diff=maxdiff,
                      logit_range=rng_, rel_max_diff=maxdiff / rng_, top1_agree=top1,
                      disagree_margins=[float(srt[i, -1] - srt[i, -2]) for i in dis[:5]],
@@ -149,7 +152,8 @@ def compare(model_dir: Path, out_dir: Path, qtypes: list[str], n_new: int, promp
                   f"max|diff| {maxdiff:.4f} (range {rng_:.2f}, {100 * maxdiff / rng_:.3f}%), "
                   f"top-1 agree {100 * top1:.1f}%", flush=True)
             if not r["greedy_equal"]:
-                print(f"   ours   {ours}\n   llama  {theirs}\n   margins at disagreements: "
+                print(f"   ours   {ours}\n   llama  {theirs}\n   our top1-top2 margin where it "
+                      f"diverges: {div_margin:.5f}; margins at teacher-forced top-1 disagreements: "
                       f"{r['disagree_margins']}", flush=True)
         del llm
     return results
@@ -163,7 +167,8 @@ def main() -> int:
     ap.add_argument("--scales", default="tensor", choices=["tensor", "block"])
     ap.add_argument("--n", type=int, default=50, help="greedy tokens per prompt")
     ap.add_argument("--layout", default="i2", choices=["i2", "t1_6"])
-    ap.add_argument("--embed-std", type=float, default=1.0)
+    ap.add_argument("--embed-std", type=float, default=0.1,
+                    help="embedding std (0.1: varied continuations; >= 0.5: the token repeats itself)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gguf_check_"))
