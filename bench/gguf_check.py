@@ -83,6 +83,45 @@ def write_check_model(folder: Path, seed: int = 0, layout: str = "i2", hidden_ac
     return folder
 
 
+def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean() + eps) * w
+
+
+def _quant_act(x: np.ndarray, block: int | None) -> np.ndarray:
+    """Absmax INT8 fake-quant of a vector: one scale per ``block`` values (None: the whole row)."""
+    out = np.empty_like(x)
+    step = len(x) if block is None else block
+    for b in range(0, len(x), step):
+        s = np.abs(x[b:b + step]).max() / 127
+        out[b:b + step] = x[b:b + step] if s == 0 else np.clip(np.rint(x[b:b + step] / s), -127, 127) * s
+    return out
+
+
+def emulate_first_token(model_dir: Path, tok: int, block: int | None) -> np.ndarray:
+    """float64 numpy logits of a single token at position 0 (attention = its own V) with the
+    activation quantization of the engine (block=None: per token) or of llama.cpp (block=256, Q8_K);
+    SubLN + SiLU/ReLU², tied head."""
+    from onebit.formats.packing import load_packed, unpack
+
+    cfg = ModelConfig.from_dict(json.loads((model_dir / "config.json").read_text())["model"])
+    packed, extra, _ = load_packed(model_dir / "model.safetensors")
+    W = {k: unpack(v.packed, v.shape[1], v.layout).astype(np.float64) * v.scale for k, v in packed.items()}
+    E = extra["model.embed_tokens.weight"].astype(np.float64)
+    eps, rep, hd = cfg.rms_norm_eps, cfg.num_attention_heads // cfg.kv_heads, cfg.resolved_head_dim
+    x = E[tok].copy()
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        n = lambda name, v: _rms(v, extra[p + name + ".weight"].astype(np.float64), eps)  # noqa: E731
+        h = _quant_act(n("input_layernorm", x), block)
+        v = np.repeat((W[p + "self_attn.v_proj"] @ h).reshape(cfg.kv_heads, hd), rep, axis=0).ravel()
+        x = x + W[p + "self_attn.o_proj"] @ _quant_act(n("self_attn.attn_sub_norm", v), block)
+        h = _quant_act(n("post_attention_layernorm", x), block)
+        g, u = W[p + "mlp.gate_proj"] @ h, W[p + "mlp.up_proj"] @ h
+        a = (np.maximum(g, 0) ** 2 if cfg.hidden_act == "relu2" else g / (1 + np.exp(-g))) * u
+        x = x + W[p + "mlp.down_proj"] @ _quant_act(n("mlp.ffn_sub_norm", a), block)
+    return E @ _rms(x, extra["model.norm.weight"].astype(np.float64), eps)
+
+
 def engine_greedy(rt, prompt: list[int], n: int) -> list[int]:
     rt.reset(len(prompt) + n)
     logits = rt.forward(prompt, 0)
@@ -183,6 +222,9 @@ def main() -> int:
                          "llama.cpp's activation quantization equals the engine's per-token one")
     ap.add_argument("--kv", default="f32", choices=["f32", "f16"],
                     help="llama.cpp KV cache type (f16 = llama.cpp's default; the engine keeps f32)")
+    ap.add_argument("--emulate", action="store_true",
+                    help="also compare single-token logits with a numpy emulation of the model "
+                         "using per-token (engine) and per-256 (llama.cpp Q8_K) activation scales")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gguf_check_"))
@@ -194,6 +236,25 @@ def main() -> int:
     V = json.loads((model / "config.json").read_text())["model"]["vocab_size"]
     prompts = [[0] + rng.integers(2, V, size=n).tolist() for n in (1, 7, 30)]
     res = compare(model, out, args.qtypes.split(","), args.n, prompts, args.scales, args.kv)
+    if args.emulate:
+        import onebit
+        from llama_cpp import Llama
+
+        m = onebit.load(model)
+        for qt in args.qtypes.split(","):
+            llm = Llama(model_path=str(out / f"{model.name}.{qt}.gguf"), n_ctx=64, n_threads=2,
+                        logits_all=True, type_k=0, type_v=0, verbose=False)
+            for tok in prompts[2][:4]:
+                ours = m.logits([tok])[0]
+                llm.reset()
+                llm.eval([tok])
+                theirs = np.array(llm.scores[0], np.float64)
+                e_tok, e_blk = emulate_first_token(model, tok, None), emulate_first_token(model, tok, 256)
+                print(f"emulate {qt} token {tok}: max|engine - emu(per-token)| "
+                      f"{np.abs(ours - e_tok).max():.2e}, max|llama.cpp - emu(per-256 Q8_K)| "
+                      f"{np.abs(theirs - e_blk).max():.2e}, max|engine - llama.cpp| "
+                      f"{np.abs(ours - theirs).max():.2e}", flush=True)
+            del llm
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     ok = all(r["greedy_equal"] for r in res)
