@@ -222,6 +222,9 @@ def main() -> int:
                          "llama.cpp's activation quantization equals the engine's per-token one")
     ap.add_argument("--kv", default="f32", choices=["f32", "f16"],
                     help="llama.cpp KV cache type (f16 = llama.cpp's default; the engine keeps f32)")
+    ap.add_argument("--text", action="append", default=[],
+                    help="a text prompt (encoded with the model's tokenizer, BOS first); repeatable; "
+                         "default: three prompts of random token ids")
     ap.add_argument("--emulate", action="store_true",
                     help="also compare single-token logits with a numpy emulation of the model "
                          "using per-token (engine) and per-256 (llama.cpp Q8_K) activation scales")
@@ -235,6 +238,12 @@ def main() -> int:
     rng = np.random.default_rng(1)
     V = json.loads((model / "config.json").read_text())["model"]["vocab_size"]
     prompts = [[0] + rng.integers(2, V, size=n).tolist() for n in (1, 7, 30)]
+    if args.text:
+        import onebit
+
+        tm = onebit.load(model)
+        prompts = [tm.encode(t, add_bos=True) for t in args.text]
+        del tm
     res = compare(model, out, args.qtypes.split(","), args.n, prompts, args.scales, args.kv)
     if args.emulate:
         import onebit
@@ -244,7 +253,7 @@ def main() -> int:
         for qt in args.qtypes.split(","):
             llm = Llama(model_path=str(out / f"{model.name}.{qt}.gguf"), n_ctx=64, n_threads=2,
                         logits_all=True, type_k=0, type_v=0, verbose=False)
-            for tok in prompts[2][:4]:
+            for tok in prompts[-1][:4]:
                 ours = m.logits([tok])[0]
                 llm.reset()
                 llm.eval([tok])

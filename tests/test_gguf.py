@@ -154,6 +154,7 @@ def test_export_file(tmp_path, qtype, layout):
     assert emb.tensor_type == T.F32
     assert np.array_equal(emb.data.reshape(4096, 256), extra["model.embed_tokens.weight"])
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert out.stat().st_mode & 0o044  # readable by others (umask permitting), not mkstemp's 0600
 
 
 def test_export_block_scales(tmp_path):

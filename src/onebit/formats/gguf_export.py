@@ -344,6 +344,9 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
         w.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
