@@ -41,10 +41,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from onebit.config import ModelConfig  # noqa: E402
-from onebit.formats.gguf_export import export_gguf  # noqa: E402
-from onebit.formats.packed_model import PACKED_VERSION  # noqa: E402
-from onebit.formats.packing import save_packed  # noqa: E402
+from onebit.config import ModelConfig
+from onebit.formats.gguf_export import export_gguf
+from onebit.formats.packed_model import PACKED_VERSION
+from onebit.formats.packing import save_packed
 
 TOKENIZER = ROOT / "src/onebit/models/default/tokenizer.json"
 
@@ -111,7 +111,10 @@ def emulate_first_token(model_dir: Path, tok: int, block: int | None) -> np.ndar
     x = E[tok].copy()
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        n = lambda name, v: _rms(v, extra[p + name + ".weight"].astype(np.float64), eps)  # noqa: E731
+
+        def n(name: str, v: np.ndarray, p: str = p) -> np.ndarray:
+            return _rms(v, extra[p + name + ".weight"].astype(np.float64), eps)
+
         h = _quant_act(n("input_layernorm", x), block)
         v = np.repeat((W[p + "self_attn.v_proj"] @ h).reshape(cfg.kv_heads, hd), rep, axis=0).ravel()
         x = x + W[p + "self_attn.o_proj"] @ _quant_act(n("self_attn.attn_sub_norm", v), block)
@@ -154,8 +157,9 @@ def llama_logits(llm, ids: list[int]) -> np.ndarray:
 
 def compare(model_dir: Path, out_dir: Path, qtypes: list[str], n_new: int, prompts: list[list[int]],
             scales: str, kv: str = "f32") -> list[dict]:
-    import onebit
     from llama_cpp import Llama
+
+    import onebit
 
     m = onebit.load(model_dir)
     rt = m.runtime
@@ -185,7 +189,7 @@ def compare(model_dir: Path, out_dir: Path, qtypes: list[str], n_new: int, promp
             dis = np.nonzero(lo.argmax(1) != ll.argmax(1))[0]
             div_margin = (float(srt[len(prompt) - 1 + same, -1] - srt[len(prompt) - 1 + same, -2])
                           if same < len(ours) else None)
-            r = dict(qtype=qt, kv=kv, prompt=pi, prompt_len=len(prompt), n_new=n_new,
+            r = dict(qtype=qt,  # noqa: C408 kv=kv, prompt=pi, prompt_len=len(prompt), n_new=n_new,
                      greedy_equal=ours == theirs, first_divergence=same, margin_at_divergence=div_margin,
                      min_corr=min(corr), mean_corr=float(np.mean(corr)), max_abs_diff=maxdiff,
                      logit_range=rng_, rel_max_diff=maxdiff / rng_, top1_agree=top1,
@@ -246,8 +250,9 @@ def main() -> int:
         del tm
     res = compare(model, out, args.qtypes.split(","), args.n, prompts, args.scales, args.kv)
     if args.emulate:
-        import onebit
         from llama_cpp import Llama
+
+        import onebit
 
         m = onebit.load(model)
         for qt in args.qtypes.split(","):

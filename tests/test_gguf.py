@@ -16,11 +16,15 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the 'gguf' package is not installed "
                                           "(pip install 'onebit[gguf]')")
 
-from onebit.config import ModelConfig  # noqa: E402
-from onebit.formats.gguf_export import (GGUFExportError, encode_tq1_0, encode_tq2_0,  # noqa: E402
-                                        export_gguf)
-from onebit.formats.packed_model import PACKED_VERSION  # noqa: E402
-from onebit.formats.packing import pack, save_packed  # noqa: E402
+from onebit.config import ModelConfig
+from onebit.formats.gguf_export import (
+    GGUFExportError,
+    encode_tq1_0,
+    encode_tq2_0,
+    export_gguf,
+)
+from onebit.formats.packed_model import PACKED_VERSION
+from onebit.formats.packing import pack, save_packed
 
 T = gguf.GGMLQuantizationType
 TOKENIZER = Path(__file__).resolve().parents[1] / "src/onebit/models/default/tokenizer.json"

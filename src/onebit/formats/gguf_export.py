@@ -35,8 +35,15 @@ import numpy as np
 from .packed_model import I8_SCALE_SUFFIX, packed_config
 from .packing import load_packed, unpack
 
-__all__ = ["QTYPES", "ARCH", "GGUFExportError", "export_gguf", "encode_tq2_0", "encode_tq1_0",
-           "gguf_tensor_name"]
+__all__ = [
+    "ARCH",
+    "QTYPES",
+    "GGUFExportError",
+    "encode_tq1_0",
+    "encode_tq2_0",
+    "export_gguf",
+    "gguf_tensor_name",
+]
 
 ARCH = "bitnet"
 QK = 256  # values per TQ1_0 / TQ2_0 block (ggml's QK_K)
