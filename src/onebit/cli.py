@@ -250,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8", "i4"],
                    help="embedding / LM head storage (f32 lossless)")
 
+    cv = sub.add_parser("convert", help="convert a packed model folder to another format (GGUF for "
+                                        "llama.cpp)")
+    cv.add_argument("src", help="packed model folder (written by `onebit export`)")
+    cv.add_argument("dst", help="file to write (replaced atomically)")
+    cv.add_argument("--to", required=True, choices=["gguf-tq2_0", "gguf-tq1_0"],
+                    help="gguf-tq2_0: llama.cpp TQ2_0 (2.06 bpw); gguf-tq1_0: TQ1_0 (1.69 bpw)")
+    cv.add_argument("--scales", default="tensor", choices=["tensor", "block"],
+                    help="tensor: exact f32 per-tensor scale tensors (default); block: fp16 d per "
+                         "block (as llama.cpp's converter; refused unless exact)")
+    cv.add_argument("--embedding", default="auto", choices=["auto", "f32", "f16"],
+                    help="token_embd (= LM head) type; auto keeps f16 as f16, else f32")
+    cv.add_argument("--allow-relu2", action="store_true",
+                    help="write a ReLU² model anyway (stock llama.cpp computes SiLU in its bitnet "
+                         "graph; only for builds patched to ReLU²)")
+
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ep = esub.add_parser("ppl", help="perplexity on text files or folders")
@@ -269,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
     b.set_defaults(bench_help=b.format_help)
     return p
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .formats.gguf_export import export_gguf
+        out = export_gguf(args.src, args.dst, args.to.split("-", 1)[1], scales=args.scales,
+                          embedding=args.embedding, allow_relu2=args.allow_relu2)
+    except ImportError as e:
+        print(f"onebit convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB, {args.to})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_export(args)
         if args.cmd == "eval":
             return _cmd_eval_ppl(args)
+        if args.cmd == "convert":
+            return _cmd_convert(args)
     except (ConfigError, ValueError) as e:  # every onebit error is a ValueError subclass
         print(f"onebit {args.cmd}: error: {e}", file=sys.stderr)
         return 2

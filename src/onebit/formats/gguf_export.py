@@ -1,0 +1,361 @@
+"""Export a packed model folder to GGUF (llama.cpp) with ternary TQ2_0 / TQ1_0 weights.
+
+Spec: docs/formats.md §7b. The target is llama.cpp's ``bitnet`` architecture, whose graph is
+(llama.cpp ``src/models/bitnet.cpp``): RMSNorm ``attn_norm`` -> q/k/v -> NEOX ("rotate_half")
+RoPE -> attention -> RMSNorm ``attn_sub_norm`` -> o; RMSNorm ``ffn_norm`` -> SiLU(gate) * up ->
+RMSNorm ``ffn_sub_norm`` -> down; final ``output_norm``; the LM head is always ``token_embd``
+(tied). Every projection ``W`` may carry an optional F32 ``{W}.scale`` [1] tensor that the graph
+multiplies into the matmul result.
+
+That is onebit's ``norm_placement="subln"`` with ``hidden_act="silu"`` exactly. The released
+2B4T layout (``hidden_act="relu2"``) has the same tensors, but stock llama.cpp computes SiLU in
+that graph, so exporting a ReLU² model is refused unless ``allow_relu2=True`` (for llama.cpp forks
+that patch the activation to ReLU²).
+
+The ternary weights are written from the packed codes exactly: TQ2_0 blocks are our ``i2`` bytes
+re-blocked (two 128-value ``i2`` blocks = the 64 ``qs`` bytes of one 256-value TQ2_0 block) and
+TQ1_0 blocks re-encode the same trits. The per-tensor scale goes either into a separate F32
+``.scale`` tensor with every block's ``d`` = 1.0 (``scales="tensor"``, the default: exact for any
+scale), or into every block's fp16 ``d`` (``scales="block"``: what llama.cpp's own converter
+produces; exact only when the scale is representable in fp16, which is checked).
+
+Needs the ``gguf`` package (``pip install onebit[gguf]``); no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .packed_model import I8_SCALE_SUFFIX, packed_config
+from .packing import load_packed, unpack
+
+__all__ = [
+    "ARCH",
+    "QTYPES",
+    "GGUFExportError",
+    "encode_tq1_0",
+    "encode_tq2_0",
+    "export_gguf",
+    "gguf_tensor_name",
+]
+
+ARCH = "bitnet"
+QK = 256  # values per TQ1_0 / TQ2_0 block (ggml's QK_K)
+QTYPES = ("tq2_0", "tq1_0")
+TQ2_0_BYTES = 66   # qs[64] + fp16 d
+TQ1_0_BYTES = 54   # qs[48] + qh[4] + fp16 d
+
+# onebit (HF) projection name -> llama.cpp tensor name (within blk.N)
+_PROJ = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+_NORMS = {
+    "input_layernorm": "attn_norm", "self_attn.attn_sub_norm": "attn_sub_norm",
+    "post_attention_layernorm": "ffn_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+}
+
+
+class GGUFExportError(ValueError):
+    """The packed model cannot be written as a llama.cpp GGUF (unsupported architecture/shape)."""
+
+
+def gguf_tensor_name(name: str) -> str:
+    """llama.cpp's name for one of our tensor names (``model.layers.3.mlp.up_proj`` -> ``blk.3.ffn_up``)."""
+    if name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if name == "model.norm.weight":
+        return "output_norm.weight"
+    if name.startswith("model.layers."):
+        i, rest = name[len("model.layers."):].split(".", 1)
+        if rest in _PROJ:
+            return f"blk.{i}.{_PROJ[rest]}"
+        if rest.endswith(".weight") and rest[:-len(".weight")] in _NORMS:
+            return f"blk.{i}.{_NORMS[rest[:-len('.weight')]]}.weight"
+    raise GGUFExportError(f"tensor {name!r} has no counterpart in llama.cpp's {ARCH!r} architecture")
+
+
+# ---------------------------------------------------------------------------------------------
+# Block encoders: ternary codes int8 [N, K] (K a multiple of 256) -> raw blocks uint8 [N, K/256*B]
+# ---------------------------------------------------------------------------------------------
+
+def _check_codes(codes: np.ndarray, name: str = "codes") -> tuple[int, int]:
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.int8 or codes.ndim != 2:
+        raise TypeError(f"{name} must be an int8 [N, K] numpy array of -1/0/1")
+    n, k = codes.shape
+    if k % QK:
+        raise GGUFExportError(
+            f"{name}: rows of {k} values are not a multiple of {QK}, the block of llama.cpp's "
+            f"TQ1_0/TQ2_0; give the model hidden_size/intermediate_size (and heads*head_dim) that "
+            f"are multiples of {QK}, or export to the onebit packed format instead")
+    return n, k
+
+
+def _fp16_d(d: float) -> np.ndarray:
+    return np.full(1, d, dtype=np.float16).view(np.uint8)
+
+
+def encode_tq2_0(codes: np.ndarray, d: float = 1.0) -> np.ndarray:
+    """TQ2_0 blocks of ternary ``codes`` with every block's scale ``d``: uint8 [N, K/256*66].
+
+    Block: qs[64], byte 32*c + m (chunk c = 0, 1) holds elements 128c + m + 32j at bits 2j+1:2j as
+    value+1 (exactly two onebit ``i2`` blocks), then fp16 d.
+    """
+    n, k = _check_codes(codes)
+    nb = k // QK
+    c = (codes.astype(np.int16) + 1).astype(np.uint8).reshape(n, nb, 2, 4, 32)  # [.., chunk, j, m]
+    qs = c[:, :, :, 0] | (c[:, :, :, 1] << 2) | (c[:, :, :, 2] << 4) | (c[:, :, :, 3] << 6)
+    out = np.empty((n, nb, TQ2_0_BYTES), np.uint8)
+    out[:, :, :64] = qs.reshape(n, nb, 64)
+    out[:, :, 64:] = _fp16_d(d)
+    return out.reshape(n, nb * TQ2_0_BYTES)
+
+
+def _trits_to_byte(q: np.ndarray) -> np.ndarray:
+    # q in 0..242 (5 trits, first most significant) -> ceil(q * 256 / 243), ggml's fixed point
+    return ((q.astype(np.uint32) * 256 + 242) // 243).astype(np.uint8)
+
+
+def encode_tq1_0(codes: np.ndarray, d: float = 1.0) -> np.ndarray:
+    """TQ1_0 blocks of ternary ``codes`` with every block's scale ``d``: uint8 [N, K/256*54].
+
+    Block (256 values): qs[0:32] byte m = elements m + 32j (j < 5, first most significant, the
+    onebit ``t1_6`` encoding of values 0..159); qs[32:48] byte m = elements 160 + m + 16j (j < 5);
+    qh[4] byte m = elements 240 + m + 4j (j < 4, then a zero trit); then fp16 d.
+    """
+    n, k = _check_codes(codes)
+    nb = k // QK
+    c = (codes.astype(np.int16) + 1).astype(np.uint16).reshape(n, nb, QK)
+    w5 = np.array([81, 27, 9, 3, 1], np.uint16)
+    a = c[:, :, :160].reshape(n, nb, 5, 32)                    # [.., j, m]: element m + 32j
+    b = c[:, :, 160:240].reshape(n, nb, 5, 16)                 # element 160 + m + 16j
+    h = c[:, :, 240:].reshape(n, nb, 4, 4)                     # element 240 + m + 4j
+    out = np.empty((n, nb, TQ1_0_BYTES), np.uint8)
+    out[:, :, 0:32] = _trits_to_byte(np.einsum("...jm,j->...m", a, w5))
+    out[:, :, 32:48] = _trits_to_byte(np.einsum("...jm,j->...m", b, w5))
+    out[:, :, 48:52] = _trits_to_byte(np.einsum("...jm,j->...m", h, w5[:4]))
+    out[:, :, 52:] = _fp16_d(d)
+    return out.reshape(n, nb * TQ1_0_BYTES)
+
+
+_ENCODERS = {"tq2_0": encode_tq2_0, "tq1_0": encode_tq1_0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------
+
+_LLAMA3_PAT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+
+
+def _pre_name(tok: dict[str, Any]) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json's pre-tokenizer."""
+    pre = tok.get("pre_tokenizer") or {}
+    text = json.dumps(pre)
+    if _LLAMA3_PAT_START in text and "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    return "default"
+
+
+def _add_tokenizer(w, folder: Path, vocab_size: int, bos: int, eos: int) -> None:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFExportError(f"'{folder}' has no tokenizer.json; llama.cpp needs a vocabulary in the "
+                              f"GGUF: copy the model's tokenizer.json into the folder")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise GGUFExportError(f"'{path}': tokenizer model {model.get('type')!r} is not supported "
+                              f"(only byte-level BPE, llama.cpp's 'gpt2' tokenizer)")
+    vocab: dict[str, int] = dict(model.get("vocab") or {})
+    special = set()
+    for t in tok.get("added_tokens") or []:
+        vocab[t["content"]] = t["id"]
+        if t.get("special"):
+            special.add(t["id"])
+    tokens = [None] * vocab_size
+    for s, i in vocab.items():
+        if 0 <= i < vocab_size:
+            tokens[i] = s
+    n_real = max(vocab.values()) + 1 if vocab else 0
+    if n_real > vocab_size:
+        raise GGUFExportError(f"'{path}' has {n_real} tokens but the model's vocab_size is "
+                              f"{vocab_size}; the tokenizer does not belong to this model")
+    types = []
+    for i, s in enumerate(tokens):  # 1 normal, 3 control, 5 unused (padding rows of the matrix)
+        if s is None:
+            tokens[i] = f"[PAD{i}]"
+            types.append(5)
+        else:
+            types.append(3 if i in special else 1)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_name(tok))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+    cfg = folder / "tokenizer_config.json"
+    if cfg.is_file():
+        tmpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(tmpl, str):
+            w.add_chat_template(tmpl)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+def _check_arch(cfg, folder: Path, allow_relu2: bool) -> None:
+    from ..config import ModelConfig
+
+    assert isinstance(cfg, ModelConfig)
+    bad = None
+    if cfg.norm_placement != "subln":
+        bad = (f"norm_placement={cfg.norm_placement!r}: llama.cpp's {ARCH!r} graph has the SubLN "
+               f"layout (attn_sub_norm/ffn_sub_norm), not a norm inside every projection")
+    elif cfg.activation_scheme != "a8":
+        bad = f"activation_scheme={cfg.activation_scheme!r}: llama.cpp runs 8-bit activations only"
+    elif not cfg.tie_word_embeddings:
+        bad = (f"tie_word_embeddings=False: llama.cpp's {ARCH!r} graph always uses token_embd as "
+               f"the LM head")
+    elif cfg.resolved_head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        bad = (f"head_dim*num_attention_heads={cfg.resolved_head_dim * cfg.num_attention_heads} != "
+               f"hidden_size={cfg.hidden_size}: llama.cpp's {ARCH!r} q/o projections are square")
+    elif cfg.hidden_act == "relu2" and not allow_relu2:
+        bad = (f"hidden_act='relu2': stock llama.cpp's {ARCH!r} graph computes SiLU(gate)*up, so a "
+               f"ReLU² (2B4T-style) model would run but compute a different function; export a "
+               f"hidden_act='silu' model, or pass allow_relu2=True / --allow-relu2 for a llama.cpp "
+               f"build patched to LLM_FFN_RELU_SQR")
+    if bad:
+        raise GGUFExportError(f"'{folder}' cannot be exported to GGUF: {bad}")
+
+
+def _embedding(name: str, extra: dict[str, np.ndarray], want: str) -> np.ndarray:
+    t = extra[name]
+    if t.dtype == np.int8:
+        t = t.astype(np.float32) * extra[name + I8_SCALE_SUFFIX][:, None]
+    if want == "auto":
+        want = "f16" if t.dtype == np.float16 else "f32"
+    return np.ascontiguousarray(t.astype(np.float16 if want == "f16" else np.float32))
+
+
+def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "tq2_0",
+                *, scales: str = "tensor", embedding: str = "auto", allow_relu2: bool = False,
+                name: str | None = None) -> Path:
+    """Write the packed model folder ``packed_folder`` as a GGUF file ``out_path`` for llama.cpp.
+
+    ``qtype``: "tq2_0" (2.0625 bpw) or "tq1_0" (1.6875 bpw) for every ternary projection.
+    ``scales``: "tensor" (d = 1 in every block, the exact float32 scale in ``{W}.scale``) or
+    "block" (d = fp16(scale) in every block; refused when the scale is not exactly an fp16).
+    ``embedding``: token_embd (also the LM head) as "auto" (f16 if stored f16, else f32), "f32"
+    or "f16" (int8 embeddings are dequantized). Norms are F32. The file is written atomically.
+    Raises GGUFExportError (unsupported architecture, rows not a multiple of 256, no tokenizer).
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the 'gguf' package: pip install 'onebit[gguf]' "
+                          "(or pip install gguf)") from None
+    from ..config import ModelConfig
+
+    if qtype not in QTYPES:
+        raise ValueError(f"qtype={qtype!r} is unknown; use one of {list(QTYPES)}")
+    if scales not in ("tensor", "block"):
+        raise ValueError(f"scales={scales!r} is unknown; use 'tensor' or 'block'")
+    if embedding not in ("auto", "f32", "f16"):
+        raise ValueError(f"embedding={embedding!r} is unknown; use 'auto', 'f32' or 'f16'")
+    folder = Path(packed_folder)
+    packed_config(folder)  # checks it is a packed folder of a known version
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = ModelConfig.from_dict(raw["model"])
+    _check_arch(cfg, folder, allow_relu2)
+    packed, extra, _ = load_packed(folder / "model.safetensors")
+
+    L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qt = gguf.GGMLQuantizationType.TQ2_0 if qtype == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
+    encode = _ENCODERS[qtype]
+
+    # check every tensor is there and every row length fits the 256-value blocks, before writing
+    want_proj = [f"model.layers.{i}.{p}" for i in range(L) for p in _PROJ]
+    missing = [p for p in want_proj if p not in packed]
+    want_extra = (["model.embed_tokens.weight", "model.norm.weight"]
+                  + [f"model.layers.{i}.{n}.weight" for i in range(L) for n in _NORMS])
+    missing += [e for e in want_extra if e not in extra]
+    if missing:
+        raise GGUFExportError(f"'{folder}': tensors {missing[:4]} are missing; re-export the model")
+    for p in want_proj:
+        k = packed[p].shape[1]
+        if k % QK:
+            raise GGUFExportError(
+                f"'{folder}': tensor {p!r} has rows of {k} values, not a multiple of {QK} (llama.cpp's "
+                f"TQ1_0/TQ2_0 block); llama.cpp cannot hold it: use hidden_size and "
+                f"intermediate_size that are multiples of {QK}")
+        if scales == "block":
+            s = packed[p].scale
+            if float(np.float16(s)) != s:
+                raise GGUFExportError(
+                    f"'{folder}': tensor {p!r} scale {s!r} is not exactly representable in fp16 "
+                    f"(it would become {float(np.float16(s))!r}); use scales='tensor' (exact)")
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, ARCH)
+        w.add_name(name or folder.resolve().name)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0"
+                        else gguf.LlamaFileType.MOSTLY_TQ1_0)
+        w.add_vocab_size(V)
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(D)
+        w.add_block_count(L)
+        w.add_feed_forward_length(F)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.kv_heads)
+        w.add_rope_dimension_count(cfg.resolved_head_dim)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        _add_tokenizer(w, folder, V, cfg.bos_token_id, cfg.eos_token_id)
+
+        w.add_tensor("token_embd.weight", _embedding("model.embed_tokens.weight", extra, embedding))
+        w.add_tensor("output_norm.weight", np.asarray(extra["model.norm.weight"], np.float32))
+        for i in range(L):
+            for n in _NORMS:
+                t = f"model.layers.{i}.{n}.weight"
+                w.add_tensor(gguf_tensor_name(t), np.asarray(extra[t], np.float32))
+            for p in _PROJ:
+                pt = packed[f"model.layers.{i}.{p}"]
+                codes = unpack(pt.packed, pt.shape[1], pt.layout)
+                d = 1.0 if scales == "tensor" else pt.scale
+                blocks = encode(codes, d)
+                base = gguf_tensor_name(f"model.layers.{i}.{p}")
+                w.add_tensor(base + ".weight", blocks, raw_dtype=qt)
+                if scales == "tensor":
+                    w.add_tensor(base + ".scale", np.array([pt.scale], np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
