@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
              "| runner | pp128 tok/s | tg tok/s | peak RSS |", "|---|---:|---:|---:|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['pp_tok_s']:,.1f} | {r['tg_tok_s']:,.2f} | {r['peak_rss_mb']:,.0f} MB |")
+    lines += ["", "![onebit vs llama.cpp](peers_llamacpp.png)"]
     text = "\n".join(lines)
     print(text)
     if args.write_doc:
@@ -118,6 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             d = d.rstrip() + "\n\n## Peers: llama.cpp on the same weights\n\n" + body + "\n"
         doc.write_text(d, encoding="utf-8")
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+        names = [n.replace("onebit engine (i2, ", "onebit i2, ").replace(" embeddings/head)", " head")
+                  .split(" (F16")[0] for n, _ in rows]
+        for ax, key, title in ((axes[0], "pp_tok_s", "2B4T shape: prefill 128 tokens, tok/s"),
+                               (axes[1], "tg_tok_s", f"2B4T shape: decode, tok/s")):
+            ax.barh(range(len(rows)), [r[key] for _, r in rows],
+                    color=["tab:blue" if n.startswith("onebit") else "tab:gray" for n in names])
+            ax.set_yticks(range(len(rows)), names, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(ROOT / "docs" / "peers_llamacpp.png", dpi=110)
     return 0
 
 
