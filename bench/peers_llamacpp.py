@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [n.replace("onebit engine (i2, ", "onebit i2, ").replace(" embeddings/head)", " head")
                   .split(" (F16")[0] for n, _ in rows]
         for ax, key, title in ((axes[0], "pp_tok_s", "2B4T shape: prefill 128 tokens, tok/s"),
-                               (axes[1], "tg_tok_s", f"2B4T shape: decode, tok/s")):
+                               (axes[1], "tg_tok_s", "2B4T shape: decode, tok/s")):
             ax.barh(range(len(rows)), [r[key] for _, r in rows],
                     color=["tab:blue" if n.startswith("onebit") else "tab:gray" for n in names])
             ax.set_yticks(range(len(rows)), names, fontsize=7)
