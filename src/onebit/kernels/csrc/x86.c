@@ -435,15 +435,18 @@ DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, gemv2_t16_vnni, panel_t
 
 /* ---- int8 x int8 (8-bit LM head) -------------------------------------------------------------
  * vpmaddubsw(|w|, sign(x, w)) = w*x pair sums (|.| <= 2*127*127 < 2^15: x is never -128), then
- * vpmaddwd to int32. Two weight rows per pass share the activation loads; tail bytes scalar. */
+ * vpmaddwd to int32. Two weight rows per pass (j and j + half: two distant streams) share the
+ * activation loads; tail bytes scalar. */
 AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t k = a->k, k32 = k / 32 * 32;
     for (int64_t r = 0; r < a->m; r++) {
         const int8_t *x = a->x + r * a->ldx;
-        for (int64_t j = j0; j < j1; j += 2) {
-            int two = j + 1 < j1;
-            const int8_t *w0 = a->w + j * k, *w1 = w0 + (two ? k : 0);
+        int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+        for (int64_t p = 0; p < half; p++) {
+            int64_t j = j0 + p, jb = j + half;
+            int two = jb < j1;
+            const int8_t *w0 = a->w + j * k, *w1 = two ? a->w + jb * k : w0;
             __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
             for (int64_t e = 0; e < k32; e += 32) {
                 _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
@@ -462,7 +465,7 @@ AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
                 t1 += w1[e] * x[e];
             }
             a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
-            if (two) a->out[r * a->n + j + 1] = (float)t1 * a->w_scale[j + 1] * a->x_scale[r];
+            if (two) a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
         }
     }
 }
@@ -478,23 +481,38 @@ AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
         const int8_t *x = a->x + r * a->ldx;
         int32_t xsum = 0;
         for (int64_t e = 0; e < a->k; e++) xsum += x[e];
-        for (int64_t j = j0; j < j1; j++) {
-            const uint8_t *w = wb + j * rb;
-            __m256i acc = _mm256_setzero_si256();
+        int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+        for (int64_t p = 0; p < half; p++) {
+            int64_t j = j0 + p, jb = j + half;
+            int two = jb < j1;
+            const uint8_t *w = wb + j * rb, *w1 = two ? wb + jb * rb : w;
+            __m256i acc = _mm256_setzero_si256(), acc1 = acc;
             for (int64_t b0 = 0; b0 < nblk; b0 += 4) {
                 int64_t b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
-                __m256i s16 = _mm256_setzero_si256();
+                __m256i s16 = _mm256_setzero_si256(), t16 = s16;
                 for (int64_t b = b0; b < b1; b++) {
                     _mm_prefetch((const char *)(w + b * 32) + 1024, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w1 + b * 32) + 1024, _MM_HINT_T0);
+                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + b * 64));
+                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + b * 64 + 32));
                     __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 32));
-                    __m256i lo = _mm256_and_si256(v, m15), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)(x + b * 64))));
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + b * 64 + 32))));
+                    __m256i u = _mm256_loadu_si256((const __m256i *)(w1 + b * 32));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, m15), x0));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
+                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m15), x1));
+                    t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(_mm256_and_si256(u, m15), x0));
+                    t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(
+                        _mm256_and_si256(_mm256_srli_epi16(u, 4), m15), x1));
                 }
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
+                acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(t16, ones));
             }
             int32_t t = (int32_t)((uint32_t)hsum_avx2(acc) - 8u * (uint32_t)xsum);
             a->out[r * a->n + j] = (float)t * a->w_scale[j] * a->x_scale[r];
+            if (two) {
+                int32_t t1 = (int32_t)((uint32_t)hsum_avx2(acc1) - 8u * (uint32_t)xsum);
+                a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+            }
         }
     }
 }
