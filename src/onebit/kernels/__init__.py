@@ -6,11 +6,15 @@ docs/formats.md (``i2``, ``t1_6``). Inputs are numpy arrays (a CPU torch tensor 
 ``.numpy()``, no copy); every argument is checked here, before C runs, and bad input raises
 TypeError / ValueError naming the argument and the fix.
 
-The C library is loaded on first use, not at import. The SIMD variant ("avx2", "avx512vnni") is
-picked by CPU detection ("avx512vnni" only when forced, until verified on such a CPU);
-``ONEBIT_KERNELS=reference`` (environment, read by C at first use) or
-``with use("reference"):`` forces one. ``use`` changes process-wide state: not thread-safe.
-GEMM/GEMV split their output columns over ``get_num_threads()`` threads (``set_num_threads``).
+Also: ``linear_i8`` / ``linear_i4`` / ``linear_f16`` (LM heads), ``attention`` (RoPE + KV cache +
+GQA softmax), ``validate`` + ``linear_unchecked``, ``pack``/``unpack`` (C twins of the numpy
+reference), ``read_probe`` (bandwidth). ``Layer`` is the ctypes struct of ``ob_decoder_layer``.
+
+The C library is loaded on first use, not at import. The SIMD variant ("avx2" or "neon"; "avx2_lut"
+and "avx512vnni" only by name) is picked by CPU detection; ``ONEBIT_KERNELS=reference``
+(environment, read by C at first use) or ``with use("reference"):`` forces one. ``use`` changes
+process-wide state: not thread-safe. GEMM/GEMV split their output rows over ``get_num_threads()``
+threads (``set_num_threads``, ``threads(n)``); design notes in docs/kernels.md.
 """
 
 from __future__ import annotations
