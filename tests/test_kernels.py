@@ -210,10 +210,11 @@ def _attention_reference(q, k, v, pos, cos, sin, ck, cv):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,pos,H,Hkv,hd", [(1, 0, 1, 1, 2), (1, 37, 4, 2, 64), (5, 0, 6, 2, 32),
-                                            (7, 20, 20, 5, 128), (3, 9, 3, 3, 6), (2, 3, 2, 1, 72)])
+                                            (7, 20, 20, 5, 128), (3, 9, 3, 3, 6), (2, 3, 2, 1, 72),
+                                            (1, 300, 8, 2, 64)])  # long context: grouped heads
 def test_attention_matches_reference(impl, T, pos, H, Hkv, hd):
     rng = np.random.default_rng(T * 100 + pos)
-    L = 64
+    L = max(64, pos + T + 8)
     ang = np.outer(np.arange(L), 1.0 / 10000 ** (np.arange(0, hd, 2) / hd))
     cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
     q = rng.standard_normal((T, H, hd)).astype(np.float32)

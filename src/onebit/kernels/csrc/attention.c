@@ -210,8 +210,10 @@ int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int
     int64_t work = T * H * (pos + T) * hd, want = work / (1 << 14);
     int nt = want < 1 ? 1 : (want > 256 ? 256 : (int)want);
     if (nt > ob_get_num_threads()) nt = ob_get_num_threads();
-    /* group the heads of a KV head when there are enough items to balance the threads */
-    int64_t group = T * Hkv >= 4 * (int64_t)nt ? H / Hkv : 1;
+    /* group the heads of a KV head (each K/V row read once for all of them) when there are
+     * enough items to balance the threads, or when the context is long enough that reading the
+     * cache H/Hkv times costs more than an uneven split */
+    int64_t group = T * Hkv >= 4 * (int64_t)nt || pos + T >= 256 ? H / Hkv : 1;
     float *scratch = (float *)malloc((size_t)nt * (size_t)group * (size_t)(pos + T) * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
     int simd = 0;
