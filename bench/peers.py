@@ -21,9 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from docsection import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"700m": "bitnet-700m", "2b4t": "bitnet-2b4t"}
-BEGIN, END = "<!-- results_peers:begin -->", "<!-- results_peers:end -->"
 
 
 def torch_runner(folder: str, dtype: str, pp: int, tg: int, threads: int) -> dict:
@@ -125,15 +126,8 @@ def write_doc(rows: list[dict], threads: int, tg: int) -> None:
                      f"{r['peak_rss_mb']:,.0f} MB | {sp} |")
     lines += ["", "llama.cpp (TQ2_0 / TQ1_0 via llama-cpp-python) is not in this table yet: it needs "
               "the GGUF export of the engine issue. ![peers](peers.png)"]
-    doc = ROOT / "docs" / "results.md"
-    text = doc.read_text(encoding="utf-8")
-    body = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip() + "\n\n## Peers: onebit engine vs PyTorch on the same weights\n\n" + body + "\n"
-    doc.write_text(text, encoding="utf-8")
+    replace_section("results_peers", "\n".join(lines),
+                    "## Peers: onebit engine vs PyTorch on the same weights")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from docsection import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- results_peers_llamacpp:begin -->", "<!-- results_peers_llamacpp:end -->"
 
 
 def llama_runner(gguf: str, pp: int, tg: int, threads: int) -> dict:
@@ -110,15 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.write_doc:
-        doc = ROOT / "docs" / "results.md"
-        d = doc.read_text(encoding="utf-8")
-        body = f"{BEGIN}\n{text}\n{END}"
-        if BEGIN in d:
-            a, b = d.index(BEGIN), d.index(END) + len(END)
-            d = d[:a] + body + d[b:]
-        else:
-            d = d.rstrip() + "\n\n## Peers: llama.cpp on the same weights\n\n" + body + "\n"
-        doc.write_text(d, encoding="utf-8")
+        replace_section("results_peers_llamacpp", text, "## Peers: llama.cpp on the same weights")
         import matplotlib
 
         matplotlib.use("Agg")

@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from docsection import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "results.md"
-BEGIN, END = "<!-- results_engine:begin -->", "<!-- results_engine:end -->"
 TARGETS = {"2b4t": (180, 48), "700m": (500, 110)}  # the engine issue's goals (pp128, tg128)
 PEERS = {"2b4t": "bitnet.cpp I2_S (F16 emb.) 91 / 26.1; llama.cpp TQ2_0 58 / 25.7–28.5",
          "700m": "bitnet.cpp I2_S 235 / 75.4; llama.cpp TQ2_0 185 / 69"}
@@ -86,14 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['shape']}: pp {r['pp_tok_s']:.1f} tg {r['tg_tok_s']:.1f}", file=sys.stderr)
     if args.report:
         Path(args.report).write_text(json.dumps(rows, indent=1))
-    text = DOC.read_text(encoding="utf-8")
-    body = f"{BEGIN}\n{section(rows, args.threads)}\n{END}"
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip() + "\n\n## Engine: end-to-end generation speed and memory\n\n" + body + "\n"
-    DOC.write_text(text, encoding="utf-8")
+    replace_section("results_engine", section(rows, args.threads),
+                    "## Engine: end-to-end generation speed and memory")
     return 0
 
 

@@ -15,8 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from docsection import replace_section
+
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- results_heads:begin -->", "<!-- results_heads:end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,16 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {name} | {r['loss']:.4f} | {r['ppl']:.3f} | "
                      f"{(r['ppl'] / ref['ppl'] - 1) * 100:+.2f}% | "
                      f"{'—' if size is None else f'{size / 1e6:.2f} MB'} |")
-    doc = ROOT / "docs" / "results.md"
-    text = doc.read_text(encoding="utf-8")
-    body = f"{BEGIN}\n" + "\n".join(lines) + f"\n{END}"
-    if BEGIN in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = (text.rstrip() + "\n\n## Embedding / LM-head storage: quality cost on the engine\n\n"
-                + body + "\n")
-    doc.write_text(text, encoding="utf-8")
+    replace_section("results_heads", "\n".join(lines),
+                    "## Embedding / LM-head storage: quality cost on the engine")
     print("\n".join(lines))
     return 0
 

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from docsection import replace_section
+
 from onebit.benchmarks import kernels as kb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +67,8 @@ def section(rows: list[dict], *, command: str, bench_command: str, quick: bool =
 
 def write_section(doc: Path, text: str) -> None:
     """Replace the marked section of ``doc`` (appending one, with a heading, if it has no markers)."""
-    old = doc.read_text() if doc.exists() else "# onebit results\n"
-    if BEGIN in old and END in old:
-        a, b = old.index(BEGIN), old.index(END) + len(END)
-        new = old[:a] + text + old[b:]
-    else:
-        new = old.rstrip("\n") + f"\n\n{HEADING}\n\n{text}\n"
-    doc.write_text(new)
+    inner = text.replace(BEGIN, "").replace(END, "")
+    replace_section("results_kernels", inner, HEADING, doc)
 
 
 def main(argv: list[str] | None = None) -> int:
