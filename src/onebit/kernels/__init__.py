@@ -321,6 +321,10 @@ def gemm(packed, k: int, layout: str, x_codes) -> np.ndarray:
 
 def linear(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.ndarray:
     """BitLinear output float32 [m, n] = gemm(...) * w_scale * x_scale[row] (in that order)."""
+    return _linear(packed, k, layout, w_scale, x_codes, x_scale, checked=True)
+
+
+def _linear(packed, k, layout, w_scale, x_codes, x_scale, *, checked: bool) -> np.ndarray:
     packed, k = _weights(packed, k, layout)
     x, ldx = _codes(x_codes, k)
     m, n = x.shape[0], packed.shape[0]
@@ -329,9 +333,13 @@ def linear(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.
     if not (math.isfinite(w_scale) and w_scale >= 0):
         raise ValueError(f"w_scale={w_scale} must be finite and >= 0 (the tensor's mean|W|)")
     out = np.empty((m, n), dtype=np.float32)
-    fn = _lib().ob_linear_i2 if layout == "i2" else _lib().ob_linear_t1_6
+    lib = _lib()
+    if checked:
+        fn = lib.ob_linear_i2 if layout == "i2" else lib.ob_linear_t1_6
+    else:
+        fn = lib.ob_linear_i2_unchecked if layout == "i2" else lib.ob_linear_t1_6_unchecked
     _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, w_scale, xs.ctypes.data,
-                     out.ctypes.data), "linear")
+                     out.ctypes.data), "linear" if checked else "linear_unchecked")
     return out
 
 
@@ -442,15 +450,7 @@ def validate(packed, k: int, layout: str) -> None:
 
 def linear_unchecked(packed, k: int, layout: str, w_scale: float, x_codes, x_scale) -> np.ndarray:
     """``linear`` for weights that passed ``validate``: skips the per-call code check."""
-    packed, k = _weights(packed, k, layout)
-    x, ldx = _codes(x_codes, k)
-    m, n = x.shape[0], packed.shape[0]
-    xs = _vector(x_scale, "x_scale", np.float32, m)
-    out = np.empty((m, n), dtype=np.float32)
-    fn = _lib().ob_linear_i2_unchecked if layout == "i2" else _lib().ob_linear_t1_6_unchecked
-    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, float(w_scale),
-                     xs.ctypes.data, out.ctypes.data), "linear_unchecked")
-    return out
+    return _linear(packed, k, layout, w_scale, x_codes, x_scale, checked=False)
 
 
 def linear_f16(w, x) -> np.ndarray:
