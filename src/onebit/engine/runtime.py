@@ -148,9 +148,10 @@ class Runtime:
                     L[role + ".quant"] = quantizer(k, p + role + ".norm.weight")
             if not inner:
                 L["attn_in"] = quantizer(D, p + "input_layernorm.weight")
-                L["o_in"] = quantizer(H * hd, p + "self_attn.attn_sub_norm.weight")
+                sub = cfg.norm_placement == "subln"  # "pre" (Llama): no sub-norms
+                L["o_in"] = quantizer(H * hd, p + "self_attn.attn_sub_norm.weight" if sub else None)
                 L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
-                L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight")
+                L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight" if sub else None)
             self.layers.append(L)
         self._structs, self._keep = [], []
         roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -165,9 +166,8 @@ class Runtime:
                 norms = [L[role + ".quant"].w for role in roles]
             else:
                 norms = [L["attn_in"].w, L["mlp_in"].w, L["o_in"].w, L["down_in"].w]
-                norms += [norms[0]] * 3  # unused slots must be non-NULL
             for j, nw in enumerate(norms):
-                st.norm[j] = nw.ctypes.data
+                st.norm[j] = None if nw is None else nw.ctypes.data
             self._structs.append(st)
             self._keep.append(norms)  # the arrays behind the struct's pointers
         self._struct_p = [ctypes.addressof(st) for st in self._structs]

@@ -4,6 +4,8 @@
  *                  x += Wo q8(rms(y) * attn_sub);  h = q8(rms(x) * post_ln)
  *                  x += Wdown q8(rms(act(Wgate h) * (Wup h)) * ffn_sub)
  *   inner (b1.58): every projection quantizes rms(its input) * its own norm weight
+ *   pre (Llama):   as subln without the two sub-norms (norm[2], norm[3] NULL: o_proj and
+ *                  down_proj quantize their raw input)
  *
  * q8 is ob_quantize_act_i8 (RMSNorm fused), W the packed ternary linears (validated by the
  * caller once, so called unchecked), attention is ob_attention, act is ReLU^2 or SiLU. Every
@@ -54,8 +56,8 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     }
     int64_t D = L->hidden, F = L->ffn, H = L->heads, Hkv = L->kv_heads, hd = L->head_dim;
     if (T < 1 || D < 1 || F < 1 || H < 1 || Hkv < 1 || hd < 2) return OB_ERR_SIZE;
-    for (int i = 0; i < 7; i++)
-        if (!L->w[i] || !L->norm[i]) return OB_ERR_NULL;
+    for (int i = 0; i < 7; i++) /* subln/pre: slots 2, 3 (sub-norms) may be NULL, 4..6 unused */
+        if (!L->w[i] || (!L->norm[i] && (L->inner || i < 2))) return OB_ERR_NULL;
     int64_t QD = H * hd, KD = Hkv * hd, maxk = D > F ? D : F;
     maxk = maxk > QD ? maxk : QD;
     /* one scratch block: codes, scales, q, k, v, y, o, gate, up */

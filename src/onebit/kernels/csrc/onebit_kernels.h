@@ -100,7 +100,8 @@ OB_API int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t p
 /* One decoder layer's weights for ob_decoder_layer. w/w_scale: packed q, k, v, o, gate, up, down
  * (validated once with ob_validate_packed: the layer calls the unchecked linears). norm: for
  * inner (b1.58) placement the per-projection norm weights in the same order; for subln (2B4T)
- * [input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm, and any 3 non-NULL]. */
+ * [input_layernorm, post_attention_layernorm, attn_sub_norm, ffn_sub_norm, 3 unused]; a NULL
+ * sub-norm means none (the Llama "pre" placement: o_proj/down_proj quantize their raw input). */
 typedef struct {
     int64_t hidden, ffn, heads, kv_heads, head_dim;
     int32_t layout;  /* OB_LAYOUT_I2 / OB_LAYOUT_T1_6 */

@@ -1,0 +1,267 @@
+"""One in-memory form of a ternary model that every reader produces and every writer takes.
+
+``convert`` is read -> ``TernaryModel`` -> write -> read back -> compare logits. Readers live in
+hf.py (transformers layouts), gguf_io.py (GGUF) and here (onebit packed folders); writers
+likewise. Ternary matrices stay lazy (a loader per projection) so a 2B-parameter model is never
+decoded all at once. ``reference_logits`` is the slow, obviously correct forward (numpy, float64
+with the BitNet integer quantizers) that every conversion is checked against. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from .packed_model import (
+    EMBEDDINGS,
+    I8_SCALE_SUFFIX,
+    PACKED_VERSION,
+    packed_config,
+    unpack_i4_rows,
+)
+
+__all__ = [
+    "ROLES",
+    "TOKENIZER_FILES",
+    "Dense",
+    "TernaryModel",
+    "compare_logits",
+    "projections",
+    "read_packed_folder",
+    "reference_logits",
+    "write_packed_folder",
+]
+
+ROLES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# copied verbatim between formats that keep a tokenizer folder (HF, onebit)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model")
+
+
+@dataclass
+class Dense:
+    """A high-precision tensor as stored: ``data`` float32/float16, or int8 / 4-bit rows with a
+    per-row ``row_scale`` (embeddings and LM heads). ``kind`` is one of packed_model.EMBEDDINGS."""
+    data: np.ndarray
+    kind: str = "f32"
+    row_scale: np.ndarray | None = None
+    cols: int = 0  # i4 only: unpacked row length
+
+    def f32(self) -> np.ndarray:
+        if self.kind in ("f32", "f16"):
+            return np.asarray(self.data, dtype=np.float32)
+        q = self.data if self.kind == "i8" else unpack_i4_rows(self.data, self.cols)
+        return q.astype(np.float32) * np.asarray(self.row_scale, np.float32)[:, None]
+
+
+@dataclass
+class TernaryModel:
+    """config + ternary projections (lazy ``name -> (codes int8 [N, K], scale)``, value =
+    code * scale) + dense tensors (norms, embeddings, LM head) + tokenizer files."""
+    config: ModelConfig
+    ternary: dict[str, Callable[[], tuple[np.ndarray, float]]]
+    dense: dict[str, Dense]
+    files: dict[str, bytes] = field(default_factory=dict)
+    source: str = ""
+
+    def norm(self, name: str) -> np.ndarray | None:
+        d = self.dense.get(name)
+        return None if d is None else d.f32()
+
+
+def projections(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """``(name, N, K)`` of every ternary projection, in file order."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    QD, KD = cfg.num_attention_heads * cfg.resolved_head_dim, cfg.kv_heads * cfg.resolved_head_dim
+    shapes = dict(zip(ROLES, ((QD, D), (KD, D), (KD, D), (D, QD), (F, D), (F, D), (D, F))))
+    return [(f"model.layers.{i}.{r}", *shapes[r]) for i in range(cfg.num_hidden_layers) for r in ROLES]
+
+
+# --------------------------------------------------------------------------------------------
+# onebit packed folders
+# --------------------------------------------------------------------------------------------
+
+def read_packed_folder(folder: str | Path) -> TernaryModel:
+    """A packed model folder (``onebit export``) as a TernaryModel (codes decoded on demand)."""
+    from .packing import load_packed, unpack
+
+    folder = Path(folder)
+    p = packed_config(folder)
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = ModelConfig.from_dict(raw["model"])
+    packed, extra, _ = load_packed(folder / "model.safetensors")
+    ternary = {}
+    for name, t in packed.items():
+        ternary[name] = (lambda t=t: (unpack(t.packed, t.shape[1], t.layout), t.scale))
+    dense: dict[str, Dense] = {}
+    for name, arr in extra.items():
+        if name.endswith(I8_SCALE_SUFFIX):
+            continue
+        if name in ("model.embed_tokens.weight", "lm_head.weight") and p["embedding"] in ("i8", "i4"):
+            dense[name] = Dense(arr, p["embedding"], extra[name + I8_SCALE_SUFFIX], cfg.hidden_size)
+        else:
+            dense[name] = Dense(arr, "f16" if arr.dtype == np.float16 else "f32")
+    files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+    return TernaryModel(cfg, ternary, dense, files, str(folder))
+
+
+def write_packed_folder(tm: TernaryModel, dst: str | Path, layout: str = "i2",
+                        embedding: str | None = None, verify=None) -> Path:
+    """Write ``tm`` as a packed model folder (atomically). ``embedding`` None keeps each
+    embedding's stored type (f32/f16/i8/i4); "f16"/"f32" converts float ones, refusing to widen
+    (an int8 embedding is not silently written as f32). ``verify(tmpdir)`` runs on the complete
+    folder before it is moved into place; an exception there leaves nothing behind."""
+    from .. import kernels
+    from ..atomic import write_dir_atomic
+    from .packed_model import quantize_rows_i4, quantize_rows_i8
+    from .packing import save_packed
+
+    cfg = tm.config
+    kinds = {tm.dense[n].kind for n in ("model.embed_tokens.weight", "lm_head.weight") if n in tm.dense}
+    if len(kinds) != 1:
+        raise ValueError(f"{tm.source}: embeddings and LM head stored as {sorted(kinds)}; expected one type")
+    src_kind = kinds.pop()
+    want = embedding or src_kind
+    if want not in EMBEDDINGS:
+        raise ValueError(f"embedding={want!r} is unknown; use one of {list(EMBEDDINGS)}")
+    rank = {"i4": 0, "i8": 1, "f16": 2, "f32": 3}
+    if rank[want] > rank[src_kind]:
+        raise ValueError(f"{tm.source}: the embeddings are stored as {src_kind}; writing them as "
+                         f"{want} would widen them without adding information: use --embedding "
+                         f"{src_kind} (or lower)")
+    extra: dict[str, np.ndarray] = {}
+    for name, d in tm.dense.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if want == src_kind:
+                extra[name] = np.ascontiguousarray(d.data)
+                if d.row_scale is not None:
+                    extra[name + I8_SCALE_SUFFIX] = np.asarray(d.row_scale, np.float32)
+                continue
+            w = d.f32()
+            if want in ("i8", "i4"):
+                extra[name], extra[name + I8_SCALE_SUFFIX] = (quantize_rows_i8 if want == "i8"
+                                                              else quantize_rows_i4)(w)
+            else:
+                extra[name] = w.astype(np.float16 if want == "f16" else np.float32)
+        else:
+            extra[name] = d.f32()
+    packed = {}
+    for name, n, k in projections(cfg):
+        if name not in tm.ternary:
+            raise ValueError(f"{tm.source}: projection {name!r} is missing")
+        codes, scale = tm.ternary[name]()
+        if codes.shape != (n, k):
+            raise ValueError(f"{tm.source}: {name} has shape {codes.shape}, config says {(n, k)}")
+        packed[name] = (codes, scale)
+    config = {"model": cfg.to_dict(),
+              "packed": {"layout": layout, "embedding": want, "format_version": PACKED_VERSION}}
+
+    def fill(d: Path) -> None:
+        save_packed(d / "model.safetensors", packed, layout, extra_tensors=extra,
+                    metadata={"source": tm.source[-200:]}, packer=kernels.pack)
+        (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+        for fname, data in tm.files.items():
+            (d / fname).write_bytes(data)
+        if verify is not None:
+            verify(d)
+
+    return write_dir_atomic(Path(dst), fill)
+
+
+# --------------------------------------------------------------------------------------------
+# The reference forward (slow, obviously correct) and the logits comparison
+# --------------------------------------------------------------------------------------------
+
+def _rms(x: np.ndarray, w: np.ndarray | None, eps: float) -> np.ndarray:
+    y = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y if w is None else y * w
+
+
+def _q8_linear(x: np.ndarray, codes: np.ndarray, scale: float) -> np.ndarray:
+    """BitNet b1.58: per-token absmax INT8 activations (round half to even) x ternary codes."""
+    s = 127.0 / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
+    xq = np.clip(np.rint(x * s), -128, 127)
+    return (xq @ codes.T.astype(np.float64)) * (scale / s)
+
+
+def reference_logits(tm: TernaryModel, ids) -> np.ndarray:
+    """Logits [T, V] (float64) of token ids ``ids`` at positions 0..T-1, computed layer by layer
+    from the decoded codes (one projection decoded at a time)."""
+    cfg = tm.config
+    ids = np.asarray(ids, dtype=np.int64)
+    T, _D, eps = len(ids), cfg.hidden_size, cfg.rms_norm_eps
+    H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.resolved_head_dim
+    place = cfg.norm_placement
+    emb = tm.dense["model.embed_tokens.weight"]
+    x = emb.f32()[ids].astype(np.float64)
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = np.arange(T, dtype=np.float64)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], 1)), np.sin(np.concatenate([ang, ang], 1))
+
+    def rope(t):  # [T, h, hd], HF rotate_half
+        rot = np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], axis=-1)
+        return t * cos[:, None, :] + rot * sin[:, None, :]
+
+    def lin(name, inp, norm_name=None):
+        codes, scale = tm.ternary[name]()
+        w = tm.norm(norm_name) if norm_name else None
+        return _q8_linear(_rms(inp, w, eps) if norm_name else inp, codes, scale)
+
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if place == "inner":
+            h = x
+            q, k, v = (lin(p + r, h, p + r + ".norm.weight") for r in ROLES[:3])
+        else:
+            h = _rms(x, tm.norm(p + "input_layernorm.weight"), eps)
+            q, k, v = (lin(p + r, h) for r in ROLES[:3])
+        q, k, v = q.reshape(T, H, hd), k.reshape(T, Hkv, hd), v.reshape(T, Hkv, hd)
+        q, k = rope(q), rope(k)
+        y = np.empty((T, H, hd))
+        for hh in range(H):
+            kv = hh // (H // Hkv)
+            a = q[:, hh] @ k[:, kv].T / np.sqrt(hd) + mask
+            a = np.exp(a - a.max(-1, keepdims=True))
+            y[:, hh] = (a / a.sum(-1, keepdims=True)) @ v[:, kv]
+        y = y.reshape(T, H * hd)
+        o_norm = {"inner": p + "self_attn.o_proj.norm.weight", "subln": p + "self_attn.attn_sub_norm.weight"}
+        x = x + lin(p + "self_attn.o_proj", y, o_norm.get(place))
+        if place == "inner":
+            g = lin(p + "mlp.gate_proj", x, p + "mlp.gate_proj.norm.weight")
+            u = lin(p + "mlp.up_proj", x, p + "mlp.up_proj.norm.weight")
+        else:
+            h = _rms(x, tm.norm(p + "post_attention_layernorm.weight"), eps)
+            g, u = lin(p + "mlp.gate_proj", h), lin(p + "mlp.up_proj", h)
+        a = np.maximum(g, 0.0) ** 2 if cfg.hidden_act == "relu2" else g / (1.0 + np.exp(-g))
+        d_norm = {"inner": p + "mlp.down_proj.norm.weight", "subln": p + "mlp.ffn_sub_norm.weight"}
+        x = x + lin(p + "mlp.down_proj", a * u, d_norm.get(place))
+    x = _rms(x, tm.norm("model.norm.weight"), eps)
+    head = tm.dense["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
+    return x @ head.f32().astype(np.float64).T
+
+
+def compare_logits(ref: np.ndarray, got: np.ndarray, what: str, rtol: float = 2e-2) -> dict:
+    """Check ``got`` against ``ref`` (both [T, V]): max |diff| <= rtol * max |ref| and the same
+    top-1 token at >= 90% of positions (a single int8 rounding flip moves logits by ~1e-3 of
+    their range; a wrong layout moves them by O(1)). Returns the measured numbers; raises
+    ValueError naming ``what`` on a mismatch."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.shape != got.shape:
+        raise ValueError(f"parity check failed for {what}: logits shape {got.shape} != {ref.shape}")
+    if not np.isfinite(got).all():
+        raise ValueError(f"parity check failed for {what}: non-finite logits")
+    err = float(np.abs(ref - got).max() / max(np.abs(ref).max(), 1e-12))
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    res = {"max_rel_err": err, "top1_agree": top1, "positions": int(ref.shape[0])}
+    if err > rtol or top1 < 0.9:
+        raise ValueError(f"parity check failed for {what}: max |logit diff| = {err:.3g} of the logit "
+                         f"range (limit {rtol}), top-1 agreement {top1:.0%}; the output does not "
+                         f"compute what the source computes: nothing was written")
+    return res
