@@ -22,12 +22,12 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _is_packed(path) -> bool:
-    from pathlib import Path
+    """A model the engine runs: an onebit packed folder, or a HF folder / GGUF file it imports."""
+    from .formats.convert import detect_format
 
-    cfg = Path(path) / "config.json"
     try:
-        return cfg.is_file() and "packed" in json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return detect_format(path) in ("onebit", "hf", "gguf")
+    except ValueError:
         return False
 
 
@@ -250,20 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8", "i4"],
                    help="embedding / LM head storage (f32 lossless)")
 
-    cv = sub.add_parser("convert", help="convert a packed model folder to another format (GGUF for "
-                                        "llama.cpp)")
-    cv.add_argument("src", help="packed model folder (written by `onebit export`)")
-    cv.add_argument("dst", help="file to write (replaced atomically)")
-    cv.add_argument("--to", required=True, choices=["gguf-tq2_0", "gguf-tq1_0"],
-                    help="gguf-tq2_0: llama.cpp TQ2_0 (2.06 bpw); gguf-tq1_0: TQ1_0 (1.69 bpw)")
+    cv = sub.add_parser("convert", help="convert between onebit, Hugging Face and GGUF formats "
+                                        "(checked: logits vs the source after every conversion)")
+    cv.add_argument("src", help="onebit packed folder, Hugging Face checkpoint folder (2B4T packed or "
+                                "-bf16, HF1BitLLM, 1bitLLM) or GGUF file")
+    cv.add_argument("dst", help="folder or file to write (replaced atomically, only if the check passes)")
+    cv.add_argument("--to", required=True, choices=["onebit", "hf", "gguf-tq2_0", "gguf-tq1_0",
+                                                   "gguf-i2_s"],
+                    help="onebit: packed folder for the engine; hf: transformers BitNet packed; "
+                         "gguf-tq2_0 / gguf-tq1_0: llama.cpp (2.06 / 1.69 bpw); gguf-i2_s: bitnet.cpp")
+    cv.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="--to onebit: 2 or 1.6 bits/weight")
+    cv.add_argument("--embedding", default="auto", choices=["auto", "f32", "f16", "i8", "i4"],
+                    help="embedding / LM head type; auto keeps the source's (never widened)")
     cv.add_argument("--scales", default="tensor", choices=["tensor", "block"],
-                    help="tensor: exact f32 per-tensor scale tensors (default); block: fp16 d per "
-                         "block (as llama.cpp's converter; refused unless exact)")
-    cv.add_argument("--embedding", default="auto", choices=["auto", "f32", "f16"],
-                    help="token_embd (= LM head) type; auto keeps f16 as f16, else f32")
+                    help="GGUF TQ types: tensor = exact f32 per-tensor scale tensors (default); block = "
+                         "fp16 d per block (as llama.cpp's converter; refused unless exact)")
     cv.add_argument("--allow-relu2", action="store_true",
-                    help="write a ReLU² model anyway (stock llama.cpp computes SiLU in its bitnet "
-                         "graph; only for builds patched to ReLU²)")
+                    help="GGUF TQ types: write a ReLU² model anyway (stock llama.cpp computes SiLU in "
+                         "its bitnet graph; only for builds patched to ReLU²)")
+    cv.add_argument("--no-verify", action="store_true", help="skip the logits parity check")
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -287,16 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import os
+    from .formats.convert import convert
 
     try:
-        from .formats.gguf_export import export_gguf
-        out = export_gguf(args.src, args.dst, args.to.split("-", 1)[1], scales=args.scales,
-                          embedding=args.embedding, allow_relu2=args.allow_relu2)
+        rep = convert(args.src, args.dst, args.to, layout=args.layout,
+                      embedding=None if args.embedding == "auto" else args.embedding,
+                      verify=not args.no_verify, allow_relu2=args.allow_relu2, scales=args.scales)
     except ImportError as e:
         print(f"onebit convert: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB, {args.to})")
+    par = rep["parity"]
+    check = ("parity not checked (--no-verify)" if par is None else
+             f"parity ok: max |logit diff| {par['max_rel_err']:.2e} of range, top-1 agreement "
+             f"{par['top1_agree']:.0%} over {par['positions']} positions")
+    print(f"wrote {rep['output']} ({rep['bytes'] / 1e6:.2f} MB, {args.to}) in {rep['seconds']:.1f} s; {check}")
     return 0
 
 

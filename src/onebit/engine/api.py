@@ -258,11 +258,18 @@ class Model:
 
 
 def load(path: str | Path) -> Model:
-    """Load a packed model folder (``onebit export`` writes one) for torch-free inference."""
+    """Load a model for torch-free inference: an onebit packed folder (``onebit export``), or a
+    Hugging Face checkpoint folder / GGUF file, converted once (and checked) into the onebit
+    cache (formats.convert.cached_import)."""
     folder = Path(path)
+    if folder.is_file() or (folder / "config.json").is_file():
+        from ..formats.convert import cached_import, detect_format
+
+        if detect_format(folder) != "onebit":
+            folder = cached_import(folder)
     if not folder.is_dir():
         raise EngineError(f"model path '{folder}' is not a folder; pass a packed model folder "
-                          f"written by `onebit export`")
+                          f"written by `onebit export`, a Hugging Face checkpoint folder or a GGUF file")
     runtime = Runtime(folder)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():

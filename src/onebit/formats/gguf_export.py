@@ -47,7 +47,9 @@ __all__ = [
 
 ARCH = "bitnet"
 QK = 256  # values per TQ1_0 / TQ2_0 block (ggml's QK_K)
-QTYPES = ("tq2_0", "tq1_0")
+QTYPES = ("tq2_0", "tq1_0", "i2_s")
+ARCH_B158 = "bitnet-b1.58"  # bitnet.cpp's 2B4T (ReLU²) architecture, the one I2_S files use
+I2_S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml (not in upstream ggml / the gguf package)
 TQ2_0_BYTES = 66   # qs[64] + fp16 d
 TQ1_0_BYTES = 54   # qs[48] + qh[4] + fp16 d
 
@@ -217,7 +219,7 @@ def _add_tokenizer(w, folder: Path, vocab_size: int, bos: int, eos: int) -> None
 # export
 # ---------------------------------------------------------------------------------------------
 
-def _check_arch(cfg, folder: Path, allow_relu2: bool) -> None:
+def _check_arch(cfg, folder: Path, allow_relu2: bool, arch: str = ARCH) -> None:
     from ..config import ModelConfig
 
     assert isinstance(cfg, ModelConfig)
@@ -233,7 +235,7 @@ def _check_arch(cfg, folder: Path, allow_relu2: bool) -> None:
     elif cfg.resolved_head_dim * cfg.num_attention_heads != cfg.hidden_size:
         bad = (f"head_dim*num_attention_heads={cfg.resolved_head_dim * cfg.num_attention_heads} != "
                f"hidden_size={cfg.hidden_size}: llama.cpp's {ARCH!r} q/o projections are square")
-    elif cfg.hidden_act == "relu2" and not allow_relu2:
+    elif cfg.hidden_act == "relu2" and not allow_relu2 and arch == ARCH:
         bad = (f"hidden_act='relu2': stock llama.cpp's {ARCH!r} graph computes SiLU(gate)*up, so a "
                f"ReLU² (2B4T-style) model would run but compute a different function; export a "
                f"hidden_act='silu' model, or pass allow_relu2=True / --allow-relu2 for a llama.cpp "
@@ -280,12 +282,16 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
     packed_config(folder)  # checks it is a packed folder of a known version
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg = ModelConfig.from_dict(raw["model"])
-    _check_arch(cfg, folder, allow_relu2)
+    # I2_S files are bitnet.cpp's: its bitnet-b1.58 graph computes ReLU², its bitnet graph SiLU
+    arch = ARCH_B158 if qtype == "i2_s" and cfg.hidden_act == "relu2" else ARCH
+    _check_arch(cfg, folder, allow_relu2, arch)
     packed, extra, _ = load_packed(folder / "model.safetensors")
 
     L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    qt = gguf.GGMLQuantizationType.TQ2_0 if qtype == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
-    encode = _ENCODERS[qtype]
+    qt = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
+          "i2_s": I2_S_TYPE}[qtype]
+    encode = _ENCODERS.get(qtype)
+    block = 128 if qtype == "i2_s" else QK
 
     # check every tensor is there and every row length fits the 256-value blocks, before writing
     want_proj = [f"model.layers.{i}.{p}" for i in range(L) for p in _PROJ]
@@ -297,12 +303,12 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
         raise GGUFExportError(f"'{folder}': tensors {missing[:4]} are missing; re-export the model")
     for p in want_proj:
         k = packed[p].shape[1]
-        if k % QK:
+        if k % block:
             raise GGUFExportError(
-                f"'{folder}': tensor {p!r} has rows of {k} values, not a multiple of {QK} (llama.cpp's "
-                f"TQ1_0/TQ2_0 block); llama.cpp cannot hold it: use hidden_size and "
-                f"intermediate_size that are multiples of {QK}")
-        if scales == "block":
+                f"'{folder}': tensor {p!r} has rows of {k} values, not a multiple of {block} (the "
+                f"{qtype.upper()} block); llama.cpp / bitnet.cpp cannot hold it: use hidden_size and "
+                f"intermediate_size that are multiples of {block}, or keep the onebit format")
+        if scales == "block" and qtype != "i2_s":
             s = packed[p].scale
             if float(np.float16(s)) != s:
                 raise GGUFExportError(
@@ -314,10 +320,12 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, ARCH)
+        w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or folder.resolve().name)
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0"
-                        else gguf.LlamaFileType.MOSTLY_TQ1_0)
+        if qtype != "i2_s":
+            w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0"
+                            else gguf.LlamaFileType.MOSTLY_TQ1_0)
+        w.add_string("onebit.hidden_act", cfg.hidden_act)  # the GGUF graph name does not say it
         w.add_vocab_size(V)
         w.add_context_length(cfg.max_position_embeddings)
         w.add_embedding_length(D)
@@ -339,10 +347,14 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
             for p in _PROJ:
                 pt = packed[f"model.layers.{i}.{p}"]
                 codes = unpack(pt.packed, pt.shape[1], pt.layout)
-                d = 1.0 if scales == "tensor" else pt.scale
-                blocks = encode(codes, d)
                 base = gguf_tensor_name(f"model.layers.{i}.{p}")
-                w.add_tensor(base + ".weight", blocks, raw_dtype=qt)
+                if qtype == "i2_s":  # the scale travels inside the tensor's bytes
+                    from .gguf_io import encode_i2_s
+                    w.add_tensor(base + ".weight", encode_i2_s(codes, pt.scale).view(np.int8),
+                                 raw_shape=pt.shape, raw_dtype=qt)
+                    continue
+                d = 1.0 if scales == "tensor" else pt.scale
+                w.add_tensor(base + ".weight", encode(codes, d), raw_dtype=qt)
                 if scales == "tensor":
                     w.add_tensor(base + ".scale", np.array([pt.scale], np.float32))
         w.write_header_to_file()

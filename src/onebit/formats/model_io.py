@@ -247,11 +247,13 @@ def reference_logits(tm: TernaryModel, ids) -> np.ndarray:
     return x @ head.f32().astype(np.float64).T
 
 
-def compare_logits(ref: np.ndarray, got: np.ndarray, what: str, rtol: float = 2e-2) -> dict:
+def compare_logits(ref: np.ndarray, got: np.ndarray, what: str, rtol: float = 5e-2) -> dict:
     """Check ``got`` against ``ref`` (both [T, V]): max |diff| <= rtol * max |ref| and the same
-    top-1 token at >= 90% of positions (a single int8 rounding flip moves logits by ~1e-3 of
-    their range; a wrong layout moves them by O(1)). Returns the measured numbers; raises
-    ValueError naming ``what`` on a mismatch."""
+    top-1 token at >= 90% of positions. Why so loose: float32 and float64 round a per-token
+    int8 activation differently once in a while, and one flipped code moves every later
+    position's logits by up to ~2% of their range on random models (measured); a wrong layout,
+    sign or scale moves them by O(1) and flips the top-1 tokens. Returns the measured numbers;
+    raises ValueError naming ``what`` on a mismatch."""
     ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
     if ref.shape != got.shape:
         raise ValueError(f"parity check failed for {what}: logits shape {got.shape} != {ref.shape}")
