@@ -28,7 +28,7 @@ def random_config(preset: str, **overrides) -> ModelConfig:
 def write_random_model(folder: str | Path, config: ModelConfig | str, layout: str = "i2",
                        embedding: str = "i8", seed: int = 0) -> Path:
     """Write a packed model folder with random weights; ``config`` a ModelConfig or preset name."""
-    from ..checkpoint import write_dir_atomic
+    from ..atomic import write_dir_atomic
 
     cfg = random_config(config) if isinstance(config, str) else config
     if layout not in LAYOUTS or embedding not in EMBEDDINGS:
