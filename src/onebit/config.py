@@ -171,7 +171,9 @@ class ModelConfig:
     ``norm_placement``: ``"subln"`` = the released 2B4T layout (pre-norms ``input_layernorm`` /
     ``post_attention_layernorm`` + ``attn_sub_norm`` before o_proj and ``ffn_sub_norm`` before
     down_proj); ``"inner"`` = b1.58 paper layout (an RMSNorm inside every BitLinear, no block
-    pre-norms). ``activation_scheme``: ``"a8"`` (INT8 per token for every BitLinear input) or
+    pre-norms); ``"pre"`` = a plain Llama (pre-norms only), full precision only: it is how a
+    pretrained fp model (llama2.c, transformers Llama) is imported before ``quantize_model`` turns
+    it into a SubLN BitNet. ``activation_scheme``: ``"a8"`` (INT8 per token for every BitLinear input) or
     ``"a4.8"`` (BITNET.md §2: INT4 for q/k/v/gate/up, top-50% + INT8 for o_proj, INT8 for down).
     """
 
@@ -192,7 +194,7 @@ class ModelConfig:
     eos_token_id: int = 1
     # onebit-only fields
     linear: str = "bitnet"  # "bitnet" (ternary weights, quantized activations) or "fp" (the twin)
-    norm_placement: str = "subln"  # "subln" (2B4T) or "inner" (b1.58 paper)
+    norm_placement: str = "subln"  # "subln" (2B4T), "inner" (b1.58 paper) or "pre" (fp Llama)
     activation_scheme: str = "a8"  # "a8" or "a4.8"
     topk_keep: float = 0.5  # a4.8: fraction of o_proj inputs kept per token
     format_version: int = FORMAT_VERSION
@@ -207,7 +209,11 @@ class ModelConfig:
         _positive(c, "rope_theta", self.rope_theta)
         _choice(c, "hidden_act", self.hidden_act, ("relu2", "silu"))
         _choice(c, "linear", self.linear, ("bitnet", "fp"))
-        _choice(c, "norm_placement", self.norm_placement, ("subln", "inner"))
+        _choice(c, "norm_placement", self.norm_placement, ("subln", "inner", "pre"))
+        if self.norm_placement == "pre" and self.linear != "fp":
+            raise ConfigError(f"{c}: norm_placement='pre' (plain Llama, no norm before o_proj/down_proj) "
+                              f"is full precision only, BitNet normalises every BitLinear input: use "
+                              f"'subln' (onebit.quantize_model converts a 'pre' model to it)")
         _choice(c, "activation_scheme", self.activation_scheme, ("a8", "a4.8"))
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{c}: num_attention_heads={self.num_attention_heads} does not divide "

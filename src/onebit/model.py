@@ -111,11 +111,11 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        subln = cfg.norm_placement == "subln"
+        pre = cfg.norm_placement in ("subln", "pre")
         # "inner" (b1.58): every BitLinear normalises its own input, so the block has no pre-norms.
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if subln else None
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if pre else None
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if subln else None
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if pre else None
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
