@@ -335,7 +335,7 @@ def test_kv_cache_matches_full_forward():
     (dict(num_key_value_heads=0), "num_key_value_heads"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(linear="int2"), "linear"),
-    (dict(norm_placement="pre"), "norm_placement"),
+    (dict(norm_placement="post"), "norm_placement"),
     (dict(activation_scheme="a4"), "activation_scheme"),
     (dict(activation_scheme="a4.8", hidden_act="silu"), "hidden_act"),
     (dict(hidden_size=0), "hidden_size"),

@@ -7,3 +7,10 @@ def load(path):
     from .engine.api import load as _load
 
     return _load(path)
+
+
+def quantize_model(model, **kwargs):
+    """Convert a causal LM to BitNet b1.58 in place (see ``onebit.finetune.quantize_model``)."""
+    from .finetune import quantize_model as _quantize_model
+
+    return _quantize_model(model, **kwargs)

@@ -21,6 +21,25 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
+    from .finetune import finetune
+    from .train import load_run_config
+
+    if any(a.startswith("--model.") for a in rest):
+        raise ValueError("onebit finetune takes the architecture from --from; drop the --model.* overrides")
+    extra = [f"--finetune.source={args.source}"]
+    if args.tokenizer:
+        extra.append(f"--finetune.tokenizer={args.tokenizer}")
+    defaults = {"train": {"lr": 1e-4, "schedule": "constant", "out_dir": "runs/finetune"}}
+    rc = load_run_config(args.config, extra + rest, defaults=defaults)
+    summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout)
+    if summary.get("val_loss") is not None:
+        print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
+              f"ppl {summary['val_ppl']:.2f} -> {summary['out_dir']}"
+              + (f", packed -> {summary['export']}" if summary.get("export") else ""))
+    return 130 if summary.get("interrupted") else 0
+
+
 def _is_packed(path) -> bool:
     """A model the engine runs: an onebit packed folder, or a HF folder / GGUF file it imports."""
     from .formats.convert import detect_format
@@ -220,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default=None, help="TOML file or built-in config name")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
+    f = sub.add_parser("finetune", help="fine-tune a full-precision model to 1.58 bits (λ warm-up)",
+                       description="Convert --from (a transformers Llama/Mistral folder, an onebit run or "
+                                   "checkpoint, or a llama2.c .bin) to BitNet b1.58 and fine-tune it with "
+                                   "the λ warm-up of the HF blog (default: linear over 1000 steps, lr 1e-4), "
+                                   "with every option of `onebit train` as --section.key=value, e.g. "
+                                   "--data.paths=DIR --train.steps=2000 --finetune.lambda_schedule=sigmoid "
+                                   "--finetune.distill_weight=1.")
+    f.add_argument("--from", dest="source", required=True, help="HF folder, onebit run folder or llama2.c .bin")
+    f.add_argument("--tokenizer", default=None, help="tokenizer.json or llama2.c tok*.bin (default: "
+                                                     "found beside the source)")
+    f.add_argument("--config", default=None, help="TOML file ([data], [train], [finetune] tables)")
+    f.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
+    f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine")
+    f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
+
     def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:
         a.add_argument("--max-new-tokens", type=int, default=max_new)
         a.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -317,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "train":
             return _cmd_train(args, rest)
+        if args.cmd == "finetune":
+            return _cmd_finetune(args, rest)
         if args.cmd == "bench":
             return _cmd_bench(args, rest)
         if rest:

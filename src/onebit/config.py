@@ -171,7 +171,10 @@ class ModelConfig:
     ``norm_placement``: ``"subln"`` = the released 2B4T layout (pre-norms ``input_layernorm`` /
     ``post_attention_layernorm`` + ``attn_sub_norm`` before o_proj and ``ffn_sub_norm`` before
     down_proj); ``"inner"`` = b1.58 paper layout (an RMSNorm inside every BitLinear, no block
-    pre-norms); ``"pre"`` = plain Llama (block pre-norms only: HF1BitLLM, llama2.c). ``activation_scheme``: ``"a8"`` (INT8 per token for every BitLinear input) or
+    pre-norms); ``"pre"`` = a plain Llama (block pre-norms only, no norm before o_proj/down_proj):
+    HF1BitLLM's ternary Llama, and how a pretrained fp model (llama2.c, transformers Llama) is
+    imported before ``quantize_model`` turns it into a SubLN BitNet. ``activation_scheme``:
+    ``"a8"`` (INT8 per token for every BitLinear input) or
     ``"a4.8"`` (BITNET.md §2: INT4 for q/k/v/gate/up, top-50% + INT8 for o_proj, INT8 for down).
     """
 

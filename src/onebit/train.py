@@ -29,6 +29,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import PRESETS, ConfigError, ModelConfig, from_dict, to_dict
 from .data import DataConfig, eval_windows, prepare_data, sample_batch
+from .finetune import FinetuneConfig, distill_loss, lambda_at
 from .model import CausalLM
 
 if sys.version_info >= (3, 11):
@@ -99,6 +100,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # source=None: from scratch
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -109,7 +111,7 @@ class RunConfig:
 # --------------------------------------------------------------------------------------------
 
 BUILTIN_CONFIGS = Path(__file__).parent / "configs"
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "finetune": FinetuneConfig}
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
@@ -127,9 +129,11 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a TOML run config (tables [model], [data], [train]; [model] may name a ``preset``)
-    and apply ``--section.key=value`` overrides; everything validated against the dataclasses."""
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                    defaults: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """Read a TOML run config (tables [model], [data], [train], [finetune]; [model] may name a
+    ``preset``) over ``defaults`` and apply ``--section.key=value`` overrides; everything validated
+    against the dataclasses."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -144,6 +148,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file '{p}' is not valid TOML: {e}") from None
     unknown = sorted(set(raw) - set(SECTIONS))
+    for section, kv in (defaults or {}).items():
+        raw[section] = {**kv, **raw.get(section, {})}
     if unknown:
         raise ConfigError(f"unknown config table(s) {unknown}; valid tables are {list(SECTIONS)}")
     for section, kv in parse_overrides(overrides or []).items():
@@ -156,7 +162,8 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         model_raw = {**PRESETS[preset], **model_raw}
     return RunConfig(model=from_dict(ModelConfig, model_raw),
                      data=from_dict(DataConfig, raw.get("data", {})),
-                     train=from_dict(TrainConfig, raw.get("train", {})))
+                     train=from_dict(TrainConfig, raw.get("train", {})),
+                     finetune=from_dict(FinetuneConfig, raw.get("finetune", {})))
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,6 +372,15 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     model = CausalLM(mc).to(device)
+    fc = rc.finetune
+    teacher = None
+    if fc.source is not None:  # warm-up fine-tuning (onebit.finetune): start from the converted source
+        from .finetune import init_student, teacher_for_resume
+        if existing is not None:
+            teacher = teacher_for_resume(fc, device)
+        else:  # calibrate the added norms on one training batch (never validation text)
+            calib = sample_batch(data.train, seq, min(tc.batch_size, 16), tc.seed + 1, 0)[0]
+            teacher = init_student(model, fc, device, calib)
     lr0, wd0 = lr_wd_at(0, tc, mc)
     opt = torch.optim.AdamW(param_groups(model, wd0), lr=lr0, betas=(tc.beta1, tc.beta2), eps=1e-8,
                             fused=False, foreach=True)
@@ -428,16 +444,26 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                 lr, wd = lr_wd_at(step, tc, mc)
                 opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"] = lr, wd
                 opt.param_groups[1]["lr"] = lr
+                lam = lambda_at(step, fc)
+                model.set_quant_lambda(lam)
                 xg, yg = sample_batch(data.train, seq, tc.batch_size, tc.seed, step)
                 xr, yr = xg[d.rank * per_rank:(d.rank + 1) * per_rank], yg[d.rank * per_rank:(d.rank + 1) * per_rank]
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                kl_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for i in range(accum):
                     x, y = xr[i * micro:(i + 1) * micro].to(device), yr[i * micro:(i + 1) * micro].to(device)
                     sync = contextlib.nullcontext() if (i == accum - 1 or d.world == 1) else ddp.no_sync()
                     with sync:
                         with autocast():
-                            _, loss = ddp(x, y)
-                        (loss / accum).backward()
+                            logits, loss = ddp(x, y)
+                            total = loss
+                            if teacher is not None:
+                                with torch.no_grad():
+                                    t_logits, _ = teacher(x)
+                                kl = distill_loss(logits, t_logits, fc.distill_temperature)
+                                total = loss + fc.distill_weight * kl
+                                kl_sum += kl.detach().double() / accum
+                        (total / accum).backward()
                     loss_sum += loss.detach().double() / accum
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 \
                     else torch.zeros(())
@@ -445,9 +471,11 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += tc.batch_size * seq
-                flags = torch.tensor([loss_sum.item(), float(stop.flag)], dtype=torch.float64, device=device)
+                flags = torch.tensor([loss_sum.item(), float(stop.flag), kl_sum.item()], dtype=torch.float64,
+                                     device=device)
                 d.all_reduce(flags)
                 train_loss, stop_now = flags[0].item() / d.world, flags[1].item() > 0
+                model.set_quant_lambda(lambda_at(step, fc))  # λ of the weights now (for the evaluation)
 
                 if step % tc.eval_every == 0 or step == tc.steps:
                     last_val = evaluate(model, val_windows, d, device, micro, autocast)
@@ -456,6 +484,10 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                     now = time.perf_counter()
                     rec = {"step": step, "loss": train_loss, "lr": lr, "wd": wd,
                            "grad_norm": float(gnorm), "tokens": tokens_seen}
+                    if fc.source is not None:
+                        rec["lam"] = lam
+                        if teacher is not None:
+                            rec["distill_kl"] = flags[2].item() / d.world
                     if step % tc.log_every == 0 or step == tc.steps or step == start + 1:
                         rec["tok_s"] = (tokens_seen - tok_start) / max(now - t_start, 1e-9)
                     if last_val is not None and (step % tc.eval_every == 0 or step == tc.steps):
@@ -464,6 +496,8 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                     if writer is not None:
                         writer.add_scalar("train/loss", train_loss, step)
                         writer.add_scalar("train/lr", lr, step)
+                        if "lam" in rec:
+                            writer.add_scalar("train/lambda", lam, step)
                         if "val_loss" in rec:
                             writer.add_scalar("val/loss", rec["val_loss"], step)
                             writer.add_scalar("val/ppl", rec["val_ppl"], step)
@@ -473,11 +507,15 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                             tok_s = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
                             t_last, tok_last = now, tokens_seen
                             post = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+                            if "lam" in rec:
+                                post["λ"] = f"{lam:.3f}"
                             if last_val is not None:
                                 post["val"] = f"{last_val:.3f}"
                             bar.set_postfix(post, refresh=False)
                     elif step % tc.log_every == 0 or step == tc.steps:
                         msg = f"step {step}/{tc.steps} loss {train_loss:.4f} lr {lr:.2e}"
+                        if "lam" in rec:
+                            msg += f" λ {lam:.3f}"
                         if "val_loss" in rec:
                             msg += f" val {rec['val_loss']:.4f} ppl {rec['val_ppl']:.2f}"
                         print(msg, flush=True)
