@@ -114,6 +114,23 @@ def test_bitlinear_gradients_are_ste():
     torch.testing.assert_close(x.grad, g @ wq)
 
 
+@pytest.mark.parametrize("act", ["int4", "topk_int8"])
+def test_bitlinear_a48_gradients_pass_through_quantizer_and_topk_mask(act):
+    """a4.8 STE (paper: "through the quantizers and the top-K mask"): dL/dx = g·Wq for EVERY input
+    entry, the ones top-K zeroed included; dL/dW = gᵀ·xq with xq the sparsified, quantized input."""
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, norm=False, act=act)
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(5, 8)
+    layer(x).backward(g)
+    xq, wq = REF_ACT[act](x.detach()), ref_weight_quant(layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, g.t() @ xq)
+    torch.testing.assert_close(x.grad, g @ wq)
+    if act == "topk_int8":
+        masked = xq == 0
+        assert masked.sum() >= 5 * 8 and (x.grad[masked] != 0).all()
+
+
 def test_bitlinear_bad_args():
     with pytest.raises(ValueError, match="act"):
         BitLinear(4, 4, act="int2")

@@ -191,7 +191,10 @@ def fake_int4(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 
 
 def fake_topk(x: torch.Tensor, keep: float = 0.5, lam: float = 1.0) -> torch.Tensor:
-    """Top-K sparsified activation with an STE through the mask (a4.8); dtype of ``x``."""
+    """Top-K sparsified activation with an STE through the mask (a4.8); dtype of ``x``.
+
+    The backward is the identity for every entry, the zeroed ones included: the a4.8 paper passes
+    the gradient straight through the mask, so a dropped entry can grow back into the top K."""
     _check_float(x, "x")
     _check_lam(lam)
     if lam == 0.0:
