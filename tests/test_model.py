@@ -324,6 +324,28 @@ def test_a48_projection_modes():
     assert all(m.act is None and not m.weight_quant for m in fp.modules() if isinstance(m, BitLinear))
 
 
+def test_set_activation_scheme_in_place():
+    torch.manual_seed(0)
+    model = CausalLM(tiny(activation_scheme="a4.8"))
+    ids = torch.randint(0, 64, (2, 9))
+    a48, _ = model(ids)
+    model.set_activation_scheme("a8")
+    assert model.activation_scheme == "a8" and model.config.activation_scheme == "a4.8"
+    assert all(lin.act == ACT_SCHEMES["a8"][role] for _, role, lin in model.projections())
+    ref = CausalLM(tiny())
+    ref.load_state_dict(model.state_dict())
+    assert torch.equal(model(ids)[0], ref(ids)[0])        # exactly the A8 model on the same weights
+    model.set_activation_scheme("a4.8")
+    assert torch.equal(model(ids)[0], a48)
+    assert len(list(model.projections())) == 7 * 2
+    with pytest.warns(UserWarning, match="activation_scheme='a8'"):
+        ref.set_activation_scheme("a4.8")                # not trained for it: warned
+    with pytest.raises(ConfigError, match="activation_scheme"):
+        model.set_activation_scheme("a4")
+    with pytest.raises(ConfigError, match="linear"):
+        CausalLM(tiny(linear="fp")).set_activation_scheme("a8")
+
+
 def test_embeddings_and_head_stay_full_precision():
     model = CausalLM(tiny(tie_word_embeddings=False))
     assert type(model.lm_head) is torch.nn.Linear

@@ -10,6 +10,7 @@ Shapes: B batch, T tokens, D hidden, H heads, Hkv kv heads, hd head dim, F ffn d
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +230,10 @@ class CausalLM(nn.Module):
                               f"quantized activations to switch")
         if scheme not in ACT_SCHEMES:
             raise ConfigError(f"activation_scheme={scheme!r} is not valid: use one of {list(ACT_SCHEMES)}")
+        if scheme == "a4.8" and self.config.activation_scheme != "a4.8":
+            warnings.warn(f"running a4.8 activations (INT4, top-K) on a model trained with activation_scheme="
+                          f"{self.config.activation_scheme!r}: expect a perplexity cost; train it for a4.8 "
+                          f"(--model.activation_scheme=a4.8 --train.a48_switch=0.95)", stacklevel=2)
         for _, role, lin in self.projections():
             lin.act = ACT_SCHEMES[scheme][role]
             lin.keep = self.config.topk_keep
