@@ -94,6 +94,15 @@ def evaluate_all(prefix: str, eval_tokens: int, sparsity_tokens: int) -> dict:
             m["ppl"][str(bits)] = {"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"]}
             print(f"{key} kv{bits}: ppl {r['ppl']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         model.set_kv_bits(16)
+        if key == "b158":  # control: the A8-trained weights run with a4.8 activations, no stage 2
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # the quality-cost warning is the point of this row
+                model.set_activation_scheme("a4.8")
+            r = perplexity(model, data.val, seq_len=seq, batch_size=8, max_tokens=eval_tokens)
+            m["ppl_as_a48_no_stage2"] = {"loss": r["loss"], "ppl": r["ppl"], "tokens": r["tokens"]}
+            print(f"{key} as a4.8 without stage 2: ppl {r['ppl']:.3f}", flush=True)
+            model.set_activation_scheme("a8")
         if model.config.linear == "bitnet":
             st = activation_sparsity(model, data.val, seq, max_tokens=sparsity_tokens)
             sk = skippable(st, model)
@@ -147,6 +156,10 @@ def report(res: dict, steps_note: str) -> str:
               else "—" for k in (8, 4, 3)]
         lines.append(f"| {m['label']} | {m['train_tok_s']:,.0f} | {p16:.2f} | "
                      f"{_pct(p16, b['ppl']['16']['ppl'])} | {' | '.join(kv)} |")
+    if "ppl_as_a48_no_stage2" in b:
+        p = b["ppl_as_a48_no_stage2"]["ppl"]
+        lines.append(f"| control: the b1.58 weights run with a4.8 activations, no stage 2 | — | {p:.2f} | "
+                     f"{_pct(p, b['ppl']['16']['ppl'])} | — | — | — |")
     gap = a["ppl"]["16"]["ppl"] / b["ppl"]["16"]["ppl"] - 1
     kv3 = {k: M[k]["ppl"]["3"]["ppl"] / M[k]["ppl"]["16"]["ppl"] - 1 for k in ("b158", "a48")}
     kv4 = {k: M[k]["ppl"]["4"]["ppl"] / M[k]["ppl"]["16"]["ppl"] - 1 for k in ("b158", "a48")}
