@@ -114,6 +114,23 @@ def test_bitlinear_gradients_are_ste():
     torch.testing.assert_close(x.grad, g @ wq)
 
 
+@pytest.mark.parametrize("act", ["int4", "topk_int8"])
+def test_bitlinear_a48_gradients_pass_through_quantizer_and_topk_mask(act):
+    """a4.8 STE (paper: "through the quantizers and the top-K mask"): dL/dx = g·Wq for EVERY input
+    entry, the ones top-K zeroed included; dL/dW = gᵀ·xq with xq the sparsified, quantized input."""
+    torch.manual_seed(0)
+    layer = BitLinear(16, 8, norm=False, act=act)
+    x = torch.randn(5, 16, requires_grad=True)
+    g = torch.randn(5, 8)
+    layer(x).backward(g)
+    xq, wq = REF_ACT[act](x.detach()), ref_weight_quant(layer.weight.detach())
+    torch.testing.assert_close(layer.weight.grad, g.t() @ xq)
+    torch.testing.assert_close(x.grad, g @ wq)
+    if act == "topk_int8":
+        masked = xq == 0
+        assert masked.sum() >= 5 * 8 and (x.grad[masked] != 0).all()
+
+
 def test_bitlinear_bad_args():
     with pytest.raises(ValueError, match="act"):
         BitLinear(4, 4, act="int2")
@@ -305,6 +322,28 @@ def test_a48_projection_modes():
     assert mlp.down_proj.act == "int8"
     fp = CausalLM(tiny(linear="fp"))
     assert all(m.act is None and not m.weight_quant for m in fp.modules() if isinstance(m, BitLinear))
+
+
+def test_set_activation_scheme_in_place():
+    torch.manual_seed(0)
+    model = CausalLM(tiny(activation_scheme="a4.8"))
+    ids = torch.randint(0, 64, (2, 9))
+    a48, _ = model(ids)
+    model.set_activation_scheme("a8")
+    assert model.activation_scheme == "a8" and model.config.activation_scheme == "a4.8"
+    assert all(lin.act == ACT_SCHEMES["a8"][role] for _, role, lin in model.projections())
+    ref = CausalLM(tiny())
+    ref.load_state_dict(model.state_dict())
+    assert torch.equal(model(ids)[0], ref(ids)[0])        # exactly the A8 model on the same weights
+    model.set_activation_scheme("a4.8")
+    assert torch.equal(model(ids)[0], a48)
+    assert len(list(model.projections())) == 7 * 2
+    with pytest.warns(UserWarning, match="activation_scheme='a8'"):
+        ref.set_activation_scheme("a4.8")                # not trained for it: warned
+    with pytest.raises(ConfigError, match="activation_scheme"):
+        model.set_activation_scheme("a4")
+    with pytest.raises(ConfigError, match="linear"):
+        CausalLM(tiny(linear="fp")).set_activation_scheme("a8")
 
 
 def test_embeddings_and_head_stay_full_precision():

@@ -288,3 +288,71 @@ def test_bf16_autocast_and_grad_accumulation_run(corpus, tmp_path):
     summary = train(load_run_config(None, tiny_args(corpus, out, tmp_path / "cache", "--train.steps=2",
                                                     "--train.dtype=bf16", "--train.micro_batch_size=2")))
     assert summary["step"] == 2 and all(l == l and l < 20 for _, l in losses(out))  # finite losses
+
+
+# ---------------------------------------------------------------- a4.8 two-stage recipe
+
+A48 = ("--model.activation_scheme=a4.8", "--model.hidden_act=relu2")
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["--train.a48_switch=1.5", *A48], "a48_switch"),
+    (["--train.a48_switch=0", *A48], "a48_switch"),
+    (["--train.a48_switch=0.05", "--train.steps=8", *A48], "a48_switch"),      # no A8 step left
+    (["--train.a48_switch=0.95"], "a48_switch"),                               # an a8 model
+    (["--train.a48_switch=0.95", "--model.linear=fp"], "a48_switch"),          # an fp model
+    (["--model.activation_scheme=a4.8", "--model.hidden_act=silu"], "hidden_act"),
+    (["--model.activation_scheme=a4.8", "--model.linear=fp"], "activation_scheme"),
+])
+def test_a48_config_errors_name_the_field(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(None, ["--model.preset=tiny", *override])
+
+
+def test_a48_two_stage_switches_in_place_and_keeps_optimizer(corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "cache"
+    two = tmp_path / "two"
+    train(load_run_config(None, tiny_args(corpus, two, cache, *A48, "--train.a48_switch=0.375")))
+    recs = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    # steps 0-2 (logged as 1-3) run A8, steps 3-7 run a4.8
+    assert [r["act"] for r in recs] == ["a8"] * 3 + ["a4.8"] * 5
+    # before the switch it is exactly the A8 model (same init, same batches) ...
+    a8 = tmp_path / "a8"
+    train(load_run_config(None, tiny_args(corpus, a8, cache, "--model.hidden_act=relu2")))
+    la, lt = losses(a8), losses(two)
+    assert lt[:3] == la[:3]
+    assert lt[3][1] != la[3][1]      # ... and the a4.8 forward of step index 3 changes its loss
+    # one optimizer all along: Adam's step count is the run's, not the stage's
+    last = two / "checkpoints" / "step_00000008"
+    assert load_file(str(last / ckpt.STATE_FILE))["optim.0.step"].item() == 8
+    assert json.loads((last / ckpt.STATE_JSON).read_text())["activation_scheme"] == "a4.8"
+    model, _, _ = ckpt.load_model(two)
+    assert model.config.activation_scheme == "a4.8" and model.activation_scheme == "a4.8"
+    assert model.model.layers[0].self_attn.o_proj.act == "topk_int8"
+
+
+@pytest.mark.parametrize("switch, scheme_at_4", [(0.375, "a4.8"), (0.625, "a8")])
+def test_a48_resume_across_the_switch_is_exact(corpus, tmp_path, switch, scheme_at_4):
+    cache = tmp_path / "cache"
+    args = (*A48, f"--train.a48_switch={switch}")
+    full = tmp_path / "full"
+    train(load_run_config(None, tiny_args(corpus, full, cache, *args)))
+    part = tmp_path / "part"
+    train(load_run_config(None, tiny_args(corpus, part, cache, *args)))
+    state = json.loads((part / "checkpoints" / "step_00000004" / ckpt.STATE_JSON).read_text())
+    assert state["activation_scheme"] == scheme_at_4
+    (part / "checkpoints" / "latest").write_text("step_00000004\n")
+    summary = train(load_run_config(None, tiny_args(corpus, part, cache, *args)), resume=True)
+    assert summary["step"] == 8
+    assert losses(part) == losses(full)
+    a, _, _ = ckpt.load_model(full)
+    b, _, _ = ckpt.load_model(part)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+    if scheme_at_4 == "a4.8":  # a checkpoint past the switch cannot resume under a later switch
+        (part / "checkpoints" / "latest").write_text("step_00000004\n")
+        with pytest.raises(ConfigError, match="a48_switch"):
+            train(load_run_config(None, tiny_args(corpus, part, cache, *A48, "--train.a48_switch=0.75")),
+                  resume=True)

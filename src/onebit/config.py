@@ -176,6 +176,8 @@ class ModelConfig:
     imported before ``quantize_model`` turns it into a SubLN BitNet. ``activation_scheme``:
     ``"a8"`` (INT8 per token for every BitLinear input) or
     ``"a4.8"`` (BITNET.md §2: INT4 for q/k/v/gate/up, top-50% + INT8 for o_proj, INT8 for down).
+    ``kv_bits``: K/V fake-quantized after RoPE per (token, kv head), absmax, unsigned codes
+    (``onebit.quant.fake_kv``, docs/formats.md §10): 16 (off), 8, 4 or 3 (position 0 at 4 bits).
     """
 
     vocab_size: int = 8192
@@ -198,6 +200,7 @@ class ModelConfig:
     norm_placement: str = "subln"  # "subln" (2B4T), "inner" (b1.58 paper) or "pre" (Llama)
     activation_scheme: str = "a8"  # "a8" or "a4.8"
     topk_keep: float = 0.5  # a4.8: fraction of o_proj inputs kept per token
+    kv_bits: int = 16  # KV cache: 16 (not quantized), 8, 4 or 3 bits (a4.8 §KV)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -212,6 +215,7 @@ class ModelConfig:
         _choice(c, "linear", self.linear, ("bitnet", "fp"))
         _choice(c, "norm_placement", self.norm_placement, ("subln", "inner", "pre"))
         _choice(c, "activation_scheme", self.activation_scheme, ("a8", "a4.8"))
+        _choice(c, "kv_bits", self.kv_bits, (16, 8, 4, 3))
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{c}: num_attention_heads={self.num_attention_heads} does not divide "
                               f"hidden_size={self.hidden_size}; pick a head count that divides it "

@@ -10,12 +10,14 @@ Shapes: B batch, T tokens, D hidden, H heads, Hkv kv heads, hd head dim, F ffn d
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
+from . import quant
+from .config import ConfigError, ModelConfig
 from .nn import BitLinear, RMSNorm, apply_rope, rope_cache
 
 # Which activation quantizer each projection input gets, per activation scheme (BITNET.md §2).
@@ -36,7 +38,8 @@ def make_linear(cfg: ModelConfig, role: str, in_f: int, out_f: int) -> BitLinear
 
 
 class KVCache(nn.Module):
-    """Pre-allocated per-layer cache: k, v ``[B, Hkv, max_len, hd]``."""
+    """Pre-allocated per-layer cache: k, v ``[B, Hkv, max_len, hd]``. With ``kv_bits < 16`` it holds
+    the already fake-quantized (dequantized) rows: the same numbers the engine's packed codes stand for."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -65,6 +68,7 @@ class Attention(nn.Module):
         self.v_proj = make_linear(cfg, "v", D, Hkv * hd)
         self.attn_sub_norm = RMSNorm(H * hd, cfg.rms_norm_eps) if cfg.norm_placement == "subln" else None
         self.o_proj = make_linear(cfg, "o", H * hd, D)
+        self.kv_bits = cfg.kv_bits
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> torch.Tensor:
@@ -73,6 +77,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)     # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # KV quantization after RoPE, per (token, kv head); identity at 16 bits. Cached and
+        # full-sequence forwards see the same values, so perplexity measures the KV cost.
+        k, v = quant.fake_kv(k, self.kv_bits, pos), quant.fake_kv(v, self.kv_bits, pos)
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)                                     # [B, Hkv, pos+T, hd]
         if pos == 0:
@@ -142,6 +149,7 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.activation_scheme = cfg.activation_scheme  # the scheme the BitLinears run now
         self.model = DecoderModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         cos, sin = rope_cache(cfg.resolved_head_dim, cfg.max_position_embeddings, cfg.rope_theta)
@@ -205,6 +213,37 @@ class CausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, BitLinear):
                 m.lam = lam
+
+    def projections(self):
+        """Yield ``(layer index, role, BitLinear)`` for every projection, role in q k v o gate up down."""
+        for i, layer in enumerate(self.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            yield from ((i, "q", a.q_proj), (i, "k", a.k_proj), (i, "v", a.v_proj), (i, "o", a.o_proj),
+                        (i, "gate", m.gate_proj), (i, "up", m.up_proj), (i, "down", m.down_proj))
+
+    def set_activation_scheme(self, scheme: str) -> None:
+        """Switch every BitLinear's input quantizer to ``ACT_SCHEMES[scheme]`` in place (the a4.8
+        two-stage recipe: A8 first, then a4.8 on the same weights and optimizer state). The config
+        keeps the scheme the model is trained for; ``self.activation_scheme`` is the one running."""
+        if self.config.linear != "bitnet":
+            raise ConfigError(f"activation_scheme={scheme!r}: a linear='{self.config.linear}' model has no "
+                              f"quantized activations to switch")
+        if scheme not in ACT_SCHEMES:
+            raise ConfigError(f"activation_scheme={scheme!r} is not valid: use one of {list(ACT_SCHEMES)}")
+        if scheme == "a4.8" and self.config.activation_scheme != "a4.8":
+            warnings.warn(f"running a4.8 activations (INT4, top-K) on a model trained with activation_scheme="
+                          f"{self.config.activation_scheme!r}: expect a perplexity cost; train it for a4.8 "
+                          f"(--model.activation_scheme=a4.8 --train.a48_switch=0.95)", stacklevel=2)
+        for _, role, lin in self.projections():
+            lin.act = ACT_SCHEMES[scheme][role]
+            lin.keep = self.config.topk_keep
+        self.activation_scheme = scheme
+
+    def set_kv_bits(self, bits: int) -> None:
+        """Quantize the KV cache to ``bits`` (16 = off) from now on; updates ``self.config``."""
+        self.config = self.config.replace(kv_bits=bits)  # validates, naming kv_bits
+        for layer in self.model.layers:
+            layer.self_attn.kv_bits = bits
 
     def num_params(self, include_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

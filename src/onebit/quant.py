@@ -33,6 +33,14 @@ __all__ = [
     "fake_int4",
     "fake_topk",
     "ste",
+    "KV_BITS",
+    "kv_row_bits",
+    "kv_quant_codes",
+    "pack_kv",
+    "unpack_kv",
+    "quantize_kv",
+    "dequantize_kv",
+    "fake_kv",
 ]
 
 
@@ -183,9 +191,108 @@ def fake_int4(x: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
 
 
 def fake_topk(x: torch.Tensor, keep: float = 0.5, lam: float = 1.0) -> torch.Tensor:
-    """Top-K sparsified activation with an STE through the mask (a4.8); dtype of ``x``."""
+    """Top-K sparsified activation with an STE through the mask (a4.8); dtype of ``x``.
+
+    The backward is the identity for every entry, the zeroed ones included: the a4.8 paper passes
+    the gradient straight through the mask, so a dropped entry can grow back into the top K."""
     _check_float(x, "x")
     _check_lam(lam)
     if lam == 0.0:
         return x
     return ste(x, topk_sparsify(x.detach(), keep), lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache (a4.8): after RoPE, per (token, kv head) absmax, unsigned b-bit codes with the fixed
+# zero point 2^(b-1) - 1/2 (a mid-rise grid: 2^b levels symmetric about 0), fp16 step per row.
+# Exact math and byte layout: docs/formats.md §10. 16 = not quantized.
+# ---------------------------------------------------------------------------------------------
+
+KV_BITS = (16, 8, 4, 3)
+KV_BOS_BITS = 4  # with kv_bits=3 the row at position 0 (the BOS / attention-sink token) keeps 4 bits
+_FP16_MAX = 65504.0
+
+
+def kv_row_bits(bits: int, position: int) -> int:
+    """Bits of the cache row at absolute ``position``: ``bits``, except 4 for position 0 at 3 bits."""
+    return KV_BOS_BITS if bits == 3 and position == 0 else bits
+
+
+def _check_kv_bits(bits: int, allowed: tuple[int, ...] = (8, 4, 3)) -> None:
+    if bits not in allowed:
+        raise ValueError(f"bits={bits!r} is not a KV cache width: use one of {list(allowed)}")
+
+
+def kv_quant_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize K or V rows ``x [..., hd]`` (one row = one token of one kv head) to ``bits``.
+
+    ``h = 2^(bits-1)``; ``step = fp16(clamp(max|x|, 1e-5) / h)`` (clamped to the fp16 max);
+    ``codes = clamp(floor(x * (1/step)) + h, 0, 2h - 1)`` in float32, so
+    ``value ≈ (codes - (h - 1/2)) * step`` (see ``dequantize_kv``). Returns ``codes`` (uint8
+    ``[..., hd]``) and ``step`` (float16 ``[...]``).
+    """
+    _check_float(x, "x")
+    _check_kv_bits(bits)
+    h = float(2 ** (bits - 1))
+    x32 = x.float()
+    step = (x32.abs().amax(dim=-1).clamp(min=EPS) / h).clamp(max=_FP16_MAX).to(torch.float16)
+    r = 1.0 / step.float()                                               # [...] float32
+    codes = (torch.floor(x32 * r.unsqueeze(-1)) + h).clamp(0, 2 * h - 1).to(torch.uint8)
+    return codes, step
+
+
+def _kv_values(codes: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    zero = float(2 ** (bits - 1)) - 0.5
+    return (codes.float() - zero) * step.float().unsqueeze(-1)
+
+
+def pack_kv(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes ``[..., hd]`` as an LSB-first bit string: element i holds bits ``[b*i, b*i+b)``,
+    bit k lives in bit ``k % 8`` of byte ``k // 8``; zero-padded to ``ceil(hd*b/8)`` bytes (uint8)."""
+    _check_kv_bits(bits)
+    hd = codes.shape[-1]
+    shifts = torch.arange(bits, dtype=torch.int32)
+    bitstr = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)   # [..., hd*b]
+    nbytes = -(-hd * bits // 8)
+    bitstr = torch.nn.functional.pad(bitstr, (0, nbytes * 8 - hd * bits))
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+    return (bitstr.unflatten(-1, (nbytes, 8)) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_kv(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Inverse of ``pack_kv``: uint8 ``[..., ceil(head_dim*bits/8)]`` -> codes uint8 ``[..., head_dim]``."""
+    _check_kv_bits(bits)
+    nbytes = -(-head_dim * bits // 8)
+    if packed.dtype != torch.uint8 or packed.shape[-1] != nbytes:
+        raise ValueError(f"packed must be uint8 [..., {nbytes}] for head_dim={head_dim} at {bits} bits, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    bitstr = ((packed.to(torch.int32).unsqueeze(-1) >> torch.arange(8, dtype=torch.int32)) & 1).flatten(-2)
+    bitstr = bitstr[..., :head_dim * bits].unflatten(-1, (head_dim, bits))          # [..., hd, b]
+    return (bitstr << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows ``x [..., hd]`` -> (packed codes uint8 ``[..., ceil(hd*bits/8)]``, step float16 ``[...]``)."""
+    codes, step = kv_quant_codes(x, bits)
+    return pack_kv(codes, bits), step
+
+
+def dequantize_kv(packed: torch.Tensor, step: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """``(codes - (2^(bits-1) - 1/2)) * step`` in float32, shape ``[..., head_dim]``."""
+    return _kv_values(unpack_kv(packed, bits, head_dim), step, bits)
+
+
+def fake_kv(x: torch.Tensor, bits: int, pos: int = 0) -> torch.Tensor:
+    """Fake-quantized K or V ``x [..., T, hd]`` holding absolute positions ``pos .. pos+T-1``, with
+    an STE; the row at position 0 uses ``kv_row_bits`` (4 bits when ``bits == 3``). ``bits == 16``
+    returns ``x``. Dtype of ``x``."""
+    _check_float(x, "x")
+    _check_kv_bits(bits, KV_BITS)
+    if bits == 16:
+        return x
+    xd = x.detach()
+    q = _kv_values(*kv_quant_codes(xd, bits), bits)
+    if pos == 0 and kv_row_bits(bits, 0) != bits:
+        first = _kv_values(*kv_quant_codes(xd[..., :1, :], KV_BOS_BITS), KV_BOS_BITS)
+        q = torch.cat([first, q[..., 1:, :]], dim=-2)
+    return ste(x, q.to(x.dtype))

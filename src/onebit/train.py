@@ -69,6 +69,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int | None = None        # torch intra-op threads per process; None = torch default
+    a48_switch: float | None = None   # a4.8 two-stage: fraction of steps run with A8 activations
+                                      # before switching to model.activation_scheme="a4.8" (paper: 0.95)
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -93,6 +95,13 @@ class TrainConfig:
             raise ConfigError(f"{c}: grad_clip and weight decays must be >= 0")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError(f"{c}.threads={self.threads} must be > 0 (or unset)")
+        if self.a48_switch is not None:
+            if not 0 < self.a48_switch < 1:
+                raise ConfigError(f"{c}.a48_switch={self.a48_switch} must be in (0, 1), the fraction of "
+                                  f"steps trained with A8 before the switch (0.95 in the a4.8 paper)")
+            if int(self.a48_switch * self.steps) < 1:
+                raise ConfigError(f"{c}.a48_switch={self.a48_switch} leaves no A8 step out of steps="
+                                  f"{self.steps}: raise a48_switch or steps")
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,14 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # source=None: from scratch
+
+    def __post_init__(self) -> None:
+        if self.train.a48_switch is not None and (self.model.linear != "bitnet"
+                                                  or self.model.activation_scheme != "a4.8"):
+            raise ConfigError(f"train.a48_switch={self.train.a48_switch} is the a4.8 two-stage recipe: it "
+                              f"needs model.linear='bitnet' and model.activation_scheme='a4.8' (got "
+                              f"linear={self.model.linear!r}, activation_scheme="
+                              f"{self.model.activation_scheme!r}); unset train.a48_switch or fix [model]")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -204,6 +221,14 @@ def lr_wd_at(step: int, tc: TrainConfig, mc: ModelConfig) -> tuple[float, float]
     stage2 = step >= int(tc.stage_split * tc.steps)
     top = (tc.lr_stage2 if tc.lr_stage2 is not None else peak * 2 / 3) if stage2 else peak
     return top * (1.0 - progress), (tc.weight_decay_stage2 if stage2 else tc.weight_decay)
+
+
+def activation_scheme_at(step: int, tc: TrainConfig, mc: ModelConfig) -> str:
+    """The activation scheme optimizer step ``step`` (0-based) runs: A8 before ``int(a48_switch *
+    steps)`` when the two-stage a4.8 recipe is on, else the model's own scheme."""
+    if tc.a48_switch is not None and step < int(tc.a48_switch * tc.steps):
+        return "a8"
+    return mc.activation_scheme
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +415,17 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         start, tokens_seen, best_val = state["step"], state["tokens_seen"], state.get("best_val")
         random.setstate(_tuple_state(state["python_rng"]))
         np.random.set_state(_np_state(state["numpy_rng"]))
+        if mc.linear == "bitnet":
+            # a checkpoint taken before the a4.8 switch resumes in A8 (older checkpoints: the config's)
+            active = state.get("activation_scheme", mc.activation_scheme)
+            if active != activation_scheme_at(start, tc, mc) and active == mc.activation_scheme:
+                raise ConfigError(f"cannot resume: checkpoint '{existing}' already runs "
+                                  f"activation_scheme={active!r}, but train.a48_switch={tc.a48_switch} "
+                                  f"puts step {start} before the switch; resume with the a48_switch "
+                                  f"the run was started with")
+            model.set_activation_scheme(active)
+    elif mc.linear == "bitnet":
+        model.set_activation_scheme(activation_scheme_at(0, tc, mc))
     ddp = model
     if d.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -423,7 +459,7 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                 ckpt_root, step, model, full_config, tok_json, opt,
                 {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
                  "python_rng": random.getstate(), "numpy_rng": _np_state_json(np.random.get_state()),
-                 "world_size": d.world},
+                 "world_size": d.world, "activation_scheme": model.activation_scheme},
                 keep=tc.keep_checkpoints)
         if d.world > 1:
             dist.barrier()
@@ -441,6 +477,12 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     try:
         with _Interrupt() as stop:
             while step < tc.steps:
+                if mc.linear == "bitnet" and activation_scheme_at(step, tc, mc) != model.activation_scheme:
+                    # a4.8 two-stage switch: same weights, same optimizer state, new input quantizers
+                    model.set_activation_scheme(activation_scheme_at(step, tc, mc))
+                    if d.main:
+                        print(f"\nstep {step}: switching activations to {model.activation_scheme}",
+                              file=sys.stderr, flush=True)
                 lr, wd = lr_wd_at(step, tc, mc)
                 opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"] = lr, wd
                 opt.param_groups[1]["lr"] = lr
@@ -488,6 +530,8 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                         rec["lam"] = lam
                         if teacher is not None:
                             rec["distill_kl"] = flags[2].item() / d.world
+                    if tc.a48_switch is not None:
+                        rec["act"] = model.activation_scheme
                     if step % tc.log_every == 0 or step == tc.steps or step == start + 1:
                         rec["tok_s"] = (tokens_seen - tok_start) / max(now - t_start, 1e-9)
                     if last_val is not None and (step % tc.eval_every == 0 or step == tc.steps):

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from .api import BITNET_CHAT_TEMPLATE, Model, load
 from .runtime import EngineError, Runtime
+from .stats import kv_cache_bytes
 
-__all__ = ["BITNET_CHAT_TEMPLATE", "EngineError", "Model", "Runtime", "default_model_path", "load"]
+__all__ = ["BITNET_CHAT_TEMPLATE", "EngineError", "Model", "Runtime", "default_model_path",
+           "kv_cache_bytes", "load"]
 
 
 def default_model_path() -> Path:

@@ -4,7 +4,35 @@ from __future__ import annotations
 
 from .runtime import Runtime
 
-__all__ = ["model_sizes"]
+__all__ = ["kv_cache_bytes", "kv_row_bytes", "model_sizes"]
+
+KV_STORAGE_BITS = (32, 16, 8, 4, 3)  # 32 = float32 (the engine today), 16 = fp16, 8/4/3 = quant.fake_kv
+
+
+def kv_row_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one cache row (one token of one kv head, K or V) as docs/formats.md §10 lays it out:
+    ``head_dim`` floats at 32/16 bits, or ``ceil(head_dim*bits/8)`` code bytes + a 2-byte fp16 step."""
+    if bits not in KV_STORAGE_BITS:
+        raise ValueError(f"kv bits={bits!r} is not a KV storage width: use one of {list(KV_STORAGE_BITS)}")
+    if bits >= 16:
+        return head_dim * bits // 8
+    return -(-head_dim * bits // 8) + 2
+
+
+def kv_cache_bytes(cfg, bits: int, n_tokens: int) -> int:
+    """Bytes of the whole KV cache (all layers, K and V, batch 1) holding ``n_tokens`` positions.
+
+    ``cfg`` is a ``ModelConfig`` (``num_hidden_layers``, ``kv_heads``, ``resolved_head_dim``).
+    At 3 bits the row at position 0 is stored at 4 bits (the BOS rule of ``quant.kv_row_bits``).
+    Per-token average: ``kv_cache_bytes(cfg, bits, n) / n``."""
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens={n_tokens} must be >= 0")
+    per_row_set = 2 * cfg.num_hidden_layers * cfg.kv_heads  # rows per position: K and V, every layer
+    hd = cfg.resolved_head_dim
+    if n_tokens == 0:
+        return 0
+    first = kv_row_bytes(hd, 4 if bits == 3 else bits)
+    return per_row_set * (first + (n_tokens - 1) * kv_row_bytes(hd, bits))
 
 
 def model_sizes(rt: Runtime) -> dict[str, int]:
