@@ -341,15 +341,12 @@ def _dtypes(folder: Path) -> dict[str, str]:
 
 
 def _sentencepiece_to_json(folder: Path) -> bytes:
-    """tokenizer.model (SentencePiece, Llama-2) -> tokenizer.json via transformers' converter."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise HFFormatError(f"'{folder}' has only tokenizer.model (SentencePiece); converting it needs "
-                            f"transformers + sentencepiece (pip install transformers sentencepiece), "
-                            f"or put a tokenizer.json beside it") from None
-    tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-    return tok.backend_tokenizer.to_str().encode("utf-8")
+    """tokenizer.model alone (SentencePiece, Llama-2): refused with the fix. Converting it here
+    was tried with transformers 5's converters, which returned an empty vocabulary without an
+    error; silent garbage is worse than asking for the file."""
+    raise HFFormatError(f"'{folder}' has tokenizer.model (SentencePiece) but no tokenizer.json; "
+                        f"onebit reads tokenizer.json: copy the one published with the model (Llama-2 "
+                        f"repositories ship it), or write it with the `tokenizers` library")
 
 
 # --------------------------------------------------------------------------------------------
