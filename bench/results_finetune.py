@@ -133,12 +133,16 @@ def run_all(twin: Path, only: list[str] | None) -> dict:
                 train=dataclasses.replace(rc.train, lr=None, schedule="auto", warmup_steps=None))
             train(rc)
         rows["scratch"] = json.loads((out / "summary.json").read_text())["val_loss"]
+        train_s = 0.0  # training time of every row (also when the runs are reused from runs/)
+        for v in [*VARIANTS, "scratch"]:
+            sm = json.loads((base / v / "summary.json").read_text())
+            train_s += sm["tokens_seen"] / sm["tok_s"]
         results[sname] = {"val_loss": rows, "val_tokens": r["val_tokens"], "vocab_size": r["vocab_size"],
                           "train_tokens": start["steps"] * start["batch_size"] * start["data"]["seq_len"],
                           "steps": start["steps"], "lambda_steps": start["lambda_steps"],
                           "lr": start["lr"], "batch_size": start["batch_size"],
                           "seq_len": start["data"]["seq_len"], "source": start["source"],
-                          "minutes": (time.time() - t0) / 60}
+                          "minutes": (time.time() - t0 + train_s) / 60}
     return results
 
 
@@ -194,7 +198,7 @@ def report(results: dict) -> str:
                      f"{r['train_tokens']:,} fine-tuning tokens for every trained row; λ reaches 1 at step "
                      f"{r['lambda_steps']}; lr {r['lr']:g} constant after 5 warm-up steps (from scratch: "
                      f"the trainer's b1.58 recipe, lr 1.5e-3 two-stage); validation on "
-                     f"{r['val_tokens']:,} held-out tokens; {r['minutes']:.1f} min on this machine.")
+                     f"{r['val_tokens']:,} held-out tokens; {r['minutes']:.1f} min of training + evaluation on this machine (2 cores shared with other jobs).")
     return "\n".join(lines + [""] + setup + [""] + findings(results))
 
 
