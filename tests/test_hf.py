@@ -9,6 +9,7 @@ latent (renamed sub-norms), and our HF export read back by transformers.
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,30 @@ def test_hf_packing_matches_transformers_bit_for_bit():
         assert np.array_equal(hfmt.pack_hf_rows(codes), theirs)
         assert np.array_equal(hfmt.unpack_hf_rows(theirs, n), codes)
         assert np.array_equal(unpack_weights(torch.from_numpy(theirs), torch.float32).numpy()[:n], codes)
+
+
+@pytest.mark.parametrize("tok", ["llama2", "llama3"])
+def test_tokenizer_files_travel_with_the_model(tmp_path, tok):
+    """Llama-2 (SentencePiece-BPE) and Llama-3 (tiktoken-style BPE) tokenizer.json: copied with
+    the weights; onebit.load encodes exactly as the tokenizers library does; a folder with only
+    tokenizer.model is refused with the fix."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    tdir = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tokenizers" / tok
+    vocab = Tokenizer.from_file(str(tdir / "tokenizer.json")).get_vocab_size()
+    cfg = _small(transformers.BitNetConfig, hidden_act="relu2", tie_word_embeddings=True,
+                 vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=1)
+    model = _randomize(transformers.BitNetForCausalLM(cfg), 5)
+    src = tmp_path / "src"
+    model.save_pretrained(str(src))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tdir / f, src / f)
+    out = write_packed_folder(hfmt.read_hf(src), tmp_path / "out", embedding="f16")
+    m = onebit.load(out)
+    text = "Hello world! Once upon a time, 3.14 café ünïcödé"
+    assert m.tokenizer.encode(text).ids == Tokenizer.from_file(str(tdir / "tokenizer.json")).encode(text).ids
+    (src / "tokenizer.json").unlink()
+    shutil.copy(tdir / "tokenizer.model", src / "tokenizer.model")
+    with pytest.raises(hfmt.HFFormatError, match="no tokenizer.json"):
+        hfmt.read_hf(src)
