@@ -138,6 +138,14 @@ def test_cli_convert_and_generate_from_hf(tmp_path, monkeypatch):
                         str(tmp_path / "hf"), "--max-new-tokens", "4", "--temperature", "0",
                         "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    (tmp_path / "t.txt").write_text("Once upon a time there was a little model. " * 40)
+    for model in (src, tmp_path / "hf"):  # eval ppl on a packed folder and on a HF folder: engine
+        r = subprocess.run([sys.executable, "-m", "onebit", "eval", "ppl", str(tmp_path / "t.txt"),
+                            "--model", str(model), "--seq-len", "32", "--json"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        ppl = json.loads(r.stdout)["ppl"]
+        assert np.isfinite(ppl) and ppl > 1
     r = subprocess.run([sys.executable, "-m", "onebit", "convert", str(src), str(tmp_path / "o"),
                         "--to", "gguf-tq9"], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr

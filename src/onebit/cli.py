@@ -184,20 +184,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .checkpoint import load_model
     from .data import read_documents
-    from .evaluate import perplexity
 
-    model, tok, folder = load_model(args.model)
-    if tok is None:
-        raise ValueError(f"model folder '{folder}' has no tokenizer.json")
-    cfg = model.config
+    if _is_packed(args.model):  # packed / HF / GGUF: the torch-free engine
+        import onebit
+        from .engine.evaluate import perplexity as engine_ppl
+
+        m = onebit.load(args.model)
+        if m.tokenizer is None:
+            raise ValueError(f"model '{args.model}' has no tokenizer.json; copy the model's tokenizer "
+                             f"beside it")
+        cfg, folder = m.config, args.model
+        encode = lambda text: m.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+        run = lambda ids, L: engine_ppl(m, ids, L, max_tokens=args.max_tokens)  # noqa: E731
+    else:  # a training run / checkpoint folder: PyTorch
+        from .checkpoint import load_model
+        from .evaluate import perplexity
+
+        model, tok, folder = load_model(args.model)
+        if tok is None:
+            raise ValueError(f"model folder '{folder}' has no tokenizer.json")
+        cfg = model.config
+        encode = lambda text: tok.encode(text).ids  # noqa: E731
+        run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
+                                        max_tokens=args.max_tokens)
     ids: list[int] = []
     for doc in read_documents(args.files):
-        ids += [cfg.bos_token_id] + tok.encode(doc.text).ids + [cfg.eos_token_id]
+        ids += [cfg.bos_token_id] + encode(doc.text) + [cfg.eos_token_id]
     seq_len = args.seq_len or min(cfg.max_position_embeddings, 256)
-    res = perplexity(model, np.asarray(ids, dtype=np.int64), seq_len, batch_size=args.batch_size,
-                     max_tokens=args.max_tokens)
+    res = run(np.asarray(ids, dtype=np.int64), seq_len)
     if args.json:
         print(json.dumps({**res, "model": str(folder), "seq_len": seq_len}))
     else:
