@@ -137,8 +137,9 @@ def _write_doc(saved: dict, args) -> int:
               "skipped in CI where llama-cpp-python is not installed).",
               "- GGUF I2_S: hand-worked bytes written from bitnet.cpp's `quantize_i2_s` "
               "(docs/formats.md §7c); **not** run by bitnet.cpp itself (not installable here).",
-              "- Defensive parsing: the GGUF reader takes 2,000 fuzzed files per CI run "
-              "(tests/test_convert.py), the safetensors reader 400 (tests/test_safetensors_mmap.py); "
+              "- Defensive parsing: per CI run the GGUF reader takes 2,000 fuzzed files and the HF reader 600 "
+              "mutated config.json files "
+              "(tests/test_convert.py), the safetensors reader 400 mutated files (tests/test_safetensors_mmap.py); "
               "every failure is our own error naming the file and field."]
     replace_section("results_formats", "\n".join(lines),
                     "## Formats: conversions, round trips and parity (issue 5)")

@@ -197,3 +197,39 @@ def test_fuzz_gguf_header_mutations(small_gguf, tmp_path, data):
 @given(st.binary(min_size=0, max_size=512))
 def test_fuzz_gguf_random_bytes_after_magic(tmp_path, tail):
     _try(b"GGUF" + struct.pack("<I", 3) + tail, tmp_path / "r.gguf")
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fuzzhf")
+    src = _model(tmp, vocab_size=8192)
+    cv.convert(src, tmp / "hf", "hf", verify=False)
+    return tmp / "hf"
+
+
+_VALUES = st.one_of(st.integers(-2, 3), st.sampled_from([0, 10**12, 2**63, -(2**40), 1.5, float("nan")]),
+                    st.text(max_size=4), st.none(), st.booleans(), st.lists(st.integers(0, 3), max_size=2))
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_hf_config(small_hf, tmp_path, data):
+    """Mutated config.json values: every failure is our own ValueError (HFFormatError, a config
+    error), never a crash, hang or giant allocation."""
+    import shutil as sh
+    folder = tmp_path / "hf"
+    if folder.exists():
+        sh.rmtree(folder)
+    sh.copytree(small_hf, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    keys = sorted(cfg)
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(keys + ["quantization_config"]))
+        cfg[key] = data.draw(_VALUES)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    from onebit.formats import hf as hfmt
+    try:
+        tm = hfmt.read_hf(folder)
+        next(iter(tm.ternary.values()))()
+    except ValueError:
+        pass

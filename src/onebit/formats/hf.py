@@ -175,6 +175,9 @@ def describe_hf(folder: str | Path) -> tuple[str, dict]:
     arch = hf.get("architectures") or []
     mt = hf.get("model_type")
     qc = hf.get("quantization_config") or {}
+    if not (isinstance(arch, list) and all(isinstance(a, str) for a in arch)) or not isinstance(mt, (str, type(None))):
+        raise HFFormatError(f"'{folder}/config.json': architectures must be a list of names and "
+                            f"model_type a string")
     if not isinstance(qc, dict):
         raise HFFormatError(f"'{folder}/config.json': quantization_config must be an object")
     if qc and qc.get("quant_method") != "bitnet":
@@ -205,6 +208,15 @@ def describe_hf(folder: str | Path) -> tuple[str, dict]:
 
 
 def _model_config(layout: str, hf: dict, folder: Path) -> ModelConfig:
+    try:
+        return _model_config_unchecked(layout, hf, folder)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        if isinstance(e, HFFormatError):
+            raise
+        raise HFFormatError(f"'{folder}/config.json' does not describe a valid model: {e}") from None
+
+
+def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
     def get(key, default=None):
         v = hf.get(key, default)
         if v is None:
@@ -253,6 +265,13 @@ def read_hf(folder: str | Path) -> TernaryModel:
     folder = Path(folder)
     layout, hf = describe_hf(folder)
     tensors = _weights(folder)
+    n_layers = hf.get("num_hidden_layers")
+    present = {int(n.split(".")[2]) for n in tensors
+               if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+    if not isinstance(n_layers, int) or present != set(range(n_layers)):
+        raise HFFormatError(f"'{folder}/config.json' says num_hidden_layers={n_layers!r} but the "
+                            f"weights hold layers {sorted(present)[:3]}..{sorted(present)[-1:]} "
+                            f"({len(present)} of them); the config does not belong to these weights")
     cfg = _model_config(layout, hf, folder)
     st_dtypes = _dtypes(folder)
     used: set[str] = set()
