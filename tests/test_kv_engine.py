@@ -1,6 +1,7 @@
 """The engine's quantized KV cache (docs/formats.md §10): the C row quantizer byte for byte against
-onebit.quant, the cache the attention kernel writes (layout of onebit_kernels.h, BOS rule) and
-its attention against a float64 oracle over the dequantized rows."""
+onebit.quant, the cache the attention kernel writes (layout of onebit_kernels.h, BOS rule), its
+attention against a float64 oracle over the dequantized rows, and the whole engine against the
+PyTorch model with the same kv_bits (logits as tests/test_engine.py, greedy tokens identical)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+import onebit
 from onebit import kernels, quant
+from onebit.engine import Runtime
+from onebit.engine.stats import kv_cache_bytes
+from onebit.generate import generate as torch_generate
+from test_engine import assert_logits_close, make_packed, small_config, tokenizer  # noqa: F401
 
 BITS = (8, 4, 3)
 
@@ -146,3 +152,73 @@ def test_kv_cache_bytes_layout():
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 4) == Hkv * L * (64 + 2)
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 3) == Hkv * L * (48 + 2) + Hkv * 64
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 5) == 0
+
+
+@pytest.fixture
+def exact_zeros(monkeypatch):
+    """The PyTorch oracle with the engine's exact zeros. A K/V value whose integer accumulator is
+    0 is exactly 0.0 in the engine (exact int32 GEMM) but ~1e-7 of the row's absmax, either sign,
+    in PyTorch's float fake-quant matmul; 0 sits on the mid-rise grid's threshold between codes
+    h-1 and h, so that noise picks a code one step (at 3 bits 1/8 of the row's range) away and
+    every later position sees it. Values below 1e-5 of their row's absmax (a nonzero accumulator
+    is >= ~1e-3 of it) are set to 0 before PyTorch quantizes them."""
+    fake = quant.fake_kv
+
+    def snapped(x, bits, pos=0):
+        tiny = x.detach().abs() < 1e-5 * x.detach().abs().amax(-1, keepdim=True)
+        return fake(x.masked_fill(tiny, 0.0), bits, pos)
+
+    monkeypatch.setattr(quant, "fake_kv", snapped)
+
+
+@pytest.mark.usefixtures("exact_zeros")
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("placement", ["subln", "inner"])
+def test_engine_matches_pytorch_kv_bits(tmp_path, tokenizer, bits, placement):
+    """Prefill, then token-by-token decode, and a 2-slot batch: the logits of the PyTorch model
+    with the same kv_bits, to test_engine's tolerance; the cache is the quantized block."""
+    cfg = small_config(norm_placement=placement, kv_bits=bits,
+                       hidden_act="relu2" if placement == "subln" else "silu")
+    model, folder = make_packed(tmp_path, tokenizer, cfg)
+    ids = np.random.default_rng(bits).integers(0, cfg.vocab_size, 40)
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None])[0][0].numpy()                     # [T, V]
+    rt = Runtime(folder)
+    assert rt.kv_bits == bits
+    rt.reset(64)
+    assert rt.cache_k[0].dtype == np.uint8
+    assert_logits_close(rt.forward(ids, 0, last_only=False), want)
+    rt.reset(64, slots=2)
+    rt.forward(ids[:25], 0, slot=1)
+    got = [rt.forward(ids[t:t + 1], t, slot=1) for t in range(25, 40)]
+    assert_logits_close(np.stack(got), want[25:])
+    # the 16-bit model's logits differ: the cache really is quantized
+    with torch.no_grad():
+        model.set_kv_bits(16)
+        off = model(torch.tensor(ids)[None])[0][0].numpy()
+    assert np.abs(off - want).max() > 1e-3 * np.abs(want).max()
+
+
+@pytest.mark.usefixtures("exact_zeros")
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_greedy_50_tokens_identical_kv_bits(tmp_path, tokenizer, bits):
+    cfg = small_config(norm_placement="subln", hidden_act="relu2", kv_bits=bits)
+    model, folder = make_packed(tmp_path, tokenizer, cfg)
+    prompt = [0] + tokenizer.encode("Once upon a time").ids
+    want = list(torch_generate(model, prompt, 50, temperature=0.0))
+    got = list(onebit.load(folder).generate_ids(prompt, 50, temperature=0.0, stop_ids=()))
+    assert len(want) == 50 and got == want
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3])
+def test_runtime_cache_bytes_follow_kv_cache_bytes(tmp_path, tokenizer, bits):
+    """reset allocates kv_cache_bytes plus, at 3 bits, the unused 3-bit slot of position 0."""
+    cfg = small_config(kv_bits=bits, num_hidden_layers=1)
+    _, folder = make_packed(tmp_path, tokenizer, cfg)
+    rt = Runtime(folder)
+    for n, slots in ((64, 1), (512, 3)):
+        rt.reset(n, slots)
+        want = kv_cache_bytes(cfg, 32 if bits == 16 else bits, n)
+        waste = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.resolved_head_dim * 3 // 8 if bits == 3 else 0
+        assert rt.cache_bytes == slots * (want + waste)
+        assert rt.cache_bytes == sum(c.nbytes for c in rt.cache_k + rt.cache_v)
