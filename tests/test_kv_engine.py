@@ -222,3 +222,14 @@ def test_runtime_cache_bytes_follow_kv_cache_bytes(tmp_path, tokenizer, bits):
         waste = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.resolved_head_dim * 3 // 8 if bits == 3 else 0
         assert rt.cache_bytes == slots * (want + waste)
         assert rt.cache_bytes == sum(c.nbytes for c in rt.cache_k + rt.cache_v)
+
+
+def test_synth_model_carries_kv_bits(tmp_path):
+    from onebit.config import ModelConfig
+    from onebit.engine.synth import write_random_model
+    cfg = ModelConfig.preset("tiny", kv_bits=4)
+    rt = Runtime(write_random_model(tmp_path / "m", cfg))
+    assert rt.config.kv_bits == 4 and rt.kv_bits == 4
+    rt.reset(32)
+    assert rt.cache_k[0].dtype == np.uint8 and rt.cache_bytes == kv_cache_bytes(cfg, 4, 32)
+    assert np.isfinite(rt.forward([1, 2, 3], 0)).all()
