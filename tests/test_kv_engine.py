@@ -233,3 +233,14 @@ def test_synth_model_carries_kv_bits(tmp_path):
     rt.reset(32)
     assert rt.cache_k[0].dtype == np.uint8 and rt.cache_bytes == kv_cache_bytes(cfg, 4, 32)
     assert np.isfinite(rt.forward([1, 2, 3], 0)).all()
+
+
+def test_bench_model_reports_kv_bytes(tmp_path):
+    from onebit.benchmarks.model import bench_model
+    from onebit.config import ModelConfig
+    from onebit.engine.synth import write_random_model
+    cfg = ModelConfig.preset("tiny", kv_bits=3)
+    r = bench_model(write_random_model(tmp_path / "m", cfg), [8], 4, 1, 1)
+    assert r["kv_bits"] == 3 and r["kv_context"] == 9
+    assert r["kv_bytes"] == {str(n): kv_cache_bytes(cfg, 3, n) for n in (9, 4096, 16384)}
+    assert r["kv_alloc_bytes"] >= r["kv_bytes"]["9"]
