@@ -8,7 +8,9 @@ Measures, for a packed model folder (``--model``) or a random-ternary model of a
 - time to first token for the first prompt length (prefill + the first sampled token);
 - peak RSS of the process, the bytes one decode step reads (packed weights + LM head as the
   engine reads it + norms; the KV cache read is listed separately at the --tg context) and that
-  traffic as a fraction of the read bandwidth measured in the same run.
+  traffic as a fraction of the read bandwidth measured in the same run;
+- the KV cache at the model's ``kv_bits`` (docs/formats.md §10): bytes allocated for the run's
+  context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
 Every figure states the embedding/head format, which moves decode speed as much as the kernels.
 ``--json`` prints one object: {"pp_tok_s", "pp512_tok_s", "tg_tok_s", "ttft_s", "peak_rss_mb",
@@ -52,7 +54,7 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -
     import onebit
 
     from .. import kernels
-    from ..engine.stats import model_sizes
+    from ..engine.stats import kv_cache_bytes, model_sizes
 
     kernels.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -93,7 +95,7 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -
         best = min(best, time.perf_counter() - t)
     tg_tok_s = tg / best
     sizes = model_sizes(rt)
-    kv_bytes = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.resolved_head_dim * 4 * (tg // 2)
+    kv_bytes = kv_cache_bytes(cfg, rt.kv_bits, tg // 2)  # the mean cache read of a decode step
     rss = peak_rss_mb()  # before the bandwidth probe allocates its buffer
     read = read_bandwidth_gb_s(threads)
     per_tok = sizes["weight_bytes_per_token"]
@@ -104,6 +106,8 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
+        "kv_bits": cfg.kv_bits, "kv_alloc_bytes": rt.cache_bytes, "kv_context": need,
+        "kv_bytes": {str(n): kv_cache_bytes(cfg, rt.kv_bits, n) for n in (need, 4096, 16384)},
     })
     if 512 in pp_res:
         res["pp512_tok_s"] = pp_res[512]
@@ -170,4 +174,10 @@ def main(argv: list[str] | None = None) -> int:
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
           f"{r['read_gb_s']:.1f} GB/s"
           f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB)")
+    kv = r["kv_bytes"]
+    store = "float32" if r["kv_bits"] == 16 else f"{r['kv_bits']}-bit"
+    print(f"  KV cache ({store}, kv_bits={r['kv_bits']}): {r['kv_alloc_bytes'] / 2**20:.2f} MiB "
+          f"allocated for {r['kv_context']} positions; "
+          + ", ".join(f"{int(n) // 1024}k: {b / 2**20:.1f} MiB" if int(n) >= 1024 and int(n) % 1024 == 0
+                      else f"{n}: {b / 2**20:.2f} MiB" for n, b in kv.items()))
     return 0

@@ -11,8 +11,9 @@ One forward pass, per layer (``B`` = 1 sequence, ``T`` new tokens at positions p
 
 For the b1.58 "inner" placement every projection normalises its own input (its own norm weight,
 so one quantize call per projection). Weights are memory-mapped from model.safetensors;
-activations and the KV cache are float32; buffers are preallocated so a decode step allocates
-little. The logits equal the PyTorch fake-quant forward up to float summation order
+activations are float32; the KV cache is float32, or with the config's ``kv_bits`` 8/4/3 packed
+codes + fp16 steps (docs/formats.md §10, written quantized and read dequantized by the C
+attention); buffers are preallocated so a decode step allocates little. The logits equal the PyTorch fake-quant forward up to float summation order
 (tests/test_engine.py pins it, and greedy generations token for token).
 """
 
@@ -113,6 +114,8 @@ class Runtime:
         self.H, self.Hkv, self.hd = H, Hkv, hd
         eps, inner = cfg.rms_norm_eps, cfg.norm_placement == "inner"
         self.eps, self.inner, self.relu2 = eps, inner, cfg.hidden_act == "relu2"
+        # the C cache width: 32 = float32 (kv_bits 16, not quantized), else 8/4/3 (formats.md §10)
+        self.kv_bits = 32 if cfg.kv_bits == 16 else cfg.kv_bits
 
         def vec(name: str, n: int) -> np.ndarray:
             t = tensors.get(name)
@@ -159,7 +162,8 @@ class Runtime:
         for L in self.layers:
             st = kernels.Layer(hidden=D, ffn=F, heads=H, kv_heads=Hkv, head_dim=hd,
                                layout=0 if self.packed["layout"] == "i2" else 1,
-                               relu2=int(self.relu2), inner=int(inner), eps=eps)
+                               relu2=int(self.relu2), inner=int(inner), eps=eps,
+                               kv_bits=self.kv_bits)
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
             if inner:
@@ -192,6 +196,7 @@ class Runtime:
         self.cache_k: list[np.ndarray] = []
         self.cache_v: list[np.ndarray] = []
         self.max_len = self.slots = 0
+        self.cache_bytes = 0  # bytes of all KV caches allocated by reset (every layer and slot)
 
     # -- weights -------------------------------------------------------------------------------
     def _stored(self, name: str, V: int, D: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -257,12 +262,20 @@ class Runtime:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ValueError(f"slots={slots!r} must be an integer >= 1 (sequences held at once)")
         if max_len != self.max_len or slots != self.slots:
-            shape = (slots, self.Hkv, max_len, self.hd)
-            self.cache_k = [np.zeros(shape, np.float32) for _ in self.layers]
-            self.cache_v = [np.zeros(shape, np.float32) for _ in self.layers]
+            # per layer and slot one K and one V block: float32 [Hkv, max_len, hd], or the
+            # quantized block of ob_kv_cache_bytes (uint8; layout in onebit_kernels.h)
+            self._slot_bytes = kernels._lib().ob_kv_cache_bytes(self.Hkv, max_len, self.hd, self.kv_bits)
+            assert self._slot_bytes > 0
+            if self.kv_bits == 32:
+                shape, dtype = (slots, self.Hkv, max_len, self.hd), np.float32
+            else:
+                shape, dtype = (slots, self._slot_bytes), np.uint8
+            self.cache_k = self.cache_v = []  # free the old caches before allocating the new
+            self.cache_k = [np.zeros(shape, dtype) for _ in self.layers]
+            self.cache_v = [np.zeros(shape, dtype) for _ in self.layers]
             self._ck_p = [c.ctypes.data for c in self.cache_k]
             self._cv_p = [c.ctypes.data for c in self.cache_v]
-            self._slot_bytes = self.Hkv * max_len * self.hd * 4
+            self.cache_bytes = 2 * len(self.layers) * slots * self._slot_bytes
             if max_len != self.max_len:
                 # RoPE tables as the PyTorch model builds them: float64 angles, float32 cos/sin
                 ang = np.outer(np.arange(max_len, dtype=np.float64), self._inv_freq)   # [L, hd/2]

@@ -7,7 +7,7 @@ docs/formats.md (``i2``, ``t1_6``). Inputs are numpy arrays (a CPU torch tensor 
 TypeError / ValueError naming the argument and the fix.
 
 Also: ``linear_i8`` / ``linear_i4`` / ``linear_f16`` (LM heads), ``attention`` (RoPE + KV cache +
-GQA softmax), ``validate`` + ``linear_unchecked``, ``pack``/``unpack`` (C twins of the numpy
+GQA softmax), ``kv_quantize`` / ``kv_dequantize`` (KV cache rows, docs/formats.md §10), ``validate`` + ``linear_unchecked``, ``pack``/``unpack`` (C twins of the numpy
 reference), ``read_probe`` (bandwidth). ``Layer`` is the ctypes struct of ``ob_decoder_layer``.
 
 The C library is loaded on first use, not at import. The SIMD variant ("avx2" or "neon"; "avx2_lut"
@@ -34,7 +34,7 @@ from ..formats.packing import LAYOUTS, PackedFormatError, packed_row_bytes
 from ..formats.packed_model import pack_i4
 from ..formats.packing import _check_codes
 
-__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "validate", "pack", "unpack", "isa", "available_isas", "use",
+__all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "kv_quantize", "kv_dequantize", "validate", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
@@ -42,7 +42,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 9  # OB_ABI_VERSION
+_ABI_VERSION = 10  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -52,7 +52,7 @@ class Layer(ctypes.Structure):
     _fields_ = [("hidden", ctypes.c_int64), ("ffn", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("layout", ctypes.c_int32), ("relu2", ctypes.c_int32), ("inner", ctypes.c_int32),
-                ("eps", ctypes.c_float), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
+                ("eps", ctypes.c_float), ("kv_bits", ctypes.c_int32), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
                 ("norm", ctypes.c_void_p * 7)]
 
 
@@ -95,6 +95,11 @@ def _lib() -> ctypes.CDLL:
         "ob_linear_f16": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_linear_i4": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
+        "ob_kv_row_bytes": (i64, [i64, i32]),
+        "ob_kv_quantize_rows": (i32, [p, i64, i64, i32, p, p]),
+        "ob_kv_dequantize_rows": (i32, [p, p, i64, i64, i32, p]),
+        "ob_kv_cache_bytes": (i64, [i64, i64, i64, i32]),
+        "ob_attention_kv": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, i32, p, p, i64, p]),
         "ob_decoder_layer": (i32, [p, p, i64, i64, p, p, i64, p, p, i64]),
         "ob_decoder_layer_batch": (i32, [p, p, i64, p, p, p, p, i64, p, p, i64]),
     }
@@ -489,4 +494,45 @@ def linear_i4(w_packed, k: int, w_scale, x_codes, x_scale) -> np.ndarray:
     if st == -7:
         raise ValueError("linear_i4: an activation code is -128; use codes in [-127, 127]")
     _check_status(st, "linear_i4")
+    return out
+
+
+def _kv_bits(bits) -> int:
+    if isinstance(bits, bool) or bits not in (8, 4, 3):
+        raise ValueError(f"bits={bits!r} is not a KV cache width: use 8, 4 or 3")
+    return int(bits)
+
+
+def kv_quantize(x, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """K/V rows float32 ``[..., hd]`` -> (packed codes uint8 ``[..., ceil(hd*bits/8)]``, step
+    float16 ``[...]``), byte-identical to ``onebit.quant.quantize_kv`` (docs/formats.md §10)."""
+    bits = _kv_bits(bits)
+    x = np.ascontiguousarray(_array(x, "x", np.float32, tuple(range(1, 9))))
+    hd = x.shape[-1]
+    n = x.size // hd if hd else 0
+    if hd < 1 or n < 1:
+        raise ValueError(f"x {x.shape} must hold at least one row of at least one value")
+    rb = _lib().ob_kv_row_bytes(hd, bits)
+    out = np.empty(x.shape[:-1] + (rb,), np.uint8)
+    step = np.empty(x.shape[:-1], np.float16)
+    st = _lib().ob_kv_quantize_rows(x.ctypes.data, n, hd, bits, out.ctypes.data, step.ctypes.data)
+    if st == -7:
+        raise ValueError("kv_quantize: x holds NaN or inf; a KV row must be finite")
+    _check_status(st, "kv_quantize")
+    return out, step
+
+
+def kv_dequantize(packed, step, bits: int, head_dim: int) -> np.ndarray:
+    """Inverse of ``kv_quantize``: float32 ``[..., head_dim]`` = (codes - (2^(bits-1) - 1/2)) * step."""
+    bits = _kv_bits(bits)
+    rb = _lib().ob_kv_row_bytes(int(head_dim), bits)
+    packed = np.ascontiguousarray(_array(packed, "packed", np.uint8, tuple(range(1, 9))))
+    step = np.ascontiguousarray(_array(step, "step", np.float16, tuple(range(0, 8))))
+    if rb < 1 or packed.shape[-1] != rb or step.shape != packed.shape[:-1] or step.size < 1:
+        raise ValueError(f"packed {packed.shape} / step {step.shape}: need packed [..., {rb}] and "
+                         f"step [...] for head_dim={head_dim} at {bits} bits")
+    out = np.empty(packed.shape[:-1] + (int(head_dim),), np.float32)
+    st = _lib().ob_kv_dequantize_rows(packed.ctypes.data, step.ctypes.data, step.size, int(head_dim),
+                                      bits, out.ctypes.data)
+    _check_status(st, "kv_dequantize")
     return out

@@ -40,6 +40,152 @@ static inline float ob_expf_nonpos(float x) {
     return u.f;
 }
 
+/* ---- quantized KV rows (docs/formats.md §10) ------------------------------------------------
+ * One row = hd values of one kv head at one position; b bits, h = 2^(b-1):
+ *   m = max(max|x|, 1e-5); step = fp16(min(m / h, 65504)); r = 1 / (float)step;
+ *   c = clamp(floor(x * r) + h, 0, 2h - 1), packed as an LSB-first bit string (ceil(hd*b/8) B);
+ *   value = (c - (h - 1/2)) * step.  All float32, as onebit.quant.kv_quant_codes. */
+
+/* IEEE binary32 -> binary16, round to nearest even (numpy's / torch's .half()), incl. subnormals,
+ * overflow to inf, NaN kept NaN. */
+uint16_t ob_float_to_half(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+    if (ax > 0x7F800000u) return (uint16_t)(sign | 0x7E00u);      /* NaN */
+    if (ax >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u);     /* >= 65520 (or inf): inf */
+    if (ax <= 0x33000000u) return (uint16_t)sign;                 /* <= 2^-25: ties to even, 0 */
+    int e = (int)(ax >> 23) - 127;
+    uint32_t q, rem, halfway;
+    if (e < -14) { /* subnormal half: units of 2^-24, value = man * 2^(e-23) */
+        uint32_t man = (ax & 0x7FFFFFu) | 0x800000u;
+        int s = -(e + 1); /* 14..24 */
+        q = man >> s;
+        rem = man & ((1u << s) - 1);
+        halfway = 1u << (s - 1);
+    } else { /* rebias the exponent, drop 13 mantissa bits (a carry moves into the exponent) */
+        uint32_t t = ax - ((uint32_t)(127 - 15) << 23);
+        q = t >> 13;
+        rem = t & 0x1FFFu;
+        halfway = 0x1000u;
+    }
+    if (rem > halfway || (rem == halfway && (q & 1))) q++;
+    return (uint16_t)(sign | q);
+}
+
+int64_t ob_kv_row_bytes(int64_t hd, int bits) {
+    if (hd < 1 || (bits != 8 && bits != 4 && bits != 3)) return 0;
+    return (hd * bits + 7) / 8;
+}
+
+static void kv_quantize_row(const float *x, int64_t hd, int bits, float m, uint8_t *out,
+                            uint16_t *step_out) {
+    float hf = (float)(1 << (bits - 1)), top = 2.0f * hf - 1.0f;
+    m = m > 1e-5f ? m : 1e-5f;
+    float s = m / hf;
+    s = s < 65504.0f ? s : 65504.0f;
+    uint16_t hs = ob_float_to_half(s);
+    float r = 1.0f / ob_half_to_float(hs);
+    uint32_t acc = 0;
+    int nb = 0;
+    for (int64_t i = 0; i < hd; i++) {
+        float c = floorf(x[i] * r) + hf;
+        c = c < 0.0f ? 0.0f : (c > top ? top : c);
+        acc |= (uint32_t)c << nb;
+        for (nb += bits; nb >= 8; nb -= 8, acc >>= 8) *out++ = (uint8_t)acc;
+    }
+    if (nb) *out = (uint8_t)acc;
+    *step_out = hs;
+}
+
+static void kv_dequantize_row(const uint8_t *in, uint16_t hs, int64_t hd, int bits, float *out) {
+    float st = ob_half_to_float(hs), zero = (float)(1 << (bits - 1)) - 0.5f;
+    uint32_t acc = 0, mask = (1u << bits) - 1;
+    int nb = 0;
+    for (int64_t i = 0; i < hd; i++) {
+        for (; nb < bits; nb += 8) acc |= (uint32_t)*in++ << nb;
+        out[i] = ((float)(acc & mask) - zero) * st;
+        acc >>= bits;
+        nb -= bits;
+    }
+}
+
+/* max |x| of a row, or -1 if a value is NaN or inf */
+static float row_absmax(const float *x, int64_t hd) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < hd; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= 3.40282347e38f)) return -1.0f;
+        m = a > m ? a : m;
+    }
+    return m;
+}
+
+int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t *out,
+                        uint16_t *step) {
+    if (!x || !out || !step) return OB_ERR_NULL;
+    int64_t rb = ob_kv_row_bytes(hd, bits);
+    if (n < 1 || rb < 1) return OB_ERR_SIZE;
+    for (int64_t r = 0; r < n; r++) {
+        float m = row_absmax(x + r * hd, hd);
+        if (m < 0.0f) return OB_ERR_VALUE;
+        kv_quantize_row(x + r * hd, hd, bits, m, out + r * rb, step + r);
+    }
+    return OB_OK;
+}
+
+int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_t n, int64_t hd, int bits,
+                          float *out) {
+    if (!in || !step || !out) return OB_ERR_NULL;
+    int64_t rb = ob_kv_row_bytes(hd, bits);
+    if (n < 1 || rb < 1) return OB_ERR_SIZE;
+    for (int64_t r = 0; r < n; r++) kv_dequantize_row(in + r * rb, step[r], hd, bits, out + r * hd);
+    return OB_OK;
+}
+
+/* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block (onebit_kernels.h):
+ *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][rb(bits)] | bits 3 only:
+ *   bos uint8 [Hkv][rb(4)], the 4-bit position-0 rows (their 3-bit slots in codes stay unused). */
+typedef struct {
+    uint16_t *steps;
+    uint8_t *codes, *bos;
+    int64_t rb, rb_bos, cache_len;
+    int bits;
+} kv_view;
+
+static kv_view kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd, int bits) {
+    kv_view c;
+    c.steps = (uint16_t *)block;
+    c.codes = (uint8_t *)block + Hkv * cache_len * 2;
+    c.rb = ob_kv_row_bytes(hd, bits);
+    c.rb_bos = ob_kv_row_bytes(hd, 4);
+    c.bos = c.codes + Hkv * cache_len * c.rb;
+    c.cache_len = cache_len;
+    c.bits = bits;
+    return c;
+}
+
+int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int bits) {
+    if (Hkv < 1 || cache_len < 1 || hd < 1) return 0;
+    if (bits == 0 || bits == 32) return Hkv * cache_len * hd * 4;
+    int64_t rb = ob_kv_row_bytes(hd, bits);
+    if (!rb) return 0;
+    return Hkv * cache_len * (2 + rb) + (bits == 3 ? Hkv * ob_kv_row_bytes(hd, 4) : 0);
+}
+
+/* row (h, p) of a quantized cache: write x / read into out */
+static void kv_put(const kv_view *c, int64_t h, int64_t p, const float *x, float m, int64_t hd) {
+    uint16_t *st = c->steps + h * c->cache_len + p;
+    if (p == 0 && c->bits == 3) kv_quantize_row(x, hd, 4, m, c->bos + h * c->rb_bos, st);
+    else kv_quantize_row(x, hd, c->bits, m, c->codes + (h * c->cache_len + p) * c->rb, st);
+}
+
+static void kv_get(const kv_view *c, int64_t h, int64_t p, int64_t hd, float *out) {
+    uint16_t st = c->steps[h * c->cache_len + p];
+    if (p == 0 && c->bits == 3) kv_dequantize_row(c->bos + h * c->rb_bos, st, hd, 4, out);
+    else kv_dequantize_row(c->codes + (h * c->cache_len + p) * c->rb, st, hd, c->bits, out);
+}
+
 OB_CLONES static void rope_rows(float *x, int64_t rows, int64_t hd, const float *cs, const float *sn) {
     int64_t half = hd / 2;
     for (int64_t r = 0; r < rows; r++) {
@@ -116,7 +262,8 @@ FMA_ATTR static void scores_group_avx2(const float *q, int64_t g, const float *K
 /* y_h[0:hd] = sum_j p_h[j] V[j] for the g heads: blocks of 32 value rows (8 KiB at hd = 64-wide
  * chunks) stay in L1 while every head accumulates them. */
 FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t S, const float *V,
-                                             int64_t n, int64_t hd, float *y, int64_t ldy) {
+                                             int64_t n, int64_t hd, float *y, int64_t ldy,
+                                             int acc_in) { /* acc_in: add to y, don't overwrite */
     for (int64_t c = 0; c < hd; c += 64) {
         int64_t w = hd - c < 64 ? hd - c : 64;
         for (int64_t j0 = 0; j0 < n; j0 += 32) {
@@ -126,7 +273,7 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
                 const float *ph = p + h * S;
                 __m256 acc[8];
                 for (int i = 0; i < 8; i++)
-                    acc[i] = 8 * i < w && j0 ? _mm256_loadu_ps(yh + 8 * i) : _mm256_setzero_ps();
+                    acc[i] = 8 * i < w && (j0 || acc_in) ? _mm256_loadu_ps(yh + 8 * i) : _mm256_setzero_ps();
                 for (int64_t j = j0; j < j1; j++) {
                     __m256 pj = _mm256_set1_ps(ph[j]);
                     const float *v = V + j * hd + c;
@@ -144,12 +291,16 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
 
 typedef struct {
     const float *q;          /* [T, H, hd], rotated */
-    const float *ck, *cv;    /* [Hkv, cache_len, hd] */
+    const float *ck, *cv;    /* [Hkv, cache_len, hd] (bits 32) */
+    kv_view qk, qv;          /* the quantized caches (bits 8/4/3) */
+    int bits;                /* 32: float32 caches */
     int64_t T, pos, H, Hkv, hd, cache_len;
     float *y;                /* [T, H * hd] */
     int simd;                /* explicit AVX2/FMA loops (not with ONEBIT_KERNELS=reference) */
     int64_t group;           /* query heads per work item: H/Hkv (share the KV reads), or 1 */
-    float *scratch;          /* [nt][pos + T] scores per thread */
+    float *scratch;          /* [nt][stride]: scores [group][pos + T], then (quantized) 2 x
+                              * [KV_BLOCK][hd] dequantized K and V rows */
+    int64_t stride;
 } attn_job_t;
 
 static void softmax_row(float *sc, int64_t n) {
@@ -163,21 +314,61 @@ static void softmax_row(float *sc, int64_t n) {
     for (int64_t j = 0; j < n; j++) sc[j] *= inv;
 }
 
+#define KV_BLOCK 64 /* cache rows dequantized at a time */
+
+/* The work item of attn_task over quantized caches: rows are dequantized KV_BLOCK at a time into
+ * kb / vb (exactly quant.dequantize_kv's floats), then the float32 loops run on them. */
+static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int64_t n, float *sc,
+                           float *kb, float *y, float scale) {
+    int64_t gs = J->group, S = J->pos + J->T, hd = J->hd;
+    float *vb = kb + KV_BLOCK * hd;
+    for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
+        int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
+        for (int64_t j = 0; j < nb; j++) kv_get(&J->qk, kvh, j0 + j, hd, kb + j * hd);
+#ifdef OB_ATTN_AVX2
+        if (J->simd && hd % 8 == 0) {
+            scores_group_avx2(q, gs, kb, nb, hd, scale, sc + j0, S);
+            continue;
+        }
+#endif
+        for (int64_t h = 0; h < gs; h++)
+            for (int64_t j = 0; j < nb; j++) sc[h * S + j0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
+    }
+    for (int64_t h = 0; h < gs; h++) softmax_row(sc + h * S, n);
+    memset(y, 0, (size_t)(gs * hd) * sizeof(float));
+    for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
+        int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
+        for (int64_t j = 0; j < nb; j++) kv_get(&J->qv, kvh, j0 + j, hd, vb + j * hd);
+#ifdef OB_ATTN_AVX2
+        if (J->simd && hd % 8 == 0) {
+            weighted_sum_group_avx2(sc + j0, gs, S, vb, nb, hd, y, hd, 1);
+            continue;
+        }
+#endif
+        for (int64_t h = 0; h < gs; h++)
+            for (int64_t j = 0; j < nb; j++) axpy(y + h * hd, sc[h * S + j0 + j], vb + j * hd, hd);
+    }
+}
+
 static void attn_task(void *ctx, int t, int nt) {
     attn_job_t *J = (attn_job_t *)ctx;
     int64_t g = J->H / J->Hkv, gs = J->group, S = J->pos + J->T, hd = J->hd, nb = J->H / gs;
-    float *sc = J->scratch + (int64_t)t * gs * S; /* [gs][S] */
+    float *sc = J->scratch + (int64_t)t * J->stride; /* [gs][S] */
     float scale = 1.0f / sqrtf((float)hd);
     for (int64_t w = t; w < J->T * nb; w += nt) { /* work item = (token, gs heads of one kv head) */
         int64_t tok = w / nb, h0 = (w % nb) * gs, kvh = h0 / g, n = J->pos + tok + 1;
         const float *q = J->q + (tok * J->H + h0) * hd;
         const float *K = J->ck + kvh * J->cache_len * hd, *V = J->cv + kvh * J->cache_len * hd;
         float *y = J->y + tok * J->H * hd + h0 * hd;
+        if (J->bits != 32) {
+            attn_quantized(J, q, kvh, n, sc, sc + gs * S, y, scale);
+            continue;
+        }
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
             scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
             for (int64_t h = 0; h < gs; h++) softmax_row(sc + h * S, n);
-            weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, hd);
+            weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, hd, 0);
             continue;
         }
 #endif
@@ -194,17 +385,41 @@ static void attn_task(void *ctx, int t, int nt) {
 int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H, int64_t Hkv,
                  int64_t hd, const float *rope_cos, const float *rope_sin, int64_t rope_len,
                  float *cache_k, float *cache_v, int64_t cache_len, float *y) {
+    return ob_attention_kv(q, k, v, T, pos, H, Hkv, hd, rope_cos, rope_sin, rope_len, 32, cache_k,
+                           cache_v, cache_len, y);
+}
+
+int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
+                    int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
+                    int64_t rope_len, int kv_bits, void *cache_k, void *cache_v, int64_t cache_len,
+                    float *y) {
     if (!q || !k || !v || !rope_cos || !rope_sin || !cache_k || !cache_v || !y) return OB_ERR_NULL;
     if (T < 1 || pos < 0 || H < 1 || Hkv < 1 || H % Hkv || hd < 2 || hd % 2) return OB_ERR_SIZE;
     if (pos + T > cache_len || pos + T > rope_len) return OB_ERR_SIZE;
+    int bits = kv_bits == 0 ? 32 : kv_bits;
+    if (bits != 32 && bits != 8 && bits != 4 && bits != 3) return OB_ERR_SIZE;
+    kv_view qk = {0}, qv = {0};
+    if (bits != 32) {
+        qk = kv_view_of(cache_k, Hkv, cache_len, hd, bits);
+        qv = kv_view_of(cache_v, Hkv, cache_len, hd, bits);
+    }
+    float *ck = (float *)cache_k, *cv = (float *)cache_v;
     int64_t half = hd / 2;
     for (int64_t t = 0; t < T; t++) {
         const float *cs = rope_cos + (pos + t) * half, *sn = rope_sin + (pos + t) * half;
         rope_rows(q + t * H * hd, H, hd, cs, sn);
         rope_rows(k + t * Hkv * hd, Hkv, hd, cs, sn);
         for (int64_t h = 0; h < Hkv; h++) {
-            memcpy(cache_k + (h * cache_len + pos + t) * hd, k + (t * Hkv + h) * hd, (size_t)hd * 4);
-            memcpy(cache_v + (h * cache_len + pos + t) * hd, v + (t * Hkv + h) * hd, (size_t)hd * 4);
+            const float *kr = k + (t * Hkv + h) * hd, *vr = v + (t * Hkv + h) * hd;
+            if (bits == 32) {
+                memcpy(ck + (h * cache_len + pos + t) * hd, kr, (size_t)hd * 4);
+                memcpy(cv + (h * cache_len + pos + t) * hd, vr, (size_t)hd * 4);
+                continue;
+            }
+            float mk = row_absmax(kr, hd), mv = row_absmax(vr, hd);
+            if (mk < 0.0f || mv < 0.0f) return OB_ERR_VALUE;
+            kv_put(&qk, h, pos + t, kr, mk, hd);
+            kv_put(&qv, h, pos + t, vr, mv, hd);
         }
     }
     int64_t work = T * H * (pos + T) * hd, want = work / (1 << 14);
@@ -214,14 +429,16 @@ int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int
      * enough items to balance the threads, or when the context is long enough that reading the
      * cache H/Hkv times costs more than an uneven split */
     int64_t group = T * Hkv >= 4 * (int64_t)nt || pos + T >= 256 ? H / Hkv : 1;
-    float *scratch = (float *)malloc((size_t)nt * (size_t)group * (size_t)(pos + T) * sizeof(float));
+    int64_t stride = group * (pos + T) + (bits == 32 ? 0 : 2 * KV_BLOCK * hd);
+    float *scratch = (float *)malloc((size_t)nt * (size_t)stride * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
     int simd = 0;
 #ifdef OB_ATTN_AVX2
     simd = strcmp(ob_isa(), "reference") != 0 && __builtin_cpu_supports("avx2") &&
            __builtin_cpu_supports("fma");
 #endif
-    attn_job_t J = {q, cache_k, cache_v, T, pos, H, Hkv, hd, cache_len, y, simd, group, scratch};
+    attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, scratch,
+                    stride};
     ob_parallel(attn_task, &J, nt);
     free(scratch);
     return OB_OK;

@@ -61,6 +61,7 @@ typedef struct {
     float *out;
 } ob_f16_args;
 float ob_half_to_float(uint16_t h);
+uint16_t ob_float_to_half(float f); /* round to nearest even (attention.c) */
 void ob_ref_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
 
 /* 1 if byte b can be written by the t1_6 packer (243 of 256 values). */

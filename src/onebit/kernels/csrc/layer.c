@@ -35,7 +35,7 @@ static void glu(float *g, const float *u, int64_t n, int relu2) {
 }
 
 int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const float *rope_cos,
-                     const float *rope_sin, int64_t rope_len, float *cache_k, float *cache_v,
+                     const float *rope_sin, int64_t rope_len, void *cache_k, void *cache_v,
                      int64_t cache_len) {
     return ob_decoder_layer_batch(L, x, 1, &T, &pos, rope_cos, rope_sin, rope_len, &cache_k,
                                   &cache_v, cache_len);
@@ -43,7 +43,7 @@ int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const 
 
 int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int64_t *seq_len,
                            const int64_t *seq_pos, const float *rope_cos, const float *rope_sin,
-                           int64_t rope_len, float *const *cache_k, float *const *cache_v,
+                           int64_t rope_len, void *const *cache_k, void *const *cache_v,
                            int64_t cache_len) {
     if (!L || !x || !seq_len || !seq_pos || !rope_cos || !rope_sin || !cache_k || !cache_v)
         return OB_ERR_NULL;
@@ -88,9 +88,9 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
         LIN(V, KD, D, v);
     }
     for (int64_t b = 0, r = 0; b < nseq; r += seq_len[b], b++) /* attention: per sequence */
-        if ((st = ob_attention(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv, hd,
-                               rope_cos, rope_sin, rope_len, cache_k[b], cache_v[b], cache_len,
-                               y + r * QD)))
+        if ((st = ob_attention_kv(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv,
+                                  hd, rope_cos, rope_sin, rope_len, L->kv_bits, cache_k[b],
+                                  cache_v[b], cache_len, y + r * QD)))
             goto done;
     QUANT(y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
     LIN(O, D, QD, o);

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 9
+#define OB_ABI_VERSION 10
 
 enum {
     OB_OK = 0,
@@ -97,6 +97,29 @@ OB_API int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t p
                         int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
                         int64_t rope_len, float *cache_k, float *cache_v, int64_t cache_len, float *y);
 
+/* Quantized KV rows (docs/formats.md §10; kv_bits 8, 4, 3): a row is hd float32 values, stored as
+ * ob_kv_row_bytes(hd, bits) = ceil(hd*bits/8) bytes of LSB-first packed unsigned codes plus one
+ * IEEE float16 step (uint16 bits), byte-identical to onebit.quant.quantize_kv. The quantizer
+ * returns OB_ERR_VALUE for a NaN/inf value, OB_ERR_SIZE for bits not in {8, 4, 3}. */
+OB_API int64_t ob_kv_row_bytes(int64_t hd, int bits);
+OB_API int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t *out,
+                               uint16_t *step);
+OB_API int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_t n, int64_t hd,
+                                 int bits, float *out);
+
+/* ob_attention over a cache of kv_bits (0 or 32: float32 [Hkv, cache_len, hd] as ob_attention;
+ * 8, 4, 3: quantized). A quantized cache (one sequence, K or V, one layer) is one block of
+ * ob_kv_cache_bytes(Hkv, cache_len, hd, kv_bits) bytes (2-byte aligned):
+ *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][row_bytes(kv_bits)]
+ *   | kv_bits 3 only: uint8 [Hkv][row_bytes(4)], the position-0 rows at 4 bits (BOS rule).
+ * New rows are quantized when written; attention reads them dequantized. OB_ERR_VALUE: NaN/inf
+ * in k or v (quantized caches only). */
+OB_API int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int kv_bits);
+OB_API int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
+                           int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
+                           int64_t rope_len, int kv_bits, void *cache_k, void *cache_v,
+                           int64_t cache_len, float *y);
+
 /* One decoder layer's weights for ob_decoder_layer. w/w_scale: packed q, k, v, o, gate, up, down
  * (validated once with ob_validate_packed: the layer calls the unchecked linears). norm: for
  * inner (b1.58) placement the per-projection norm weights in the same order; for subln (2B4T)
@@ -108,16 +131,17 @@ typedef struct {
     int32_t relu2;   /* 1: ReLU^2-GLU, 0: SwiGLU */
     int32_t inner;   /* 1: b1.58 norms inside every projection, 0: SubLN */
     float eps;       /* RMSNorm epsilon */
+    int32_t kv_bits; /* KV cache: 0 (or 32) float32, 8/4/3 quantized (ob_attention_kv) */
     const uint8_t *w[7];
     float w_scale[7];
     const float *norm[7];
 } ob_layer;
 
 /* x [T, hidden] float32 += the layer's attention and MLP for T tokens at positions pos..pos+T-1
- * (caches and RoPE tables as ob_attention). */
+ * (caches of layer->kv_bits and RoPE tables as ob_attention_kv). */
 OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t pos,
                             const float *rope_cos, const float *rope_sin, int64_t rope_len,
-                            float *cache_k, float *cache_v, int64_t cache_len);
+                            void *cache_k, void *cache_v, int64_t cache_len);
 /* The same for nseq sequences at once (batched decoding): x holds their rows one after another,
  * sequence b has seq_len[b] rows at positions seq_pos[b].. and its own caches cache_k[b] /
  * cache_v[b]. The projections run as one GEMM over all rows; attention runs per sequence. Each
@@ -126,7 +150,7 @@ OB_API int ob_decoder_layer(const ob_layer *layer, float *x, int64_t T, int64_t 
 OB_API int ob_decoder_layer_batch(const ob_layer *layer, float *x, int64_t nseq,
                                   const int64_t *seq_len, const int64_t *seq_pos,
                                   const float *rope_cos, const float *rope_sin, int64_t rope_len,
-                                  float *const *cache_k, float *const *cache_v, int64_t cache_len);
+                                  void *const *cache_k, void *const *cache_v, int64_t cache_len);
 
 /* 4-bit weights x int8 (a 4-bit LM head): rows of ceil(k/64)*32 bytes; in each 32-byte block the
  * low nibbles hold elements 0..31 and the high nibbles 32..63 of the block, as u = q + 8 with q in
