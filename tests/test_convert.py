@@ -233,3 +233,16 @@ def test_fuzz_hf_config(small_hf, tmp_path, data):
         next(iter(tm.ternary.values()))()
     except ValueError:
         pass
+
+
+def test_huge_layer_count_is_refused_without_allocating(small_hf, tmp_path):
+    """Regression (found by the fuzz test): num_hidden_layers = 10**12 built a 10**12-element set."""
+    import shutil as sh
+    from onebit.formats import hf as hfmt
+    folder = tmp_path / "hf"
+    sh.copytree(small_hf, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 10**12
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(hfmt.HFFormatError, match="num_hidden_layers"):
+        hfmt.read_hf(folder)

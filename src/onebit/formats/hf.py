@@ -268,7 +268,8 @@ def read_hf(folder: str | Path) -> TernaryModel:
     n_layers = hf.get("num_hidden_layers")
     present = {int(n.split(".")[2]) for n in tensors
                if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
-    if not isinstance(n_layers, int) or present != set(range(n_layers)):
+    if (type(n_layers) is not int or n_layers != len(present)  # before range(): no huge set
+            or present != set(range(n_layers))):
         raise HFFormatError(f"'{folder}/config.json' says num_hidden_layers={n_layers!r} but the "
                             f"weights hold layers {sorted(present)[:3]}..{sorted(present)[-1:]} "
                             f"({len(present)} of them); the config does not belong to these weights")
