@@ -13,8 +13,11 @@
  *     reference's result otherwise; plus planted bad bytes in the share of the second thread.
  * Prints a summary; exit status 0 only if everything matched.
  *
- * Usage: parity [--seed N] [--expect-neon dot|base]
- *   --expect-neon: on AArch64, fail unless the "neon" variant takes that path (sdot / smlal). */
+ * Usage: parity [--seed N] [--expect-neon dot|base] [--variants a,b,..] [--expect-auto NAME]
+ *   --expect-neon: on AArch64, fail unless the "neon" variant takes that path (sdot / smlal).
+ *   --variants: check only these variants (the reference is always the oracle); fail if this CPU
+ *     does not run one of them (so an emulated run cannot pass without exercising it).
+ *   --expect-auto: fail unless CPU detection (ONEBIT_KERNELS unset) picks NAME. */
 #define _POSIX_C_SOURCE 200809L
 #include <stdint.h>
 #include <stdio.h>
@@ -247,24 +250,65 @@ static void corrupt_in_share(int layout, int64_t m, int64_t k) {
     free(codes);
 }
 
+/* 1 if name is an entry of the comma-separated list */
+static int in_list(const char *list, const char *name) {
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !strncmp(p, name, n)) return 1;
+        p += len + (e != NULL);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    const char *expect_neon = NULL;
+    const char *expect_neon = NULL, *only = NULL, *expect_auto = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--seed") && i + 1 < argc) g_rng = strtoull(argv[++i], NULL, 0) | 1;
         else if (!strcmp(argv[i], "--expect-neon") && i + 1 < argc) expect_neon = argv[++i];
+        else if (!strcmp(argv[i], "--variants") && i + 1 < argc) only = argv[++i];
+        else if (!strcmp(argv[i], "--expect-auto") && i + 1 < argc) expect_auto = argv[++i];
         else {
-            fprintf(stderr, "usage: %s [--seed N] [--expect-neon dot|base]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--seed N] [--expect-neon dot|base] [--variants a,b,..] "
+                            "[--expect-auto NAME]\n", argv[0]);
             return 2;
         }
     }
     uint64_t seed = g_rng;
-    for (int i = 0; i < N_CAND; i++)
+    int path_ok = 1;
+    /* first use: the variant CPU detection (or ONEBIT_KERNELS) picks */
+    printf("parity: auto-selected variant: %s\n", ob_isa());
+    if (expect_auto && strcmp(ob_isa(), expect_auto)) {
+        fprintf(stderr, "FAIL: CPU detection picked %s, expected %s\n", ob_isa(), expect_auto);
+        path_ok = 0;
+    }
+    if (only) {
+        for (const char *p = only; *p;) {
+            const char *e = strchr(p, ',');
+            size_t len = e ? (size_t)(e - p) : strlen(p);
+            int known = 0;
+            for (int i = 0; i < N_CAND; i++)
+                known |= strlen(CANDIDATES[i]) == len && !strncmp(p, CANDIDATES[i], len);
+            if (!known) {
+                fprintf(stderr, "FAIL: --variants: unknown variant '%.*s'\n", (int)len, p);
+                path_ok = 0;
+            }
+            p += len + (e != NULL);
+        }
+    }
+    for (int i = 0; i < N_CAND; i++) {
+        if (only && !in_list(only, CANDIDATES[i])) continue;
         if (ob_isa_supported(CANDIDATES[i])) g_variants[g_nvar++] = CANDIDATES[i];
+        else if (only) {
+            fprintf(stderr, "FAIL: --variants names %s, which this CPU/build does not run\n", CANDIDATES[i]);
+            path_ok = 0;
+        }
+    }
     printf("parity: seed %#llx, variants:", (unsigned long long)seed);
     for (int v = 0; v < g_nvar; v++) printf(" %s", g_variants[v]);
     printf("\n");
 
-    int path_ok = 1;
 #if defined(__aarch64__)
     const char *path = ob_neon_uses_dotprod() ? "dot" : "base";
     printf("parity: neon path: %s (%s)\n", path,
