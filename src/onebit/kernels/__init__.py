@@ -10,8 +10,8 @@ Also: ``linear_i8`` / ``linear_i4`` / ``linear_f16`` (LM heads), ``attention`` (
 GQA softmax), ``kv_quantize`` / ``kv_dequantize`` (KV cache rows, docs/formats.md §10), ``validate`` + ``linear_unchecked``, ``pack``/``unpack`` (C twins of the numpy
 reference), ``read_probe`` (bandwidth). ``Layer`` is the ctypes struct of ``ob_decoder_layer``.
 
-The C library is loaded on first use, not at import. The SIMD variant ("avx2" or "neon"; "avx2_lut"
-and "avx512vnni" only by name) is picked by CPU detection; ``ONEBIT_KERNELS=reference``
+The C library is loaded on first use, not at import. The SIMD variant ("avx512vnni", "avx2" or
+"neon"; "avx2_lut" only by name) is picked by CPU detection; ``ONEBIT_KERNELS=reference``
 (environment, read by C at first use) or ``with use("reference"):`` forces one. ``use`` changes
 process-wide state: not thread-safe. GEMM/GEMV split their output rows over ``get_num_threads()``
 threads (``set_num_threads``, ``threads(n)``); design notes in docs/kernels.md.

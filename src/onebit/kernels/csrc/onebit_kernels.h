@@ -8,8 +8,8 @@
  *
  * Every function returns OB_OK (0) or a negative status below; on error the outputs are unspecified.
  * Variants ("reference", "avx2", "avx512vnni") give bit-identical integer results; the variant is
- * chosen once, at first use, by CPU detection (avx512vnni only when forced, until it has been
- * verified on an AVX-512 machine), or forced with the environment variable
+ * chosen once, at first use, by CPU detection (avx512vnni where the CPU has AVX-512 F/BW/VL/VNNI:
+ * verified under emulation by scripts/check_avx512.sh, never timed), or forced with the environment variable
  * ONEBIT_KERNELS=<name> (read in C at that first use; a name this build or CPU cannot run selects
  * "reference") or ob_set_isa().
  * Not thread-safe to call ob_set_isa while kernels run; the kernels themselves are reentrant.
