@@ -89,13 +89,23 @@ def _batched(tm: TernaryModel):
     return lambda ids: table[np.asarray(ids, np.int64).tobytes()]
 
 
-def _check(src: TernaryModel, out_logits, what: str) -> dict:
+# Written file read back by its own reader, same float64 reference: the same numbers give the
+# same logits, so anything above float noise is a conversion error.
+EXACT = 1e-6
+# The float32 engine vs the float64 reference: int8 rounding flips between the two grow with depth
+# (measured on random models: ~3% of the logit range at 2 layers, ~5% at 30), so this only checks
+# that the engine runs the file (a wrong layout gives O(1) errors and wrong top-1 tokens).
+ENGINE = 0.25
+
+
+def _check(src: TernaryModel, out_logits, what: str, rtol: float, cache: dict) -> dict:
     cfg = src.config
+    if "refs" not in cache:  # one pass over the source's weights for all probes and checks
+        cache["seqs"] = probe_ids(cfg.vocab_size, cfg.bos_token_id)
+        cache["refs"] = reference_logits(src, np.stack(cache["seqs"]))
     worst = {"max_rel_err": 0.0, "top1_agree": 1.0, "positions": 0, "decisive": 0}
-    seqs = probe_ids(cfg.vocab_size, cfg.bos_token_id)
-    refs = reference_logits(src, np.stack(seqs))  # one pass over the weights for all sequences
-    for ids, ref in zip(seqs, refs):
-        r = compare_logits(ref, out_logits(ids), what)
+    for ids, ref in zip(cache["seqs"], cache["refs"]):
+        r = compare_logits(ref, out_logits(ids), what, rtol=rtol)
         worst = {"max_rel_err": max(worst["max_rel_err"], r["max_rel_err"]),
                  "top1_agree": min(worst["top1_agree"], r["top1_agree"]),
                  "positions": worst["positions"] + r["positions"],
@@ -114,11 +124,15 @@ def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
     t0 = time.perf_counter()
     tm = read_model(src)
     report: dict = {"source": str(src), "format": to, "parity": None}
+    cache: dict = {}
 
     if to == "onebit":
         def verify_fn(d: Path) -> None:
             if verify:
-                report["parity"] = _check(tm, lambda ids: _engine_logits(d, ids), f"{src} -> onebit")
+                report["parity"] = _check(tm, _batched(read_packed_folder(d)), f"{src} -> onebit",
+                                          EXACT, cache)
+                report["engine"] = _check(tm, lambda ids: _engine_logits(d, ids),
+                                          f"{src} -> onebit, on the engine", ENGINE, cache)
         from .model_io import write_packed_folder
         out = write_packed_folder(tm, dst, layout=layout, embedding=embedding, verify=verify_fn)
     elif to == "hf":
@@ -127,7 +141,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
         def verify_fn(d: Path) -> None:
             if verify:
                 back = read_hf(d)  # our reader of the written bytes; tests check transformers too
-                report["parity"] = _check(tm, _batched(back), f"{src} -> hf")
+                report["parity"] = _check(tm, _batched(back), f"{src} -> hf", EXACT, cache)
         out = write_hf(tm, dst, verify=verify_fn)
     else:
         out = _convert_gguf(tm, src, Path(dst), to.split("-", 1)[1], embedding, verify, allow_relu2,
@@ -150,7 +164,7 @@ def _convert_gguf(tm: TernaryModel, src, dst: Path, qtype: str, embedding, verif
         write_gguf(tm, tmp, qtype, embedding=embedding, allow_relu2=allow_relu2, scales=scales)
         if verify:
             back = read_gguf(tmp)
-            report["parity"] = _check(tm, _batched(back), f"{src} -> gguf-{qtype}")
+            report["parity"] = _check(tm, _batched(back), f"{src} -> gguf-{qtype}", EXACT, {})
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
