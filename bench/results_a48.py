@@ -93,7 +93,7 @@ def evaluate_all(prefix: str, eval_tokens: int, sparsity_tokens: int) -> dict:
         model, _, _ = ckpt.load_model(out / "model")
         m = {"label": label, "out_dir": str(out.relative_to(ROOT)) if out.is_relative_to(ROOT) else str(out), "overrides": over,
              "params": summary["params"], "tokens": summary["tokens_seen"], "train_tok_s": summary["tok_s"],
-             "activation_scheme": model.activation_scheme, "ppl": {}}
+             "activation_scheme": model.activation_scheme, "threads": run_cfg["train"]["threads"], "ppl": {}}
         for bits in (KV_BITS if model.config.linear == "bitnet" else (16,)):
             t0 = time.perf_counter()
             model.set_kv_bits(bits)
@@ -145,7 +145,7 @@ def report(res: dict, steps_note: str) -> str:
         f"Model: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, FFN {cfg['intermediate_size']} "
         f"(ReLU²-GLU), {cfg['num_attention_heads']}/{cfg['num_key_value_heads']} heads (head_dim "
         f"{cfg['hidden_size'] // cfg['num_attention_heads']}), SubLN, vocab {cfg['vocab_size']}, context 256; "
-        f"{b['params']:,} parameters. All three see the identical {b['tokens'] / 1e6:.2f} M Gutenberg training "
+        f"{b['params']:,} parameters. All models see the identical {b['tokens'] / 1e6:.2f} M Gutenberg training "
         f"tokens (same batches, same init seed), LR 3e-3 (two-stage LR/WD schedule for the ternary models, "
         f"cosine for fp). a4.8 two-stage = A8 for the first 95% of the steps, then the a4.8 scheme (INT4 "
         f"q/k/v/gate/up, top-50% + INT8 o, INT8 down) with the same AdamW state for the last 5%. "
@@ -153,7 +153,7 @@ def report(res: dict, steps_note: str) -> str:
         "",
         "### Quality (validation perplexity) and the KV cache cost",
         "",
-        "| model | train tok/s (min) | val ppl (fp KV) | vs b1.58 | KV 8-bit | KV 4-bit | KV 3-bit (BOS row 4-bit) |",
+        "| model | train tok/s (min, threads) | val ppl (fp KV) | vs b1.58 | KV 8-bit | KV 4-bit | KV 3-bit (BOS row 4-bit) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for key in [k for k in RUNS if k in M]:
@@ -161,7 +161,7 @@ def report(res: dict, steps_note: str) -> str:
         p16 = m["ppl"]["16"]["ppl"]
         kv = [f"{m['ppl'][str(k)]['ppl']:.2f} ({_pct(m['ppl'][str(k)]['ppl'], p16)})" if str(k) in m["ppl"]
               else "—" for k in (8, 4, 3)]
-        lines.append(f"| {m['label']} | {m['train_tok_s']:,.0f} ({m['tokens'] / m['train_tok_s'] / 60:.0f}) | {p16:.2f} | "
+        lines.append(f"| {m['label']} | {m['train_tok_s']:,.0f} ({m['tokens'] / m['train_tok_s'] / 60:.0f}, {m.get('threads')}) | {p16:.2f} | "
                      f"{_pct(p16, b['ppl']['16']['ppl'])} | {' | '.join(kv)} |")
     if "ppl_as_a48_no_stage2" in b:
         p = b["ppl_as_a48_no_stage2"]["ppl"]
