@@ -196,8 +196,9 @@ def report(res: dict, steps_note: str) -> str:
     r_big = kvb["bitnet-2b4t"]["4096"]["16"] / kvb["bitnet-2b4t"]["4096"]["3"]
     lines += ["",
               f"Computed by `onebit.engine.stats.kv_cache_bytes` from the row layout of docs/formats.md §10 "
-              f"(codes + one fp16 step per token and kv head; the engine does not store quantized KV yet, and "
-              f"today keeps float32 rows, 2x the fp16 column). **3-bit vs fp16: {r_big:.2f}x at head_dim 128** "
+              f"(codes + one fp16 step per token and kv head; the engine stores exactly these rows when the "
+              f"model has kv_bits 8/4/3 (tests/test_kv_engine.py checks its allocation against this), and "
+              f"float32 rows, 2x the fp16 column, when it has none). **3-bit vs fp16: {r_big:.2f}x at head_dim 128** "
               f"(target ≥ 5x: met) but **{r_small:.2f}x at our head_dim 32** (missed: the 2-byte step is 14% of a "
               f"14-byte row). The trained model's context is 256, so the 4k/16k rows are the layout's arithmetic, "
               f"not a measured allocation.", ""]
