@@ -247,3 +247,28 @@ def test_huge_layer_count_is_refused_without_allocating(small_hf, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(hfmt.HFFormatError, match="num_hidden_layers"):
         hfmt.read_hf(folder)
+
+
+def test_sharded_hf_checkpoint_reads_like_one_file(small_hf, tmp_path):
+    """model.safetensors.index.json + shards (how big checkpoints ship) = the single-file read."""
+    import shutil as sh
+
+    from safetensors.numpy import load_file, save_file
+
+    from onebit.formats import hf as hfmt
+    folder = tmp_path / "sharded"
+    sh.copytree(small_hf, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, part in shards.items():
+        save_file({n: tensors[n] for n in part}, str(folder / fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: f for f, part in shards.items() for n in part}}))
+    _same_weights(hfmt.read_hf(small_hf), hfmt.read_hf(folder))
+    bad = json.loads((folder / "model.safetensors.index.json").read_text())
+    bad["weight_map"][names[0]] = "../evil.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(bad))
+    with pytest.raises(hfmt.HFFormatError, match="plain file"):
+        hfmt.read_hf(folder)
