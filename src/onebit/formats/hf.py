@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from .model_io import TOKENIZER_FILES, Dense, TernaryModel, projections
+from .model_io import TOKENIZER_FILES, Dense, TernaryModel, projections, write_model_dir
 from .safetensors_mmap import bf16_to_f32, read_safetensors
 
 __all__ = [
@@ -379,8 +379,6 @@ def write_hf(tm: TernaryModel, dst: str | Path, verify=None) -> Path:
     sizes that are not multiples of 4."""
     from safetensors.numpy import save_file
 
-    from ..atomic import write_dir_atomic
-
     cfg = tm.config
     if cfg.norm_placement != "subln":
         raise HFFormatError(f"{tm.source}: norm_placement {cfg.norm_placement!r} has no transformers "
@@ -414,13 +412,6 @@ def write_hf(tm: TernaryModel, dst: str | Path, verify=None) -> Path:
           "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                   "quantization_mode": "offline"}}
 
-    def fill(d: Path) -> None:
-        save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
-        (d / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True), encoding="utf-8")
-        for fname, data in tm.files.items():
-            (d / fname).write_bytes(data)
-        if verify is not None:
-            verify(d)
-
-    return write_dir_atomic(Path(dst), fill)
+    return write_model_dir(dst, hf, tm.files, verify, lambda d: save_file(
+        out, str(d / "model.safetensors"), metadata={"format": "pt"}))
 
