@@ -85,9 +85,24 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             x = self.norm(x)
+        if self.weight_quant and self.act is not None and self._lam == 1.0 and not torch.is_grad_enabled():
+            return self._integer_forward(x)
         x = self.quantize_input(x)
         w = quant.fake_ternary(self.weight, self._lam) if self.weight_quant else self.weight
         return F.linear(x, w)
+
+    def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference without gradients: the integer dot products of the codes, then the two scales
+        — what the C engine computes, bit for bit given the same codes. The fake-quant form
+        (dequantize, then a float matmul) rounds each product: its results differ by ulps, enough
+        to break the exact ties that a4.8's top-K and INT4 rounding then resolve differently."""
+        x32 = x.float()
+        if self.act == "topk_int8":
+            x32 = quant.topk_sparsify(x32, self.keep)
+        codes, xs = quant.int4_absmean(x32) if self.act == "int4" else quant.int8_absmax(x32)
+        wc, ws = quant.ternary_absmean(self.weight)
+        acc = F.linear(codes.float(), wc.float())          # exact: integer sums below 2^24
+        return ((acc * ws) * xs).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, norm={self.norm is not None}, "

@@ -119,8 +119,10 @@ def int4_absmean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def topk_sparsify(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     """Keep the ``ceil(keep * d)`` largest-|x| entries of each token (last dim), zero the rest.
 
-    Ties at the threshold are broken by ``torch.topk`` (lowest index first on CPU); the result
-    has the dtype of ``x``.
+    Ties at the threshold keep the lowest indices (the engine's C quantizer does the same). Ties
+    are common: with GQA the first position's attention output repeats each kv head's values in
+    every query head of its group, and ``torch.topk`` alone picks among them in an unspecified
+    order. The result has the dtype of ``x``.
     """
     _check_float(x, "x")
     if not 0.0 < float(keep) <= 1.0:
@@ -129,8 +131,12 @@ def topk_sparsify(x: torch.Tensor, keep: float = 0.5) -> torch.Tensor:
     k = max(1, math.ceil(keep * d))
     if k >= d:
         return x.clone()
-    idx = x.abs().topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x).scatter(-1, idx, x.gather(-1, idx))
+    a = x.abs()
+    thr = a.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)  # the k-th largest
+    above, tie = a > thr, a == thr
+    need = k - above.sum(dim=-1, keepdim=True)                  # ties still to keep, lowest first
+    mask = above | (tie & (tie.cumsum(dim=-1) <= need))
+    return torch.where(mask, x, torch.zeros_like(x))
 
 
 def ternary_dequant(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

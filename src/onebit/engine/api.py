@@ -257,10 +257,11 @@ class Model:
         return "".join(self.stream_chat(messages, max_new_tokens, **kw))
 
 
-def load(path: str | Path) -> Model:
+def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str | None = None) -> Model:
     """Load a model for torch-free inference: an onebit packed folder (``onebit export``), or a
     Hugging Face checkpoint folder / GGUF file, converted once (and checked) into the onebit
-    cache (formats.convert.cached_import)."""
+    cache (formats.convert.cached_import). ``sparse`` / ``activation_scheme``: see ``Runtime``
+    (default: sparse decoding where the model has ReLU² or a4.8 sparsity; the trained scheme)."""
     folder = Path(path)
     if folder.is_file() or (folder / "config.json").is_file():
         from ..formats.convert import cached_import, detect_format
@@ -270,7 +271,7 @@ def load(path: str | Path) -> Model:
     if not folder.is_dir():
         raise EngineError(f"model path '{folder}' is not a folder; pass a packed model folder "
                           f"written by `onebit export`, a Hugging Face checkpoint folder or a GGUF file")
-    runtime = Runtime(folder)
+    runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

@@ -86,6 +86,27 @@ class _Quantizer:
         return codes, scale
 
 
+def _transposed(lin: "_Linear") -> np.ndarray:
+    """The i2 packing of lin's W^T (what ob_linear_colsparse_i2 reads), in anonymous memory with
+    transparent huge pages requested: its reads jump between rows, and 4 KiB pages made every
+    jump a TLB miss."""
+    import mmap
+
+    rbt = packed_row_bytes(lin.n, "i2")
+    size = lin.k * rbt
+    buf = mmap.mmap(-1, max(size, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    wt = np.frombuffer(buf, dtype=np.uint8, count=size).reshape(lin.k, rbt)
+    st = kernels._lib().ob_transpose_packed_i2(lin.q.ctypes.data, lin.n, lin.k, wt.ctypes.data)
+    if st != 0:
+        raise EngineError(f"projection {lin.name!r}: building its transposed copy failed (status {st})")
+    return wt
+
+
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
     return (x * (1.0 / np.sqrt(ms + np.float32(eps)))).astype(np.float32) * w
@@ -94,7 +115,13 @@ def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 class Runtime:
     """A loaded packed model: ``forward(ids, pos) -> logits`` with its own KV cache."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, sparse: bool | None = None,
+                 activation_scheme: str | None = None):
+        """``sparse``: skip the weight reads of zero activations when decoding (ReLU² down_proj
+        inputs and up_proj rows, a4.8's top-K o_proj inputs; bit-identical results, extra RAM for
+        transposed copies of those projections, see ``sparse_bytes``). None = on where the model
+        has such sparsity (ReLU² or a4.8) and the layout is i2. ``activation_scheme``: run "a8" or
+        "a4.8" activations instead of the trained one (warns: a quality cost)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -106,6 +133,17 @@ class Runtime:
         except (ValueError, KeyError, TypeError) as e:
             raise EngineError(f"'{folder}/config.json': {e}") from None
         self.folder, self.config = folder, cfg
+        scheme = cfg.activation_scheme if activation_scheme is None else activation_scheme
+        if scheme not in ("a8", "a4.8"):
+            raise EngineError(f"activation_scheme={activation_scheme!r} is not valid: use 'a8' or 'a4.8'")
+        if scheme != cfg.activation_scheme:
+            import warnings
+
+            warnings.warn(f"'{folder}' was trained with activation_scheme={cfg.activation_scheme!r}; "
+                          f"running it with {scheme!r} activations costs quality (measure it with "
+                          f"`onebit eval ppl`); train for a4.8 with --model.activation_scheme=a4.8 "
+                          f"--train.a48_switch=0.95", stacklevel=2)
+        self.activation_scheme = scheme
         tensors, meta = read_safetensors(folder / "model.safetensors")
         declared = _read_declared(folder / "model.safetensors", meta)
         self._tensors = tensors
@@ -156,6 +194,21 @@ class Runtime:
                 L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
                 L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight" if sub else None)
             self.layers.append(L)
+        relu2_sparse = self.relu2 and self.packed["layout"] == "i2"
+        if sparse is None:
+            sparse = relu2_sparse or (scheme == "a4.8" and self.packed["layout"] == "i2")
+        if sparse and self.packed["layout"] != "i2":
+            raise EngineError(f"sparse decoding needs the i2 layout; '{folder}' is "
+                              f"{self.packed['layout']}: re-export with --layout i2 or pass sparse=False")
+        self.sparse = bool(sparse)
+        # projections read column-sparse (transposed copies): down after ReLU², o after top-K
+        sparse_roles = set()
+        if self.sparse:
+            if self.relu2:
+                sparse_roles.add("mlp.down_proj")
+            if scheme == "a4.8":
+                sparse_roles.add("self_attn.o_proj")
+        self.sparse_bytes = 0
         self._structs, self._keep = [], []
         roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -163,9 +216,17 @@ class Runtime:
             st = kernels.Layer(hidden=D, ffn=F, heads=H, kv_heads=Hkv, head_dim=hd,
                                layout=0 if self.packed["layout"] == "i2" else 1,
                                relu2=int(self.relu2), inner=int(inner), eps=eps,
-                               kv_bits=self.kv_bits)
+                               kv_bits=self.kv_bits, act_scheme=int(scheme == "a4.8"),
+                               topk_keep=cfg.topk_keep,
+                               skip_up=int(self.sparse and self.relu2))
+            transposed = []
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
+                if role in sparse_roles:
+                    wt = _transposed(L[role])
+                    st.wt[j] = wt.ctypes.data
+                    transposed.append(wt)
+                    self.sparse_bytes += wt.nbytes
             if inner:
                 norms = [L[role + ".quant"].w for role in roles]
             else:
@@ -173,7 +234,7 @@ class Runtime:
             for j, nw in enumerate(norms):
                 st.norm[j] = None if nw is None else nw.ctypes.data
             self._structs.append(st)
-            self._keep.append(norms)  # the arrays behind the struct's pointers
+            self._keep.append((norms, transposed))  # the arrays behind the struct's pointers
         self._struct_p = [ctypes.addressof(st) for st in self._structs]
         self._layer_fn = kernels._lib().ob_decoder_layer
         self._batch_fn = kernels._lib().ob_decoder_layer_batch

@@ -10,6 +10,7 @@ with the BitNet integer quantizers) that every conversion is checked against. To
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,10 +201,33 @@ def _q8_linear(x: np.ndarray, codes: np.ndarray, scale: float) -> np.ndarray:
     return (xq @ codes.T.astype(np.float64)) * (scale / s)
 
 
+def _q4_linear(x: np.ndarray, codes: np.ndarray, scale: float) -> np.ndarray:
+    """BitNet a4.8: per-token absmean INT4 activations (s = sqrt(7) / (mean|x| + 1e-5), dequantized
+    with mean|x| / sqrt(7)) x ternary codes."""
+    beta = np.abs(x).mean(axis=-1, keepdims=True)
+    xq = np.clip(np.rint(x * (np.sqrt(7.0) / (beta + 1e-5))), -8, 7)
+    return (xq @ codes.T.astype(np.float64)) * (scale * beta / np.sqrt(7.0))
+
+
+def _topk(x: np.ndarray, keep: float) -> np.ndarray:
+    """Keep the ceil(keep*d) largest |x| per row (ties: lowest index first), zero the rest."""
+    d = x.shape[-1]
+    k = max(1, math.ceil(keep * d))
+    if k >= d:
+        return x
+    order = np.argsort(-np.abs(x), axis=-1, kind="stable")[..., :k]     # stable: lowest index first
+    out = np.zeros_like(x)
+    np.put_along_axis(out, order, np.take_along_axis(x, order, axis=-1), axis=-1)
+    return out
+
+
 def reference_logits(tm: TernaryModel, ids) -> np.ndarray:
     """Logits (float64) of token ids ``ids`` [T] or [B, T] at positions 0..T-1: [T, V] or
-    [B, T, V], computed layer by layer from the decoded codes (each projection decoded once)."""
+    [B, T, V], computed layer by layer from the decoded codes (each projection decoded once).
+    Activations as the config's ``activation_scheme``: INT8 everywhere (a8), or a4.8's INT4
+    q/k/v/gate/up, top-K then INT8 o_proj, INT8 down_proj."""
     cfg = tm.config
+    a48 = cfg.activation_scheme == "a4.8"
     ids = np.asarray(ids, dtype=np.int64)
     single = ids.ndim == 1
     ids = ids[None] if single else ids
@@ -224,7 +248,13 @@ def reference_logits(tm: TernaryModel, ids) -> np.ndarray:
     def lin(name, inp, norm_name=None):
         codes, scale = tm.ternary[name]()
         w = tm.norm(norm_name) if norm_name else None
-        return _q8_linear(_rms(inp, w, eps) if norm_name else inp, codes, scale)
+        h = _rms(inp, w, eps) if norm_name else inp
+        role = name.rsplit(".", 1)[-1]
+        if a48 and role == "o_proj":
+            h = _topk(h, cfg.topk_keep)
+        if a48 and role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            return _q4_linear(h, codes, scale)
+        return _q8_linear(h, codes, scale)
 
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(cfg.num_hidden_layers):

@@ -113,9 +113,6 @@ def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
     if cfg.linear != "bitnet":
         raise ValueError(f"'{folder}' is a full-precision model (linear={cfg.linear!r}); only "
                          f"ternary (linear='bitnet') models can be packed")
-    if cfg.activation_scheme != "a8":
-        raise ValueError(f"'{folder}' uses activation_scheme={cfg.activation_scheme!r}; the engine "
-                         f"runs 'a8' models so far")
     ternary = {name for name, m in model.named_modules() if isinstance(m, BitLinear) and m.weight_quant}
     packed: dict[str, tuple[np.ndarray, float]] = {}
     extra: dict[str, np.ndarray] = {}

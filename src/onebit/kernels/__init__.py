@@ -42,7 +42,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 10  # OB_ABI_VERSION
+_ABI_VERSION = 11  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -53,7 +53,8 @@ class Layer(ctypes.Structure):
                 ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
                 ("layout", ctypes.c_int32), ("relu2", ctypes.c_int32), ("inner", ctypes.c_int32),
                 ("eps", ctypes.c_float), ("kv_bits", ctypes.c_int32), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
-                ("norm", ctypes.c_void_p * 7)]
+                ("norm", ctypes.c_void_p * 7), ("act_scheme", ctypes.c_int32),
+                ("topk_keep", ctypes.c_double), ("wt", ctypes.c_void_p * 7), ("skip_up", ctypes.c_int32)]
 
 
 def _find_library() -> Path:
@@ -75,6 +76,11 @@ def _lib() -> ctypes.CDLL:
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     sigs = {
         "ob_quantize_act_i8": (i32, [p, i64, i64, i64, p, f32, p, p]),
+        "ob_quantize_act_i4": (i32, [p, i64, i64, i64, p, f32, p, p]),
+        "ob_quantize_act_topk_i8": (i32, [p, i64, i64, i64, p, f32, ctypes.c_double, p, p]),
+        "ob_transpose_packed_i2": (i32, [p, i64, i64, p]),
+        "ob_linear_colsparse_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_rows": (i32, [i32, p, i64, i64, p, p, i64, f32, f32, p]),
         "ob_gemm_i2": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_gemm_t1_6": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_linear_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
@@ -307,6 +313,105 @@ def quantize_act_i8(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray,
                                    float(eps), codes.ctypes.data, scale.ctypes.data)
     _check_status(st, "quantize_act_i8")
     return codes, scale
+
+
+def _quantize_args(x, norm_weight, eps):
+    x = _array(x, "x", np.float32, (2,))
+    ldx = _rows(x, "x")
+    m, k = x.shape
+    nw = None
+    if norm_weight is not None:
+        nw = _vector(norm_weight, "norm_weight", np.float32, k)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"eps={eps!r} must be a finite number >= 0")
+    return x, ldx, m, k, nw
+
+
+def quantize_act_i4(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """a4.8 per-token absmean INT4 of float32 x [m, k] (RMSNorm with ``norm_weight`` first if
+    given): (codes int8 in [-8, 7] [m, k], scale float32 [m]), ``quant.int4_absmean``'s formula."""
+    x, ldx, m, k, nw = _quantize_args(x, norm_weight, eps)
+    codes, scale = np.empty((m, k), dtype=np.int8), np.empty(m, dtype=np.float32)
+    st = _lib().ob_quantize_act_i4(x.ctypes.data, m, k, ldx, None if nw is None else nw.ctypes.data,
+                                   float(eps), codes.ctypes.data, scale.ctypes.data)
+    _check_status(st, "quantize_act_i4")
+    return codes, scale
+
+
+def quantize_act_topk_i8(x, keep: float = 0.5, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """a4.8 o_proj input: keep the ceil(keep*k) largest |x| per row (ties: lowest index), zero the
+    rest, then INT8 absmax (``quant.topk_sparsify`` then ``quant.int8_absmax``)."""
+    x, ldx, m, k, nw = _quantize_args(x, norm_weight, eps)
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"keep={keep!r} must be in (0, 1] (the fraction of entries kept per row)")
+    codes, scale = np.empty((m, k), dtype=np.int8), np.empty(m, dtype=np.float32)
+    st = _lib().ob_quantize_act_topk_i8(x.ctypes.data, m, k, ldx, None if nw is None else nw.ctypes.data,
+                                        float(eps), float(keep), codes.ctypes.data, scale.ctypes.data)
+    _check_status(st, "quantize_act_topk_i8")
+    return codes, scale
+
+
+def transpose_packed_i2(packed, k: int) -> np.ndarray:
+    """The i2 packing of W^T for i2-packed W [n, k]: uint8 [k, row_bytes(n)] (the layout
+    ``linear_colsparse_i2`` reads). Raises PackedFormatError for an invalid code."""
+    packed, k = _weights(packed, k, "i2")
+    n = packed.shape[0]
+    if n > _MAX_K:
+        raise ValueError(f"n={n} rows is more than {_MAX_K}: the transposed rows would overflow")
+    wt = np.empty((k, packed_row_bytes(n, "i2")), dtype=np.uint8)
+    _check_status(_lib().ob_transpose_packed_i2(packed.ctypes.data, n, k, wt.ctypes.data),
+                  "transpose_packed_i2")
+    return wt
+
+
+def linear_colsparse_i2(wt, n: int, w_scale: float, x_codes, x_scale) -> np.ndarray:
+    """``linear`` of W [n, k] given its transpose ``wt = transpose_packed_i2(W, k)`` [k, ...],
+    reading only the columns of nonzero activations: float32 [m, n], bit-identical to
+    ``linear(W, ...)``. ``wt`` is trusted like ``linear_unchecked``'s weights."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= _MAX_K:
+        raise ValueError(f"n={n!r} must be an integer in [1, {_MAX_K}] (the out_features)")
+    x = _array(x_codes, "x_codes", np.int8, (2,))
+    ldx = _rows(x, "x_codes")
+    k = x.shape[1]
+    if k > _MAX_K:
+        raise ValueError(f"x_codes has k={k} columns, more than {_MAX_K}")
+    wt = _array(wt, "wt", np.uint8, (2,))
+    if not wt.flags.c_contiguous:
+        raise ValueError("wt must be C-contiguous; pass np.ascontiguousarray(wt)")
+    if wt.shape != (k, packed_row_bytes(int(n), "i2")):
+        raise PackedFormatError(f"wt shape {wt.shape} is not the transpose of an [{n}, {k}] i2 matrix "
+                                f"(expected ({k}, {packed_row_bytes(int(n), 'i2')})); build it with "
+                                f"transpose_packed_i2")
+    m = x.shape[0]
+    xs = _vector(x_scale, "x_scale", np.float32, m)
+    w_scale = float(w_scale)
+    if not (math.isfinite(w_scale) and w_scale >= 0):
+        raise ValueError(f"w_scale={w_scale} must be finite and >= 0 (the tensor's mean|W|)")
+    out = np.empty((m, int(n)), dtype=np.float32)
+    _check_status(_lib().ob_linear_colsparse_i2(wt.ctypes.data, int(n), k, x.ctypes.data, m, ldx,
+                                                w_scale, xs.ctypes.data, out.ctypes.data),
+                  "linear_colsparse_i2")
+    return out
+
+
+def linear_rows(packed, k: int, layout: str, w_scale: float, x_codes, x_scale: float, rows) -> np.ndarray:
+    """``linear_unchecked`` for ONE activation row [k] (or [1, k]), computing only the output rows
+    listed in ``rows``: float32 [n] with NaN at every unlisted row."""
+    packed, k = _weights(packed, k, layout)
+    x = np.ascontiguousarray(_array(x_codes, "x_codes", np.int8, (1, 2)).reshape(-1))
+    if x.shape[0] != k:
+        raise ValueError(f"x_codes has {x.shape[0]} values but the weight has k={k} inputs")
+    n = packed.shape[0]
+    r = np.ascontiguousarray(np.asarray(rows, dtype=np.int64).reshape(-1))
+    if r.size and (r.min() < 0 or r.max() >= n):
+        raise ValueError(f"rows must lie in [0, {n}) (the weight's output rows)")
+    w_scale, x_scale = float(w_scale), float(x_scale)
+    out = np.full(n, np.nan, dtype=np.float32)
+    _check_status(_lib().ob_linear_rows(0 if layout == "i2" else 1,
+                                        packed.ctypes.data, n, k, x.ctypes.data,
+                                        r.ctypes.data if r.size else None, r.size, w_scale, x_scale,
+                                        out.ctypes.data), "linear_rows")
+    return out
 
 
 def gemm(packed, k: int, layout: str, x_codes) -> np.ndarray:

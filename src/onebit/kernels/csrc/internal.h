@@ -95,6 +95,34 @@ int ob_neon_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_neon_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 #endif
 
+/* Sparse decode (sparse.c drivers, x86.c SIMD). colsparse: acc[b*128 + o] = sum over i < nnz of
+ * val[i] * code(wt row idx[i], output b*128 + o) for blocks [b0, b1) (raw codes c = w + 1: the
+ * driver subtracts sum(val)); nnz is even. rows: acc[rows[i]] = dot(w row rows[i], x) for list
+ * positions [i0, i1), x zero-padded to kp, xsum its sum. Weights validated by the caller. */
+typedef struct {
+    const uint8_t *wt;
+    int64_t rbt;         /* bytes per wt row */
+    const int32_t *idx;  /* [nnz] inputs (wt rows) */
+    const int8_t *val;   /* [nnz] their activation codes */
+    int64_t nnz;
+    int32_t *acc;        /* [blocks * 128] */
+} ob_colsparse_args;
+typedef struct {
+    const uint8_t *w;
+    int layout;
+    int64_t k, kp, rb;
+    const int8_t *xp;    /* [kp], 64-byte aligned */
+    int32_t xsum;
+    const int64_t *rows;
+    int32_t *acc;        /* [n], indexed by row */
+} ob_rows_args;
+void ob_ref_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b1);
+void ob_ref_rows(const ob_rows_args *a, int64_t i0, int64_t i1);
+#ifdef OB_HAVE_X86
+void ob_avx2_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b1);
+void ob_avx2_rows(const ob_rows_args *a, int64_t i0, int64_t i1);
+#endif
+
 /* ob_linear_* without the per-call code check (dispatch.c), for layer.c */
 int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
                         int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out);

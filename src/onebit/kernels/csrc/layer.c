@@ -61,28 +61,43 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     int64_t QD = H * hd, KD = Hkv * hd, maxk = D > F ? D : F;
     maxk = maxk > QD ? maxk : QD;
     /* one scratch block: codes, scales, q, k, v, y, o, gate, up */
-    size_t bytes = (size_t)(T * maxk) + (size_t)T * 4 * (size_t)(1 + QD + 2 * KD + QD + D + 2 * F) + 64;
+    size_t bytes = (size_t)(T * maxk) + (size_t)T * 4 * (size_t)(1 + QD + 2 * KD + QD + D + 2 * F) + 64 +
+                   (size_t)F * sizeof(int64_t);
     char *buf = (char *)malloc(bytes);
     if (!buf) return OB_ERR_NOMEM;
-    float *xs = (float *)buf, *q = xs + T, *k = q + T * QD, *v = k + T * KD, *y = v + T * KD;
+    int64_t *rows = (int64_t *)buf; /* up rows to compute (sparse decode) */
+    float *xs = (float *)(rows + F), *q = xs + T, *k = q + T * QD, *v = k + T * KD, *y = v + T * KD;
     float *o = y + T * QD, *g = o + T * D, *u = g + T * F;
     int8_t *xc = (int8_t *)(u + T * F);
     int st = OB_OK, lay = L->layout;
     float eps = L->eps;
-#define QUANT(src, k_, norm) \
-    if ((st = ob_quantize_act_i8(src, T, k_, k_, norm, eps, xc, xs))) goto done
-#define LIN(idx, n_, k_, out) \
-    if ((st = ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) goto done
+    int a48 = L->act_scheme == OB_ACT_A4_8, sparse = T <= OB_SPARSE_MAX_T;
+    if (L->act_scheme != OB_ACT_A8 && !a48) {
+        st = OB_ERR_VALUE;
+        goto done;
+    }
+    /* the input quantizer of projection idx: a8 INT8 everywhere; a4.8 INT4 for q/k/v/gate/up,
+     * top-K then INT8 for o, INT8 for down */
+#define QUANT(idx, src, k_, norm)                                                                   \
+    if ((st = !a48 || (idx) == DOWN ? ob_quantize_act_i8(src, T, k_, k_, norm, eps, xc, xs)          \
+              : (idx) == O ? ob_quantize_act_topk_i8(src, T, k_, k_, norm, eps, L->topk_keep, xc, xs) \
+                           : ob_quantize_act_i4(src, T, k_, k_, norm, eps, xc, xs)))               \
+    goto done
+#define LIN(idx, n_, k_, out)                                                                       \
+    if ((st = sparse && L->wt[idx] && lay == OB_LAYOUT_I2                                                             \
+                  ? ob_linear_colsparse_i2(L->wt[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out) \
+                  : ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) \
+    goto done
 
     if (L->inner) {
-        QUANT(x, D, L->norm[Q]);
+        QUANT(Q, x, D, L->norm[Q]);
         LIN(Q, QD, D, q);
-        QUANT(x, D, L->norm[K]);
+        QUANT(K, x, D, L->norm[K]);
         LIN(K, KD, D, k);
-        QUANT(x, D, L->norm[V]);
+        QUANT(V, x, D, L->norm[V]);
         LIN(V, KD, D, v);
     } else {
-        QUANT(x, D, L->norm[0]); /* input_layernorm */
+        QUANT(Q, x, D, L->norm[0]); /* input_layernorm */
         LIN(Q, QD, D, q);
         LIN(K, KD, D, k);
         LIN(V, KD, D, v);
@@ -92,21 +107,34 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
                                   hd, rope_cos, rope_sin, rope_len, L->kv_bits, cache_k[b],
                                   cache_v[b], cache_len, y + r * QD)))
             goto done;
-    QUANT(y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
+    QUANT(O, y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
     LIN(O, D, QD, o);
     for (int64_t i = 0; i < T * D; i++) x[i] += o[i];
     if (L->inner) {
-        QUANT(x, D, L->norm[GATE]);
+        QUANT(GATE, x, D, L->norm[GATE]);
         LIN(GATE, F, D, g);
-        QUANT(x, D, L->norm[UP]);
-        LIN(UP, F, D, u);
+        QUANT(UP, x, D, L->norm[UP]);
     } else {
-        QUANT(x, D, L->norm[1]); /* post_attention_layernorm */
+        QUANT(GATE, x, D, L->norm[1]); /* post_attention_layernorm */
         LIN(GATE, F, D, g);
-        LIN(UP, F, D, u);
     }
+    if (sparse && L->skip_up && L->relu2) { /* up rows only where relu(gate) > 0, per token */
+        for (int64_t r = 0; r < T; r++) {
+            const float *gr = g + r * F;
+            float *ur = u + r * F;
+            int64_t n_on = 0;
+            for (int64_t j = 0; j < F; j++) {
+                if (gr[j] > 0.0f) rows[n_on++] = j;
+                ur[j] = 0.0f;
+            }
+            if ((st = ob_linear_rows(lay, L->w[UP], F, D, xc + r * D, rows, n_on, L->w_scale[UP],
+                                     xs[r], ur)))
+                goto done;
+        }
+    } else
+        LIN(UP, F, D, u);
     glu(g, u, T * F, L->relu2);
-    QUANT(g, F, L->inner ? L->norm[DOWN] : L->norm[3]); /* ffn_sub_norm */
+    QUANT(DOWN, g, F, L->inner ? L->norm[DOWN] : L->norm[3]); /* ffn_sub_norm */
     LIN(DOWN, D, F, o);
     for (int64_t i = 0; i < T * D; i++) x[i] += o[i];
 #undef QUANT

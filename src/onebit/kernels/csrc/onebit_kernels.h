@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 10
+#define OB_ABI_VERSION 11
 
 enum {
     OB_OK = 0,
@@ -58,6 +58,22 @@ OB_API int64_t ob_packed_row_bytes(int64_t k, int layout);
 OB_API int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                               const float *norm_weight, float norm_eps,
                               int8_t *out, float *out_scale);
+
+/* BitNet a4.8 activation quantizers (BITNET.md §2), same arguments and fused RMSNorm as
+ * ob_quantize_act_i8; codes are int8 values, so every ternary x int8 kernel runs them unchanged
+ * (W1.58A4: an int4 code is an int8 in [-8, 7]).
+ *   i4:      beta = (float)(sum |y| in double) / k, s = (1.0f / (beta + 1e-5f)) * sqrt(7)
+ *            (torch's `sqrt7 / t`), code = clamp(rint_even(y*s), -8, 7), out_scale = beta / sqrt(7)
+ *            (onebit.quant.int4_absmean; the sum order may differ from torch's by an ulp).
+ *   topk_i8: keep the kk = max(1, ceil(keep * k)) entries of largest |y| (ties: lowest index first),
+ *            zero the rest (all kept if kk >= k), then ob_quantize_act_i8's INT8 absmax
+ *            (onebit.quant.topk_sparsify then int8_absmax). keep in (0, 1], else OB_ERR_VALUE. */
+OB_API int ob_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t ldx,
+                              const float *norm_weight, float norm_eps,
+                              int8_t *out, float *out_scale);
+OB_API int ob_quantize_act_topk_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
+                                   const float *norm_weight, float norm_eps, double keep,
+                                   int8_t *out, float *out_scale);
 
 /* acc[m, n] (row stride n) = x[m, k] (int8, row stride ldx) @ W[n, k]^T, exact int32. M = 1 is GEMV.
  * Returns OB_ERR_CORRUPT if a packed byte is invalid. */
@@ -135,7 +151,20 @@ typedef struct {
     const uint8_t *w[7];
     float w_scale[7];
     const float *norm[7];
+    int32_t act_scheme; /* OB_ACT_A8 (INT8 everywhere) or OB_ACT_A4_8 (a4.8: INT4 q/k/v/gate/up,
+                         * top-K then INT8 o_proj, INT8 down_proj) */
+    double topk_keep;   /* a4.8: fraction of o_proj inputs kept per token, (0, 1] */
+    /* Sparse decode (all optional, NULL/0 = dense). For rows of few tokens (T <= OB_SPARSE_MAX_T):
+     * wt[i] = ob_transpose_packed_i2 of w[i] (i2 only) runs projection i with
+     * ob_linear_colsparse_i2, which reads only the weight columns of nonzero inputs (o_proj
+     * after top-K, down_proj after ReLU^2); skip_up = 1 (ReLU^2 only) computes up_proj rows only
+     * where the gate output is > 0 (the GLU product is exactly 0 elsewhere). Results are
+     * bit-identical to the dense path. */
+    const uint8_t *wt[7];
+    int32_t skip_up;
 } ob_layer;
+enum { OB_ACT_A8 = 0, OB_ACT_A4_8 = 1 };
+#define OB_SPARSE_MAX_T 4
 
 /* x [T, hidden] float32 += the layer's attention and MLP for T tokens at positions pos..pos+T-1
  * (caches of layer->kv_bits and RoPE tables as ob_attention_kv). */
@@ -151,6 +180,25 @@ OB_API int ob_decoder_layer_batch(const ob_layer *layer, float *x, int64_t nseq,
                                   const int64_t *seq_len, const int64_t *seq_pos,
                                   const float *rope_cos, const float *rope_sin, int64_t rope_len,
                                   void *const *cache_k, void *const *cache_v, int64_t cache_len);
+
+/* ---- sparse decode (activation sparsity made into skipped weight reads) ------------------
+ * ob_transpose_packed_i2: w [n, k] in i2 (validated) -> wt [k, ob_packed_row_bytes(n, I2)], the
+ * i2 packing of w's transpose (row e of wt = column e of w; padding codes 1 = weight 0).
+ * OB_ERR_CORRUPT for a code 3 in w.
+ * ob_linear_colsparse_i2: out [m, n] = (sum over the nonzero x[r, e] of x[r, e] * w[:, e]) *
+ * w_scale * x_scale[r], reading only the wt rows e where x[r, e] != 0; exact int32 sums, so
+ * bit-identical to ob_linear_i2 on w. Rows of x run one after another (meant for decoding).
+ * ob_linear_rows: ob_linear_i2/t1_6 for ONE activation row, computing only the output rows
+ * listed in rows[0..nrows) (each in [0, n), any order; out[j] of unlisted j untouched).
+ * Like the *_unchecked linears, these two trust their weights (ob_validate_packed once, or wt from
+ * ob_transpose_packed_i2): an invalid code gives a wrong sum, never an out-of-bounds access. */
+OB_API int ob_transpose_packed_i2(const uint8_t *w, int64_t n, int64_t k, uint8_t *wt);
+OB_API int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t *x,
+                                  int64_t m, int64_t ldx, float w_scale, const float *x_scale,
+                                  float *out);
+OB_API int ob_linear_rows(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
+                          const int64_t *rows, int64_t nrows, float w_scale, float x_scale,
+                          float *out);
 
 /* 4-bit weights x int8 (a 4-bit LM head): rows of ceil(k/64)*32 bytes; in each 32-byte block the
  * low nibbles hold elements 0..31 and the high nibbles 32..63 of the block, as u = q + 8 with q in

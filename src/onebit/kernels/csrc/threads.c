@@ -73,10 +73,11 @@ typedef struct {
     void *ctx;
     int nt;
     long spin_ns;
+    atomic_int caller_cpu;      /* CPU the caller ran on when it posted the job (-1: unknown) */
 } pool_t;
 
 static pool_t g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
-                        PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, -1};
+                        PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, NULL, NULL, 0, -1, -1};
 
 static long now_ns(void) {
     struct timespec ts;
@@ -92,19 +93,41 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-/* Worker t stays on physical core t (mod cores): woken from a futex, an unpinned worker is often
- * placed on the waker's CPU (wake-affine) and the "parallel" job then runs on one core; pinned,
- * the scheduler moves the (unpinned) caller instead. ONEBIT_PIN=0 turns this off. */
-static void pin_self(int t) {
+/* Worker t runs on the t-th physical core after the caller's: woken from a futex, an unpinned
+ * worker is often placed on the waker's CPU (wake-affine) and the "parallel" job then runs on one
+ * core. A fixed pin (worker t on core t) was not enough: the unpinned caller could sit on the
+ * worker's core, and the two then shared it (2-thread GEMV slower than 1 thread). So each job
+ * records the caller's CPU and a worker re-pins itself (one syscall) only when that changed.
+ * ONEBIT_PIN=0 turns pinning off. */
+static int pin_enabled(void) {
 #if defined(__linux__)
-    const char *env = getenv("ONEBIT_PIN");
-    if ((env && env[0] == '0') || g_ncore_cpu < 2) return;
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char *env = getenv("ONEBIT_PIN");
+        enabled = !(env && env[0] == '0') && g_ncore_cpu >= 2;
+    }
+    return enabled;
+#else
+    return 0;
+#endif
+}
+
+static int pin_self(int t, int caller_cpu, int current) {
+#if defined(__linux__)
+    int ci = 0;
+    for (int i = 0; i < g_ncore_cpu; i++)
+        if (g_core_cpu[i] == caller_cpu) ci = i;
+    int cpu = g_core_cpu[(ci + t) % g_ncore_cpu];
+    if (cpu == current) return current;
     cpu_set_t set;
     CPU_ZERO(&set);
-    CPU_SET(g_core_cpu[t % g_ncore_cpu], &set);
+    CPU_SET(cpu, &set);
     pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    return cpu;
 #else
     (void)t;
+    (void)caller_cpu;
+    return current;
 #endif
 }
 
@@ -112,7 +135,7 @@ static void *worker(void *arg) {
     /* arg = (generation before the job that created us) << 16 | task index */
     int t = (int)((intptr_t)arg & 0xFFFF);
     int seen = (int)(unsigned)((uintptr_t)arg >> 16);
-    pin_self(t);
+    int pinned = -1, pin = pin_enabled();
     for (;;) {
         long t0 = now_ns();
         int spins = 0;
@@ -127,6 +150,7 @@ static void *worker(void *arg) {
             }
         }
         seen = atomic_load_explicit(&g_pool.gen, memory_order_acquire);
+        if (pin) pinned = pin_self(t, atomic_load(&g_pool.caller_cpu), pinned);
         if (t < g_pool.nt) g_pool.fn(g_pool.ctx, t, g_pool.nt);
         atomic_fetch_sub_explicit(&g_pool.pending, 1, memory_order_acq_rel);
     }
@@ -193,6 +217,9 @@ int ob_parallel(ob_task_fn fn, void *ctx, int nthreads) {
     g_pool.fn = fn;
     g_pool.ctx = ctx;
     g_pool.nt = nt;
+#if defined(__linux__)
+    atomic_store(&g_pool.caller_cpu, sched_getcpu());
+#endif
     atomic_store(&g_pool.pending, g_pool.started); /* every worker checks in, idle ones too */
     atomic_fetch_add_explicit(&g_pool.gen, 1, memory_order_release);
     pthread_mutex_lock(&g_pool.sleep_lock);

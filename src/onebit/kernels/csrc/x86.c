@@ -163,7 +163,7 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
  * products land 4x too large in a second int16 accumulator that is shifted back (exactly: it
  * only holds multiples of 4) when widened. Bounds per 8 blocks: A in [-8192, 8128], B in
  * [-32768, 32512] — both int16. */
-#define DEFINE_GEMV2_I2(NAME, CHECK)                                                               \
+#define DEFINE_GEMV2_I2(NAME, CHECK, PF)                                                           \
 INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int8_t *x,             \
                       int32_t xsum, int32_t *out, int32_t *out1, __m256i *bad) {                   \
     const __m256i m3 = _mm256_set1_epi8(3), mc = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1); \
@@ -173,9 +173,9 @@ INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int
         int64_t b1 = b0 + FLUSH < nblk ? b0 + FLUSH : nblk;                                        \
         __m256i a0 = _mm256_setzero_si256(), q0 = a0, a1 = a0, q1 = a0;                            \
         for (int64_t b = b0; b < b1; b++) {                                                        \
-            if (OB_PREFETCH && (b & 1) == 0) {                                                     \
-                _mm_prefetch((const char *)(w + b * OB_BLOCK_BYTES) + OB_PREFETCH, OB_PF_HINT);    \
-                _mm_prefetch((const char *)(w1 + b * OB_BLOCK_BYTES) + OB_PREFETCH, OB_PF_HINT);   \
+            if (PF && (b & 1) == 0) {                                                              \
+                _mm_prefetch((const char *)(w + b * OB_BLOCK_BYTES) + PF, OB_PF_HINT);             \
+                _mm_prefetch((const char *)(w1 + b * OB_BLOCK_BYTES) + PF, OB_PF_HINT);            \
             }                                                                                      \
             const int8_t *xb = x + b * OB_I2_BLOCK;                                                \
             __m256i x0 = _mm256_load_si256((const __m256i *)xb);                                   \
@@ -205,8 +205,9 @@ INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int
     *bad = bd;                                                                                     \
 }
 
-DEFINE_GEMV2_I2(gemv2_i2_avx2_chk, 1)
-DEFINE_GEMV2_I2(gemv2_i2_avx2_nochk, 0)
+DEFINE_GEMV2_I2(gemv2_i2_avx2_chk, 1, OB_PREFETCH)
+DEFINE_GEMV2_I2(gemv2_i2_avx2_nochk, 0, OB_PREFETCH)
+DEFINE_GEMV2_I2(gemv2_i2_avx2_nopf, 0, 0) /* row lists: the next rows are not the next bytes */
 
 /* checked unless the caller vouched for the weights (ob_linear_i2_unchecked) */
 #define gemv2_i2_avx2(w, w1, rb, x, xsum, out, out1, bad)                                        \
@@ -432,6 +433,110 @@ DEFINE_GEMM(ob_avx2_gemm_i2, AVX2, row_i2_avx2, gemv2_i2_avx2, panel_i2_avx2, mi
 DEFINE_GEMM(ob_avx2_gemm_t1_6, AVX2, row_t16_avx2, gemv2_t16_avx2, panel_t16_avx2, micro_avx2, OB_T1_6_BLOCK, T16_BAD)
 DEFINE_GEMM(ob_avx512vnni_gemm_i2, VNNI, row_i2_vnni, gemv2_i2_vnni, panel_i2_vnni, micro_vnni, OB_I2_BLOCK, I2_BAD)
 DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, gemv2_t16_vnni, panel_t16_vnni, micro_vnni, OB_T1_6_BLOCK, T16_BAD)
+
+/* ---- sparse decode (sparse.c) -----------------------------------------------------------------
+ * Row list: the GEMV's two-stream pairing over the listed rows (positions p and p + half). */
+#define ROWS_PF 2 /* pairs ahead whose rows are prefetched whole */
+AVX2 void ob_avx2_rows(const ob_rows_args *a, int64_t i0, int64_t i1) {
+    __m256i bad = _mm256_setzero_si256();
+    int64_t half = (i1 - i0) / 2;
+    for (int64_t p = 0; p < half; p++) {
+        int64_t j = a->rows[i0 + p], jb = a->rows[i0 + half + p];
+        if (p + ROWS_PF < half) {
+            const char *r0 = (const char *)(a->w + a->rows[i0 + p + ROWS_PF] * a->rb);
+            const char *r1 = (const char *)(a->w + a->rows[i0 + half + p + ROWS_PF] * a->rb);
+            for (int64_t off = 0; off < a->rb; off += 64) {
+                _mm_prefetch(r0 + off, _MM_HINT_T0);
+                _mm_prefetch(r1 + off, _MM_HINT_T0);
+            }
+        }
+        if (a->layout == OB_LAYOUT_I2)
+            gemv2_i2_avx2_nopf(a->w + j * a->rb, a->w + jb * a->rb, a->rb, a->xp, a->xsum,
+                                a->acc + j, a->acc + jb, &bad);
+        else
+            gemv2_t16_avx2(a->w + j * a->rb, a->w + jb * a->rb, a->rb, a->xp, a->xsum, a->acc + j,
+                           a->acc + jb, &bad);
+    }
+    if ((i1 - i0) & 1) {
+        int64_t j = a->rows[i1 - 1];
+        if (a->layout == OB_LAYOUT_I2)
+            row_i2_avx2(a->w + j * a->rb, a->rb, 1, a->xp, 0, &a->xsum, 1, a->acc + j, 0, &bad);
+        else
+            row_t16_avx2(a->w + j * a->rb, a->rb, 1, a->xp, 0, &a->xsum, 1, a->acc + j, 0, &bad);
+    }
+}
+
+/* Column-sparse i2 over a transposed copy: two nonzero inputs (wt rows k1, k2) at a time. Their
+ * 32-byte blocks are byte-interleaved (unpacklo/hi), so each 16-bit word holds (k1's byte, k2's
+ * byte) of one output position; a 16-bit shift by 2j and the 0x03 byte mask give both codes of
+ * lane j at once, and vpmaddubsw with the broadcast pair (x1, x2) adds c1*x1 + c2*x2 per output.
+ * Pairs outer, blocks inner: each pair's rows are read as one contiguous span (the thread's
+ * blocks), prefetched a few pairs ahead, while the int16 sums of the span (8 vectors per block,
+ * <= 4 KiB per thread for 2B4T) stay in L1. int16 holds up to 63 pairs (|.| <= 63*2*2*128 <
+ * 2^15), then they are widened into acc. unpacklo holds byte positions 0-7 | 16-23, unpackhi
+ * 8-15 | 24-31 (per 128-bit lane). */
+#define CS_FLUSH 63
+#ifndef CS_PF
+#define CS_PF 4      /* pairs ahead to prefetch */
+#endif
+#ifndef CS_HINT
+#define CS_HINT _MM_HINT_T0
+#endif
+#define CS_CHUNK 16  /* blocks per pass (16 x 256 B of int16 sums = 4 KiB) */
+AVX2 void ob_avx2_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b1) {
+    const __m256i m3 = _mm256_set1_epi8(3);
+    int64_t npair = a->nnz / 2, rbt = a->rbt;
+    _Alignas(32) __m256i s16[CS_CHUNK * 8];
+    for (int64_t c0 = b0; c0 < b1; c0 += CS_CHUNK) {
+        int64_t c1 = c0 + CS_CHUNK < b1 ? c0 + CS_CHUNK : b1, nbk = c1 - c0;
+        const uint8_t *base = a->wt + c0 * OB_BLOCK_BYTES;
+        memset(a->acc + c0 * OB_I2_BLOCK, 0, (size_t)(nbk * OB_I2_BLOCK) * sizeof(int32_t));
+        for (int64_t p0 = 0; p0 < npair; p0 += CS_FLUSH) {
+            int64_t p1 = p0 + CS_FLUSH < npair ? p0 + CS_FLUSH : npair;
+            memset(s16, 0, (size_t)nbk * 8 * sizeof(__m256i));
+            for (int64_t p = p0; p < p1; p++) {
+                if (p + CS_PF < npair) {
+                    const char *f1 = (const char *)(base + (int64_t)a->idx[2 * (p + CS_PF)] * rbt);
+                    const char *f2 = (const char *)(base + (int64_t)a->idx[2 * (p + CS_PF) + 1] * rbt);
+                    for (int64_t off = 0; off < nbk * OB_BLOCK_BYTES; off += 64) {
+                        _mm_prefetch(f1 + off, CS_HINT);
+                        _mm_prefetch(f2 + off, CS_HINT);
+                    }
+                }
+                const uint8_t *r1 = base + (int64_t)a->idx[2 * p] * rbt, *r2 = base + (int64_t)a->idx[2 * p + 1] * rbt;
+                __m256i bx = _mm256_set1_epi16((int16_t)(uint16_t)((uint8_t)a->val[2 * p] |
+                                                                   ((uint16_t)(uint8_t)a->val[2 * p + 1] << 8)));
+                for (int64_t b = 0; b < nbk; b++) {
+                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(r1 + b * OB_BLOCK_BYTES));
+                    __m256i v2 = _mm256_loadu_si256((const __m256i *)(r2 + b * OB_BLOCK_BYTES));
+                    __m256i lo = _mm256_unpacklo_epi8(v1, v2), hi = _mm256_unpackhi_epi8(v1, v2);
+                    __m256i *s = s16 + b * 8;
+                    s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(_mm256_and_si256(lo, m3), bx));
+                    s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(_mm256_and_si256(hi, m3), bx));
+                    s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 2), m3), bx));
+                    s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), m3), bx));
+                    s[4] = _mm256_add_epi16(s[4], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m3), bx));
+                    s[5] = _mm256_add_epi16(s[5], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m3), bx));
+                    s[6] = _mm256_add_epi16(s[6], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 6), m3), bx));
+                    s[7] = _mm256_add_epi16(s[7], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), m3), bx));
+                }
+            }
+            for (int64_t b = 0; b < nbk; b++)
+                for (int j = 0; j < 4; j++) { /* lane j: outputs 32j + position */
+                    int32_t *o = a->acc + (c0 + b) * OB_I2_BLOCK + 32 * j;
+                    __m256i lo = s16[b * 8 + 2 * j], hi = s16[b * 8 + 2 * j + 1];
+#define CS_ADD(off, v16)                                                                           \
+    _mm256_storeu_si256((__m256i *)(o + (off)), _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(o + (off))), \
+                                                                _mm256_cvtepi16_epi32(v16)))
+                    CS_ADD(0, _mm256_castsi256_si128(lo));
+                    CS_ADD(16, _mm256_extracti128_si256(lo, 1));
+                    CS_ADD(8, _mm256_castsi256_si128(hi));
+                    CS_ADD(24, _mm256_extracti128_si256(hi, 1));
+#undef CS_ADD
+                }
+        }
+    }
+}
 
 /* ---- int8 x int8 (8-bit LM head) -------------------------------------------------------------
  * vpmaddubsw(|w|, sign(x, w)) = w*x pair sums (|.| <= 2*127*127 < 2^15: x is never -128), then
