@@ -2,11 +2,12 @@
 __version__ = "0.1.0"
 
 
-def load(path):
-    """Load a packed model folder for torch-free inference (see ``onebit.engine.load``)."""
+def load(path, **kwargs):
+    """Load a packed model folder for torch-free inference (see ``onebit.engine.load``:
+    ``sparse=``, ``activation_scheme=``)."""
     from .engine.api import load as _load
 
-    return _load(path)
+    return _load(path, **kwargs)
 
 
 def quantize_model(model, **kwargs):

@@ -50,7 +50,8 @@ def read_bandwidth_gb_s(nthreads: int, mib: int = 512, reps: int = 5) -> float:
     return buf.size / best / 1e9
 
 
-def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -> dict:
+def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
+                sparse: bool | None = None, activation_scheme: str | None = None) -> dict:
     import onebit
 
     from .. import kernels
@@ -58,7 +59,7 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -
 
     kernels.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = onebit.load(folder)
+    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme)
     load_s = time.perf_counter() - t0
     rt, cfg = m.runtime, m.config
     need = max(max(pp), tg) + 1
@@ -69,7 +70,9 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int) -
     rng = np.random.default_rng(0)
     res: dict = {"model": str(folder), "threads": threads, "isa": kernels.isa(),
                  "layout": rt.packed["layout"], "embedding": rt.packed["embedding"],
-                 "params": model_sizes(rt)["params"], "load_s": load_s}
+                 "params": model_sizes(rt)["params"], "load_s": load_s,
+                 "activation_scheme": rt.activation_scheme, "sparse": rt.sparse,
+                 "sparse_copy_mb": rt.sparse_bytes / 1e6}
     rt.forward([cfg.bos_token_id], 0)  # warm-up: page in the weights, start the pool
     pp_res = {}
     ttft = None
@@ -145,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--cache-dir", default=os.path.join(".cache", "onebit", "bench-models"))
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sparse", choices=["auto", "on", "off"], default="auto",
+                    help="sparse decoding (skip weight reads of zero activations); auto: on for "
+                         "ReLU² / a4.8 models with i2 weights")
+    ap.add_argument("--activation-scheme", choices=["a8", "a4.8"], default=None,
+                    help="run these activations instead of the model's own (warns: quality cost)")
     args = ap.parse_args(argv)
     try:
         pp = [int(v) for v in args.pp.split(",") if v.strip()]
@@ -161,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         from ..engine import default_model_path
 
         folder = Path(args.model) if args.model else default_model_path()
-    r = bench_model(folder, pp, args.tg, args.reps, threads)
+    sparse = {"auto": None, "on": True, "off": False}[args.sparse]
+    r = bench_model(folder, pp, args.tg, args.reps, threads, sparse, args.activation_scheme)
     if args.json:
         print(json.dumps(r))
         return 0
     print(f"model {r['model']} ({r['params'] / 1e6:.1f}M params, {r['layout']} weights, "
-          f"{r['embedding']} embeddings/head) | {r['isa']}, {threads} threads")
+          f"{r['embedding']} embeddings/head, {r['activation_scheme']} activations, sparse decoding "
+          f"{'on' if r['sparse'] else 'off'}) | {r['isa']}, {threads} threads")
     for n, v in r["pp"].items():
         print(f"  pp{n:<5} {v:10.1f} tok/s")
     print(f"  tg{r['tg']:<5} {r['tg_tok_s']:10.1f} tok/s   ttft {r['ttft_s'] * 1000:.1f} ms")
