@@ -116,12 +116,14 @@ class Runtime:
     """A loaded packed model: ``forward(ids, pos) -> logits`` with its own KV cache."""
 
     def __init__(self, folder: str | Path, sparse: bool | None = None,
-                 activation_scheme: str | None = None):
+                 activation_scheme: str | None = None, sparse_min_zeros: int = 65):
         """``sparse``: skip the weight reads of zero activations when decoding (ReLU² down_proj
         inputs and up_proj rows, a4.8's top-K o_proj inputs; bit-identical results, extra RAM for
         transposed copies of those projections, see ``sparse_bytes``). None = on where the model
         has such sparsity (ReLU² or a4.8) and the layout is i2. ``activation_scheme``: run "a8" or
-        "a4.8" activations instead of the trained one (warns: a quality cost)."""
+        "a4.8" activations instead of the trained one (warns: a quality cost).
+        ``sparse_min_zeros``: percent of zero inputs from which a decode step reads columns
+        sparsely (below it the dense kernel is faster; 0 forces the sparse kernels)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -218,7 +220,8 @@ class Runtime:
                                relu2=int(self.relu2), inner=int(inner), eps=eps,
                                kv_bits=self.kv_bits, act_scheme=int(scheme == "a4.8"),
                                topk_keep=cfg.topk_keep,
-                               skip_up=int(self.sparse and self.relu2))
+                               skip_up=int(self.sparse and self.relu2),
+                               sparse_min_zeros=int(sparse_min_zeros))
             transposed = []
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale

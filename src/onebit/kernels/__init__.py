@@ -54,7 +54,8 @@ class Layer(ctypes.Structure):
                 ("layout", ctypes.c_int32), ("relu2", ctypes.c_int32), ("inner", ctypes.c_int32),
                 ("eps", ctypes.c_float), ("kv_bits", ctypes.c_int32), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
                 ("norm", ctypes.c_void_p * 7), ("act_scheme", ctypes.c_int32),
-                ("topk_keep", ctypes.c_double), ("wt", ctypes.c_void_p * 7), ("skip_up", ctypes.c_int32)]
+                ("topk_keep", ctypes.c_double), ("wt", ctypes.c_void_p * 7), ("skip_up", ctypes.c_int32),
+                ("sparse_min_zeros", ctypes.c_int32)]
 
 
 def _find_library() -> Path:
