@@ -102,7 +102,10 @@ class BitLinear(nn.Linear):
         codes, xs = quant.int4_absmean(x32) if self.act == "int4" else quant.int8_absmax(x32)
         wc, ws = quant.ternary_absmean(self.weight)
         acc = F.linear(codes.float(), wc.float())          # exact: integer sums below 2^24
-        return ((acc * ws) * xs).to(x.dtype)
+        out = (acc * ws) * xs
+        if self.bias is not None:                           # nn.Linear's bias, full precision
+            out = out + self.bias.float()
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, norm={self.norm is not None}, "
