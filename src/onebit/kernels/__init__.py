@@ -293,29 +293,6 @@ def _codes(x_codes, k: int) -> tuple[np.ndarray, int]:
 # Kernels
 # ---------------------------------------------------------------------------------------------
 
-def quantize_act_i8(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
-    """Per-token absmax INT8 of float32 x [m, k], optionally after RMSNorm with ``norm_weight`` [k].
-
-    Returns (codes int8 [m, k], scale float32 [m]) with x ≈ codes * scale[:, None]; without norm
-    the codes equal ``quant.int8_absmax`` bit for bit. Raises TypeError/ValueError on bad input
-    (including NaN/inf).
-    """
-    x = _array(x, "x", np.float32, (2,))
-    ldx = _rows(x, "x")
-    m, k = x.shape
-    nw = None
-    if norm_weight is not None:
-        nw = _vector(norm_weight, "norm_weight", np.float32, k)
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"eps={eps!r} must be a finite number >= 0")
-    codes = np.empty((m, k), dtype=np.int8)
-    scale = np.empty(m, dtype=np.float32)
-    st = _lib().ob_quantize_act_i8(x.ctypes.data, m, k, ldx, None if nw is None else nw.ctypes.data,
-                                   float(eps), codes.ctypes.data, scale.ctypes.data)
-    _check_status(st, "quantize_act_i8")
-    return codes, scale
-
-
 def _quantize_args(x, norm_weight, eps):
     x = _array(x, "x", np.float32, (2,))
     ldx = _rows(x, "x")
@@ -326,6 +303,22 @@ def _quantize_args(x, norm_weight, eps):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps={eps!r} must be a finite number >= 0")
     return x, ldx, m, k, nw
+
+
+def quantize_act_i8(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token absmax INT8 of float32 x [m, k], optionally after RMSNorm with ``norm_weight`` [k].
+
+    Returns (codes int8 [m, k], scale float32 [m]) with x ≈ codes * scale[:, None]; without norm
+    the codes equal ``quant.int8_absmax`` bit for bit. Raises TypeError/ValueError on bad input
+    (including NaN/inf).
+    """
+    x, ldx, m, k, nw = _quantize_args(x, norm_weight, eps)
+    codes = np.empty((m, k), dtype=np.int8)
+    scale = np.empty(m, dtype=np.float32)
+    st = _lib().ob_quantize_act_i8(x.ctypes.data, m, k, ldx, None if nw is None else nw.ctypes.data,
+                                   float(eps), codes.ctypes.data, scale.ctypes.data)
+    _check_status(st, "quantize_act_i8")
+    return codes, scale
 
 
 def quantize_act_i4(x, norm_weight=None, eps: float = 1e-5) -> tuple[np.ndarray, np.ndarray]:

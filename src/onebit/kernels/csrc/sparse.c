@@ -183,10 +183,18 @@ typedef struct {
     int simd;
 } cs_job_t;
 
+/* Task t of nt gets [*i0, *i1) of n items; returns 0 when its share is empty. */
+static int share(int64_t n, int t, int nt, int64_t *i0, int64_t *i1) {
+    int64_t per = (n + nt - 1) / nt;
+    *i0 = t * per;
+    *i1 = *i0 + per < n ? *i0 + per : n;
+    return *i0 < *i1;
+}
+
 static void cs_task(void *ctx, int t, int nt) {
     cs_job_t *J = (cs_job_t *)ctx;
-    int64_t per = (J->nb + nt - 1) / nt, b0 = t * per, b1 = b0 + per < J->nb ? b0 + per : J->nb;
-    if (b0 >= b1) return;
+    int64_t b0, b1;
+    if (!share(J->nb, t, nt, &b0, &b1)) return;
 #ifdef OB_HAVE_X86
     if (J->simd) {
         ob_avx2_colsparse_i2(J->a, b0, b1);
@@ -258,8 +266,8 @@ typedef struct {
 
 static void rows_task(void *ctx, int t, int nt) {
     rows_job_t *J = (rows_job_t *)ctx;
-    int64_t per = (J->nrows + nt - 1) / nt, i0 = t * per, i1 = i0 + per < J->nrows ? i0 + per : J->nrows;
-    if (i0 >= i1) return;
+    int64_t i0, i1;
+    if (!share(J->nrows, t, nt, &i0, &i1)) return;
 #ifdef OB_HAVE_X86
     if (J->simd) {
         ob_avx2_rows(J->a, i0, i1);
