@@ -1,5 +1,6 @@
 """Warm-up fine-tuning: quantize_model on tiny transformers models (built offline from configs) and on
-onebit's CausalLM, the λ schedules, `onebit finetune` (resume, distillation, export) and bad input."""
+onebit's CausalLM, the λ schedules, `onebit finetune` (resume, distillation, export; from llama2.c,
+Qwen2 and Phi-3 folders; under torchrun) and bad input."""
 
 from __future__ import annotations
 

@@ -301,7 +301,7 @@ def _hf_config(folder: Path, raw: dict) -> ModelConfig:
                                                      raw.get("partial_rotary_factor", 1.0)))}
     ours = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
             "rope_type": "default", "partial_rotary_factor": 1.0}
-    bad = [f"{k}={found[k]!r}" for k in ours if found[k] != ours[k]]
+    bad = [f"{k}={found[k]!r:.60}" for k in ours if found[k] != ours[k]]  # rope_scaling lists can be long
     if bad:
         raise ValueError(f"'{folder}': {', '.join(bad)} of this {mt} model cannot be reproduced by onebit's "
                          f"decoder (silu, q/k/v biases only, plain full RoPE); use onebit.quantize_model "
