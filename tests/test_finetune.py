@@ -269,15 +269,15 @@ def word_tokenizer(path: Path, n: int = 64) -> None:
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(n)}, unk_token="w0")).save(str(path))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_hf_folder_maps_onto_causal_lm(kind, tmp_path):
-    ref = hf_folder(tmp_path / "hf", kind)
+@pytest.mark.parametrize("kind, tied", [(k, False) for k in KINDS] + [("qwen2", True)])
+def test_hf_folder_maps_onto_causal_lm(kind, tied, tmp_path):
+    ref = hf_folder(tmp_path / "hf", kind, tie_word_embeddings=tied)
     with pytest.raises(ValueError, match="no tokenizer"):
         load_source(tmp_path / "hf")
     word_tokenizer(tmp_path / "hf" / "tokenizer.json")
     model, tok_json, src_kind = load_source(tmp_path / "hf")
     assert src_kind == "hf" and model.config.norm_placement == "pre" and model.config.linear == "fp"
-    assert model.config.qkv_bias == (kind == "qwen2")
+    assert model.config.qkv_bias == (kind == "qwen2") and model.config.tie_word_embeddings == tied
     torch.testing.assert_close(model(IDS)[0], logits_of(ref), rtol=1e-5, atol=1e-5)
 
 

@@ -297,8 +297,8 @@ def _hf_config(folder: Path, raw: dict) -> ModelConfig:
              "mlp_bias": bool(raw.get("mlp_bias")),
              "rope_scaling": raw.get("rope_scaling") or None,
              "rope_type": rope.get("rope_type", "default"),
-             "partial_rotary_factor": float(rope.get("partial_rotary_factor",
-                                                     raw.get("partial_rotary_factor", 1.0)))}
+             "partial_rotary_factor": rope.get("partial_rotary_factor",
+                                               raw.get("partial_rotary_factor", 1.0))}
     ours = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
             "rope_type": "default", "partial_rotary_factor": 1.0}
     bad = [f"{k}={found[k]!r:.60}" for k in ours if found[k] != ours[k]]  # rope_scaling lists can be long
@@ -310,7 +310,7 @@ def _hf_config(folder: Path, raw: dict) -> ModelConfig:
     window = raw.get("sliding_window")
     if mt == "qwen2" and not raw.get("use_sliding_window", False):
         window = None
-    if isinstance(window, int) and 0 < window < context:
+    if isinstance(window, int) and isinstance(context, int) and 0 < window < context:
         context = window
     return ModelConfig(
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
