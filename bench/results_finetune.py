@@ -48,7 +48,7 @@ LABELS = {"fp": "fp model (no fine-tuning)", "ptq": "naive PTQ (ternarize, no tr
 EVAL_TOKENS = 16384
 THREADS = 1
 SEED0 = 1337  # the trainer's default seed; seed i of --seeds N is SEED0 + i
-LR_COMPARE = {"stories260K": 1e-4}  # start -> an lr compared with the start's own, for λ linear
+LR_COMPARE = {"stories260K": 1e-4, "gutenberg-fp-twin": 1e-4}  # start -> an lr compared with its own (λ linear)
 
 
 def starts(twin: Path) -> dict[str, dict]:
@@ -57,11 +57,11 @@ def starts(twin: Path) -> dict[str, dict]:
             source=str(SHARED / "models" / "stories260K" / "stories260K.bin"),
             data={"paths": [str(SHARED / "tinystories" / "tinystories_valid_head.txt")],
                   "val_fraction": 0.1, "seq_len": 128},
-            steps=120, lambda_steps=30, batch_size=8, lr=1e-3),
+            steps=240, lambda_steps=60, batch_size=8, lr=1e-3),
         "gutenberg-fp-twin": dict(
             source=str(twin),
             data={"paths": [str(SHARED / "gutenberg")], "val_fraction": 0.1, "seq_len": 128},
-            steps=80, lambda_steps=20, batch_size=4, lr=1e-3),
+            steps=160, lambda_steps=40, batch_size=4, lr=1e-3),
     }
 
 
@@ -218,13 +218,13 @@ def plot(results: dict, png: Path) -> None:
     for ax, (sname, res) in zip(axes[0], results.items()):
         for v, pts in curves(sname, res["seeds"]).items():
             xs, ys = zip(*pts)
-            k = 3  # moving average over 3 logged points (30 steps)
+            k = 10  # moving average over 10 logged steps
             sm = [statistics.fmean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
             ax.plot([x / 1e3 for x in xs], sm, label=LABELS[v], lw=1.3)
         for v, style in (("fp", "k--"), ("ptq", "r:")):
             ax.axhline(res["val_loss"][v]["mean"], color=style[0], ls=style[1:], lw=1,
                        label=LABELS[v] + " (val)")
-        ax.set_title(f"{sname}: train loss, mean of {len(res['seeds'])} seeds")
+        ax.set_title(f"{sname}: train loss (mean of {len(res['seeds'])} seeds, 10-step average)")
         ax.set_xlabel("fine-tuning tokens (thousands)")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -235,7 +235,8 @@ def plot(results: dict, png: Path) -> None:
 
 
 def cell(s: dict) -> str:
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+    """mean ± std, or the value alone when every seed gave the same number (nothing seeded)."""
+    return f"{s['mean']:.3f}" if len(set(s["runs"])) == 1 else f"{s['mean']:.3f} ± {s['std']:.3f}"
 
 
 def beyond_spread(a: dict, b: dict) -> bool:
@@ -253,10 +254,12 @@ def report(doc: dict) -> str:
         cells = []
         for n in names:
             s = results[n]["val_loss"][v]
-            cells += [cell(s) if len(s["runs"]) > 1 else f"{s['mean']:.3f}", f"{math.exp(s['mean']):.2f}"]
+            cells += [cell(s), f"{math.exp(s['mean']):.2f}"]
         lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample standard deviation over the seeds (fp: one deterministic evaluation); "
-              "ppl = e^mean."]
+    lines += ["", "Mean ± sample standard deviation over the seeds; ppl = e^mean. A value without ± was "
+              "the same for every seed: the fp evaluation, and PTQ where the conversion adds no norm to "
+              "calibrate (the SubLN fp twin; stories260K is a pre-norm Llama whose new sub-norms are "
+              "calibrated on the seed's first training batch)."]
     setup = []
     for n, r in results.items():
         setup.append(f"- **{n}**: {r['steps']} steps × {r['batch_size']}×{r['seq_len']} tokens = "
@@ -310,6 +313,13 @@ def findings(results: dict) -> list[str]:
         else:
             sched = (f"not resolved: {LABELS[best]} has the lowest mean ({cell(v[best])}) but linear "
                      f"({cell(lin)}) is within the seed spread of it")
+        warm = min(("lambda_linear", "lambda_exponential", "lambda_sigmoid"), key=m.get)
+        if beyond_spread(v[warm], v["qat_no_warmup"]):
+            warm_s = "helps" if m[warm] < m["qat_no_warmup"] else "hurts"
+        else:
+            warm_s = "no difference beyond the seed spread"
+        sched += (f"; warm-up at all ({LABELS[warm]}, {cell(v[warm])}) vs none ({cell(v['qat_no_warmup'])}): "
+                  f"{warm_s}")
         ft = min(VARIANTS, key=m.get)
         if beyond_spread(v[ft], v["scratch"]):
             scratch = "agrees: fine-tuning wins" if m[ft] < m["scratch"] else "differs: scratch wins"
@@ -330,7 +340,14 @@ def findings(results: dict) -> list[str]:
             (lo, a), (hi, b) = sorted(r["lr_compare"].items(), key=lambda kv: float(kv[0]))
             if beyond_spread(a, b):
                 better = lo if a["mean"] < b["mean"] else hi
-                line += f" lr {better} beats the other ({cell(a)} at {lo} vs {cell(b)} at {hi}) at this budget."
+                line += f" lr {better} beats the other ({cell(a)} at {lo} vs {cell(b)} at {hi}) at this budget"
+                alt = r["lr_compare"][f"{LR_COMPARE[n]:g}"]
+                if float(better) == LR_COMPARE[n]:  # the table's own lr is the worse one here
+                    rel = ("within the seed spread of" if not beyond_spread(alt, v[ft]) else
+                           "better than" if alt["mean"] < m[ft] else "worse than")
+                    line += (f", so this table's rows are at the worse lr: λ linear at lr {better} alone is "
+                             f"{rel} the table's best row ({LABELS[ft]}, {cell(v[ft])})")
+                line += "."
             else:
                 line += f" lr {lo} vs {hi}: no difference beyond the seed spread."
         out.append(line)
