@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, _choice
-from .nn import BitLinear, RMSNorm
+from .nn import BitLinear
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "LAMBDA_SCHEDULES", "FinetuneConfig", "quantize_model",
            "lambda_at", "load_source", "load_quantized_pretrained", "finetune", "distill_loss"]
