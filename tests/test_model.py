@@ -157,6 +157,8 @@ GRID = [dict(linear=lin, norm_placement=np_, tie_word_embeddings=tie, hidden_act
                                                     (True, False), ("relu2", "silu"))]
 GRID += [dict(linear="bitnet", norm_placement=np_, tie_word_embeddings=tie, hidden_act="relu2",
               activation_scheme="a4.8") for np_, tie in itertools.product(("subln", "inner"), (True, False))]
+GRID += [dict(linear=lin, norm_placement="subln", tie_word_embeddings=True, hidden_act="silu", qkv_bias=True)
+         for lin in ("bitnet", "fp")]  # a fine-tuned Qwen2
 
 
 def _cfg_id(kw):

@@ -178,6 +178,12 @@ def test_resume_with_other_config_is_refused(corpus, tmp_path):
         train(load_run_config(None, tiny_args(corpus, out, cache, "--model.num_hidden_layers=3")), resume=True)
     with pytest.raises(ConfigError, match="no checkpoint"):
         train(load_run_config(None, tiny_args(corpus, tmp_path / "empty", cache)), resume=True)
+    # a checkpoint written before a ModelConfig field existed (here qkv_bias) resumes with its default
+    cfg_file = ckpt.latest_checkpoint(out / "checkpoints") / "config.json"
+    raw = json.loads(cfg_file.read_text())
+    del raw["model"]["qkv_bias"]
+    cfg_file.write_text(json.dumps(raw))
+    assert train(load_run_config(None, tiny_args(corpus, out, cache, "--train.steps=6")), resume=True)["step"] == 6
 
 
 def test_corrupt_and_mismatched_checkpoints(corpus, tmp_path):

@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
     f = sub.add_parser("finetune", help="fine-tune a full-precision model to 1.58 bits (λ warm-up)",
-                       description="Convert --from (a transformers Llama/Mistral folder, an onebit run or "
-                                   "checkpoint, or a llama2.c .bin) to BitNet b1.58 and fine-tune it with "
+                       description="Convert --from (a transformers Llama/Mistral/Qwen2/Phi-3 folder, an onebit "
+                                   "run or checkpoint, or a llama2.c .bin) to BitNet b1.58 and fine-tune it with "
                                    "the λ warm-up of the HF blog (default: linear over 1000 steps, lr 1e-4), "
                                    "with every option of `onebit train` as --section.key=value, e.g. "
                                    "--data.paths=DIR --train.steps=2000 --finetune.lambda_schedule=sigmoid "
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "found beside the source)")
     f.add_argument("--config", default=None, help="TOML file ([data], [train], [finetune] tables)")
     f.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
-    f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine")
+    f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine "
+                                                                 "(not for Qwen2: no bias tensors)")
     f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
 
     def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:

@@ -8,8 +8,12 @@ Library API:
   onebit ``CausalLM`` (its fp twin becomes the BitNet model; a plain pre-norm Llama becomes the 2B4T
   SubLN layout, which normalises every BitLinear input once and which the engine runs).
 - ``lambda_at(step, cfg)``: the λ warm-up schedules (linear, exponential, sigmoid, none).
-- ``load_source(path)``: an fp model to start from (HF Llama/Mistral folder, onebit run/checkpoint,
-  llama2.c ``.bin``) as an onebit ``CausalLM`` plus its tokenizer.
+- ``load_source(path)``: an fp model to start from (HF Llama / Mistral / Qwen2 / Phi-3 folder, onebit
+  run/checkpoint, llama2.c ``.bin``) as an onebit ``CausalLM`` plus its tokenizer. Phi-3's fused
+  qkv_proj / gate_up_proj are split into q/k/v and gate/up, so the fine-tuned model has one ternary
+  scale per projection (the layout the engine runs; ``quantize_model`` on the transformers model
+  keeps one scale per fused matrix). Qwen2's q/k/v biases stay full precision (``qkv_bias``), and
+  such a model cannot be packed for the engine (no bias tensors): ``--export`` refuses it.
 - ``finetune(run_config)``: the foundation trainer (``train.train``) run from that source with the
   λ schedule and optional distillation from the frozen fp teacher (``FinetuneConfig``).
 
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError, ModelConfig, _choice
-from .nn import BitLinear, RMSNorm
+from .nn import BitLinear
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "LAMBDA_SCHEDULES", "FinetuneConfig", "quantize_model",
            "lambda_at", "load_source", "load_quantized_pretrained", "finetune", "distill_loss"]
@@ -105,22 +109,9 @@ def lambda_at(step: int, fc: FinetuneConfig) -> float:
 # quantize_model
 # ---------------------------------------------------------------------------------------------
 
-class BitLinearBias(BitLinear):
-    """BitLinear plus a full-precision bias added after the ternary product (Qwen2's q/k/v): the
-    bias costs one vector per projection and the engine-free transformers path keeps it exact."""
-
-    def __init__(self, in_features: int, out_features: int, **kw: Any):
-        super().__init__(in_features, out_features, **kw)
-        self.bias = nn.Parameter(torch.zeros(out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.bias
-
-
 def _bitlinear_from(lin: nn.Linear, *, lam: float, norm: bool, eps: float) -> BitLinear:
-    cls = BitLinearBias if lin.bias is not None else BitLinear
-    new = cls(lin.in_features, lin.out_features, norm=norm, norm_eps=eps, weight_quant=True,
-              act="int8", lam=lam)
+    new = BitLinear(lin.in_features, lin.out_features, norm=norm, norm_eps=eps, weight_quant=True,
+                    act="int8", lam=lam, bias=lin.bias is not None)
     new.to(device=lin.weight.device, dtype=lin.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(lin.weight)
@@ -280,36 +271,83 @@ def load_quantized_pretrained(folder: str | os.PathLike, lam: float = 1.0):
 # Sources: HF folder, onebit run, llama2.c file -> (fp CausalLM, tokenizer.json text)
 # ---------------------------------------------------------------------------------------------
 
-HF_TO_ONEBIT = ("llama", "mistral")  # architectures that map onto CausalLM key for key
+HF_TO_ONEBIT = ("llama", "mistral", "qwen2", "phi3")  # transformers folders `onebit finetune` reads
+_HF_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _hf_config(folder: Path, raw: dict) -> ModelConfig:
+    """onebit's fp ``CausalLM`` config for a transformers Llama / Mistral / Qwen2 / Phi-3 config.json.
+
+    Qwen2's q/k/v biases become ``qkv_bias``; Phi-3's fused projections are split by ``_load_hf``.
+    A sliding window shorter than the context becomes the context (attention is full below it, so
+    the model is exact on every length it accepts). Anything onebit's decoder cannot reproduce
+    (other activations, o_proj/MLP biases, scaled or partial RoPE) is refused, naming the field."""
     mt = raw.get("model_type")
     if mt not in HF_TO_ONEBIT:
         raise ValueError(f"'{folder}': model_type={mt!r} cannot be fine-tuned by `onebit finetune`; "
-                         f"supported sources: transformers {', '.join(HF_TO_ONEBIT)} folders, onebit "
-                         f"runs and llama2.c .bin files (for Qwen2/Phi-3 use onebit.quantize_model on "
-                         f"the transformers model)")
-    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias") \
-            or raw.get("rope_scaling"):
-        raise ValueError(f"'{folder}': hidden_act/attention_bias/mlp_bias/rope_scaling of this model are "
-                         f"not onebit's (silu, no biases, plain RoPE); use onebit.quantize_model on the "
-                         f"transformers model instead")
-    rope = raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+                         f"supported sources: transformers {', '.join(HF_TO_ONEBIT)} folders "
+                         f"({', '.join(SUPPORTED_ARCHITECTURES[m][0] for m in HF_TO_ONEBIT)}), onebit "
+                         f"runs and llama2.c .bin files")
+    missing = [k for k in _HF_REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"'{folder}/config.json' lacks {missing}: not a complete transformers {mt} config")
+    rope = raw.get("rope_parameters") or {}
+    found = {"hidden_act": raw.get("hidden_act", "silu"),
+             "attention_bias": bool(raw.get("attention_bias")),  # Llama's flag: o_proj too
+             "mlp_bias": bool(raw.get("mlp_bias")),
+             "rope_scaling": raw.get("rope_scaling") or None,
+             "rope_type": rope.get("rope_type", "default"),
+             "partial_rotary_factor": rope.get("partial_rotary_factor",
+                                               raw.get("partial_rotary_factor", 1.0))}
+    ours = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_scaling": None,
+            "rope_type": "default", "partial_rotary_factor": 1.0}
+    bad = [f"{k}={found[k]!r:.60}" for k in ours if found[k] != ours[k]]  # rope_scaling lists can be long
+    if bad:
+        raise ValueError(f"'{folder}': {', '.join(bad)} of this {mt} model cannot be reproduced by onebit's "
+                         f"decoder (silu, q/k/v biases only, plain full RoPE); use onebit.quantize_model "
+                         f"on the transformers model instead")
+    context = raw.get("max_position_embeddings", 2048)
+    window = raw.get("sliding_window")
+    if mt == "qwen2" and not raw.get("use_sliding_window", False):
+        window = None
+    if isinstance(window, int) and isinstance(context, int) and 0 < window < context:
+        context = window
     return ModelConfig(
         vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
         intermediate_size=raw["intermediate_size"], num_hidden_layers=raw["num_hidden_layers"],
         num_attention_heads=raw["num_attention_heads"], num_key_value_heads=raw.get("num_key_value_heads"),
-        head_dim=raw.get("head_dim"), hidden_act="silu",
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)), rope_theta=float(rope),
+        head_dim=raw.get("head_dim"), hidden_act="silu", max_position_embeddings=context,
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(raw.get("rope_theta", rope.get("rope_theta", 10000.0))),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        bos_token_id=int(raw.get("bos_token_id") or 0), eos_token_id=_first_id(raw.get("eos_token_id")),
-        linear="fp", norm_placement="pre")
+        bos_token_id=_token_id(raw.get("bos_token_id"), raw["vocab_size"]),
+        eos_token_id=_token_id(raw.get("eos_token_id"), raw["vocab_size"]),
+        linear="fp", norm_placement="pre", qkv_bias=mt == "qwen2")
 
 
-def _first_id(v) -> int:
-    return int(v[0] if isinstance(v, list) else (v or 0))
+def _token_id(v, vocab: int) -> int:
+    """config.json's bos/eos id (the first of a list), 0 when absent or outside the vocabulary: only
+    metadata here, the trainer takes both from the tokenizer."""
+    v = v[0] if isinstance(v, list) and v else v
+    return v if isinstance(v, int) and 0 <= v < vocab else 0
+
+
+def _split_fused(state: dict[str, torch.Tensor], cfg: ModelConfig, folder: Path) -> None:
+    """Phi-3's fused projections in ``state`` -> onebit's, in place, split as Phi3Attention and
+    Phi3MLP do: qkv_proj [(H + 2 Hkv)·hd, D] rows = q | k | v; gate_up_proj [2F, D] rows = gate | up."""
+    hd = cfg.resolved_head_dim
+    q, kv, f = cfg.num_attention_heads * hd, cfg.kv_heads * hd, cfg.intermediate_size
+    for i in range(cfg.num_hidden_layers):
+        for fused, parts, sizes in ((f"model.layers.{i}.self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"),
+                                     (q, kv, kv)),
+                                    (f"model.layers.{i}.mlp.gate_up_proj", ("gate_proj", "up_proj"), (f, f))):
+            w = state.pop(fused + ".weight", None)
+            if w is None or w.dim() != 2 or w.shape[0] != sum(sizes):
+                raise ValueError(f"'{folder}': Phi-3 tensor {fused}.weight must have {sum(sizes)} rows "
+                                 f"({'+'.join(map(str, sizes))}), got {None if w is None else tuple(w.shape)}")
+            prefix = fused.rsplit(".", 1)[0]
+            for name, part in zip(parts, w.split(sizes)):
+                state[f"{prefix}.{name}.weight"] = part.contiguous()
 
 
 def _load_hf(folder: Path, raw: dict):
@@ -326,13 +364,20 @@ def _load_hf(folder: Path, raw: dict):
     for f in files:
         state.update(load_file(str(f)))
     state = {k: v.float() for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if raw["model_type"] == "phi3":
+        _split_fused(state, cfg, folder)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     model = CausalLM(cfg)
     expected = model.state_dict()
     bad = sorted(set(expected) ^ set(state))
     if bad:
-        raise ValueError(f"'{folder}': tensor names do not map onto onebit's Llama ({bad[:4]}...)")
+        raise ValueError(f"'{folder}': tensor names do not map onto onebit's {raw['model_type']} "
+                         f"({bad[:4]}...)")
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(v.shape)})" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise ValueError(f"'{folder}': tensor shapes do not match config.json: {wrong[:3]}")
     model.load_state_dict(state, strict=True)
     return model
 
@@ -449,6 +494,10 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
                           f"would never reach 1 and the result would not be ternary; lower lambda_steps "
                           f"or raise steps")
     mc, tok_json = student_config(fc)
+    if export is not None and mc.qkv_bias:  # refuse before training, not after
+        raise ConfigError(f"--export {export}: the source '{fc.source}' has q/k/v biases (Qwen2), which the "
+                          f"packed format and the engine cannot hold (no bias tensors); fine-tune without "
+                          f"--export and run the result with PyTorch (onebit generate / eval on the run folder)")
     out = Path(rc.train.out_dir)
     tok_file = out / "source_tokenizer.json"
     if not tok_file.is_file() or tok_file.read_text(encoding="utf-8") != tok_json:

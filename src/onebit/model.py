@@ -30,11 +30,12 @@ ACT_SCHEMES = {
 def make_linear(cfg: ModelConfig, role: str, in_f: int, out_f: int) -> BitLinear:
     """The builder: a ternary BitLinear, or the fp twin's plain linear, for projection ``role``."""
     inner_norm = cfg.norm_placement == "inner"
+    bias = cfg.qkv_bias and role in ("q", "k", "v")
     if cfg.linear == "fp":
         return BitLinear(in_f, out_f, norm=inner_norm, norm_eps=cfg.rms_norm_eps,
-                         weight_quant=False, act=None)
+                         weight_quant=False, act=None, bias=bias)
     return BitLinear(in_f, out_f, norm=inner_norm, norm_eps=cfg.rms_norm_eps, weight_quant=True,
-                     act=ACT_SCHEMES[cfg.activation_scheme][role], keep=cfg.topk_keep)
+                     act=ACT_SCHEMES[cfg.activation_scheme][role], keep=cfg.topk_keep, bias=bias)
 
 
 class KVCache(nn.Module):
@@ -158,12 +159,15 @@ class CausalLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) weights; residual outputs (o/down) scaled by 1/sqrt(2L)."""
+        """Normal(0, initializer_range) weights; residual outputs (o/down) scaled by 1/sqrt(2L);
+        biases 0."""
         std = self.config.initializer_range
         resid_std = std / math.sqrt(2 * self.config.num_hidden_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, 0.0, resid_std)
             else:

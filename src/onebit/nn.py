@@ -1,9 +1,9 @@
 """Layers: RMSNorm, rotary embeddings and BitLinear (BITNET.md §1-3).
 
-``BitLinear`` is an ``nn.Linear`` (no bias) whose forward fake-quantizes the weight to ternary and
-the input activation per token (INT8 now; INT4, or top-K then INT8, for a4.8), with the
-straight-through estimator. Built with ``weight_quant=False, act=None`` it is exactly a
-(optionally normalised) full-precision linear: that is how a model becomes its own fp twin while
+``BitLinear`` is an ``nn.Linear`` (bias optional, kept in full precision) whose forward
+fake-quantizes the weight to ternary and the input activation per token (INT8 now; INT4, or top-K
+then INT8, for a4.8), with the straight-through estimator. Built with
+``weight_quant=False, act=None`` it is exactly a (optionally normalised) full-precision linear: that is how a model becomes its own fp twin while
 keeping the same parameter names.
 """
 
@@ -46,13 +46,14 @@ class BitLinear(nn.Linear):
         act: ``"int8"`` (absmax per token), ``"int4"`` (absmean per token), ``"topk_int8"``
             (keep the top ``keep`` fraction by |x| per token, then INT8) or ``None`` (fp input).
         lam: blend λ in [0, 1] of quantization (1 = fully quantized), set by warm-up fine-tuning.
+        bias: add a full-precision bias after the ternary product (Qwen2's q/k/v projections).
     Shapes: input ``[..., in_features]`` → output ``[..., out_features]``.
     """
 
     def __init__(self, in_features: int, out_features: int, *, norm: bool = False,
                  norm_eps: float = 1e-5, weight_quant: bool = True, act: str | None = "int8",
-                 keep: float = 0.5, lam: float = 1.0):
-        super().__init__(in_features, out_features, bias=False)
+                 keep: float = 0.5, lam: float = 1.0, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
         if act not in ACT_MODES:
             raise ValueError(f"act={act!r} is not a BitLinear activation mode: use one of {ACT_MODES}")
         if not 0.0 < float(keep) <= 1.0:
@@ -89,7 +90,7 @@ class BitLinear(nn.Linear):
             return self._integer_forward(x)
         x = self.quantize_input(x)
         w = quant.fake_ternary(self.weight, self._lam) if self.weight_quant else self.weight
-        return F.linear(x, w)
+        return F.linear(x, w, self.bias)
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference without gradients: the integer dot products of the codes, then the two scales
@@ -109,7 +110,8 @@ class BitLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return (f"{self.in_features}, {self.out_features}, norm={self.norm is not None}, "
-                f"weight_quant={self.weight_quant}, act={self.act}, lam={self._lam}")
+                f"weight_quant={self.weight_quant}, act={self.act}, lam={self._lam}, "
+                f"bias={self.bias is not None}")
 
 
 def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -368,7 +368,14 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         dist.barrier()
     if not d.main:
         data = prepare_data(rc.data)
-    mc = rc.model.replace(vocab_size=data.vocab_size,
+    vocab = data.vocab_size
+    if rc.finetune.source is not None:  # a pretrained embedding may have spare rows (Qwen2, Phi-3 pad theirs)
+        if data.vocab_size > rc.model.vocab_size:
+            raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but the fine-tuning source "
+                              f"'{rc.finetune.source}' has {rc.model.vocab_size} embedding rows; use the "
+                              f"source's own tokenizer (--tokenizer)")
+        vocab = rc.model.vocab_size
+    mc = rc.model.replace(vocab_size=vocab,
                           bos_token_id=data.bos_id if data.bos_id is not None else 0,
                           eos_token_id=data.eos_id if data.eos_id is not None else 0)
     if rc.data.seq_len > mc.max_position_embeddings:
@@ -377,8 +384,9 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     rc = dataclasses.replace(rc, model=mc)
     if existing is not None:
         saved = ckpt.read_config(existing)
-        if saved["model"] != mc.to_dict():
-            diff = sorted(k for k in mc.to_dict() if saved["model"].get(k) != mc.to_dict()[k])
+        saved_model = ModelConfig.from_dict(saved["model"]).to_dict()  # fields added since: defaults
+        if saved_model != mc.to_dict():
+            diff = sorted(k for k in mc.to_dict() if saved_model.get(k) != mc.to_dict()[k])
             raise ConfigError(f"cannot resume: checkpoint '{existing}' was trained with a different "
                               f"model config (fields {diff}); resume with the same [model] settings")
 
