@@ -3,8 +3,8 @@
 ``BitLinear`` is an ``nn.Linear`` (bias optional, kept in full precision) whose forward
 fake-quantizes the weight to ternary and the input activation per token (INT8 now; INT4, or top-K
 then INT8, for a4.8), with the straight-through estimator. Built with
-``weight_quant=False, act=None`` it is exactly a (optionally normalised) full-precision linear: that is how a model becomes its own fp twin while
-keeping the same parameter names.
+``weight_quant=False, act=None`` it is exactly a (optionally normalised) full-precision linear:
+that is how a model becomes its own fp twin while keeping the same parameter names.
 """
 
 from __future__ import annotations
