@@ -97,8 +97,9 @@ int ob_neon_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 
 /* Sparse decode (sparse.c drivers, x86.c SIMD). colsparse: acc[b*128 + o] = sum over i < nnz of
  * val[i] * code(wt row idx[i], output b*128 + o) for blocks [b0, b1) (raw codes c = w + 1: the
- * driver subtracts sum(val)); nnz is even. rows: acc[rows[i]] = dot(w row rows[i], x) for list
+ * driver subtracts sum(val)); nnz is a multiple of OB_CS_PAD (padded with zero values). rows: acc[rows[i]] = dot(w row rows[i], x) for list
  * positions [i0, i1), x zero-padded to kp, xsum its sum. Weights validated by the caller. */
+#define OB_CS_PAD 8
 typedef struct {
     const uint8_t *wt;
     int64_t rbt;         /* bytes per wt row */

@@ -210,8 +210,8 @@ int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t
     if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K || n > OB_MAX_K) return OB_ERR_SIZE;
     if (ldx < k) return OB_ERR_STRIDE;
     int64_t rbt = ob_packed_row_bytes(n, OB_LAYOUT_I2), nb = rbt / OB_BLOCK_BYTES;
-    int32_t *idx = (int32_t *)malloc((size_t)(k + 2) * sizeof(int32_t));
-    int8_t *val = (int8_t *)malloc((size_t)(k + 2));
+    int32_t *idx = (int32_t *)malloc((size_t)(k + OB_CS_PAD) * sizeof(int32_t));
+    int8_t *val = (int8_t *)malloc((size_t)(k + OB_CS_PAD));
     int32_t *acc = (int32_t *)malloc((size_t)(nb * OB_I2_BLOCK) * sizeof(int32_t));
     if (!idx || !val || !acc) {
         free(idx);
@@ -224,13 +224,13 @@ int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t
         const int8_t *xr = x + r * ldx;
         int64_t nnz = 0;
         int32_t xsum = 0;
-        for (int64_t e = 0; e < k; e++)
-            if (xr[e]) {
-                idx[nnz] = (int32_t)e;
-                val[nnz++] = xr[e];
-                xsum += xr[e];
-            }
-        if (nnz & 1) { /* whole pairs for the SIMD kernel: a zero partner reads row 0 harmlessly */
+        for (int64_t e = 0; e < k; e++) { /* branch-free: zeros sit at random places */
+            idx[nnz] = (int32_t)e;
+            val[nnz] = xr[e];
+            nnz += xr[e] != 0;
+            xsum += xr[e];
+        }
+        while (nnz % OB_CS_PAD) { /* whole groups for the SIMD kernel: zero values read row 0 */
             idx[nnz] = 0;
             val[nnz++] = 0;
         }

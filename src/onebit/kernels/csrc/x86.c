@@ -466,59 +466,71 @@ AVX2 void ob_avx2_rows(const ob_rows_args *a, int64_t i0, int64_t i1) {
     }
 }
 
-/* Column-sparse i2 over a transposed copy: two nonzero inputs (wt rows k1, k2) at a time. Their
- * 32-byte blocks are byte-interleaved (unpacklo/hi), so each 16-bit word holds (k1's byte, k2's
- * byte) of one output position; a 16-bit shift by 2j and the 0x03 byte mask give both codes of
- * lane j at once, and vpmaddubsw with the broadcast pair (x1, x2) adds c1*x1 + c2*x2 per output.
- * Pairs outer, blocks inner: each pair's rows are read as one contiguous span (the thread's
- * blocks), prefetched a few pairs ahead, while the int16 sums of the span (8 vectors per block,
- * <= 4 KiB per thread for 2B4T) stay in L1. int16 holds up to 63 pairs (|.| <= 63*2*2*128 <
- * 2^15), then they are widened into acc. unpacklo holds byte positions 0-7 | 16-23, unpackhi
+/* Column-sparse i2 over a transposed copy: nonzero inputs (wt rows) two at a time, CS_G pairs per
+ * pass over the sums. A pair's 32-byte blocks are byte-interleaved (unpacklo/hi), so each 16-bit
+ * word holds (k1's byte, k2's byte) of one output position; a 16-bit shift by 2j and the 0x03 byte
+ * mask give both codes of lane j at once, and vpmaddubsw with the broadcast pair (x1, x2) adds
+ * c1*x1 + c2*x2 per output. The int16 sums of the thread's blocks (8 vectors per block, <= 8 KiB)
+ * live in L1; each pass loads a block's 8 sums once, adds the CS_G pairs' products in registers
+ * and stores them once (one pair per pass was bound by those stores: 18 cycles per pair and block
+ * vs ~12 now). The rows of the group CS_PF groups ahead are prefetched one line per two blocks,
+ * spread over the pass (a burst of whole rows at once was ~15% slower, cold). int16 holds up to
+ * 63 pairs (|.| <= 63*2*2*128 < 2^15), then they are widened into acc. nnz is a multiple of
+ * OB_CS_PAD = 2*CS_G (the driver pads with zero values). unpacklo holds byte positions 0-7 | 16-23, unpackhi
  * 8-15 | 24-31 (per 128-bit lane). */
-#define CS_FLUSH 63
+#define CS_G (OB_CS_PAD / 2) /* pairs per pass */
 #ifndef CS_PF
-#define CS_PF 4      /* pairs ahead to prefetch */
+#define CS_PF 2      /* groups ahead to prefetch */
 #endif
 #ifndef CS_HINT
 #define CS_HINT _MM_HINT_T0
 #endif
-#define CS_CHUNK 16  /* blocks per pass (16 x 256 B of int16 sums = 4 KiB) */
+#define CS_CHUNK 32  /* blocks per pass (32 x 256 B of int16 sums = 8 KiB) */
+#define CS_LANE(v, sh) _mm256_and_si256(_mm256_srli_epi16(v, sh), m3)
 AVX2 void ob_avx2_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b1) {
     const __m256i m3 = _mm256_set1_epi8(3);
-    int64_t npair = a->nnz / 2, rbt = a->rbt;
+    int64_t ngroup = a->nnz / (2 * CS_G), per_flush = 63 / CS_G, rbt = a->rbt;
     _Alignas(32) __m256i s16[CS_CHUNK * 8];
     for (int64_t c0 = b0; c0 < b1; c0 += CS_CHUNK) {
         int64_t c1 = c0 + CS_CHUNK < b1 ? c0 + CS_CHUNK : b1, nbk = c1 - c0;
         const uint8_t *base = a->wt + c0 * OB_BLOCK_BYTES;
         memset(a->acc + c0 * OB_I2_BLOCK, 0, (size_t)(nbk * OB_I2_BLOCK) * sizeof(int32_t));
-        for (int64_t p0 = 0; p0 < npair; p0 += CS_FLUSH) {
-            int64_t p1 = p0 + CS_FLUSH < npair ? p0 + CS_FLUSH : npair;
+        for (int64_t g0 = 0; g0 < ngroup; g0 += per_flush) {
+            int64_t g1 = g0 + per_flush < ngroup ? g0 + per_flush : ngroup;
             memset(s16, 0, (size_t)nbk * 8 * sizeof(__m256i));
-            for (int64_t p = p0; p < p1; p++) {
-                if (p + CS_PF < npair) {
-                    const char *f1 = (const char *)(base + (int64_t)a->idx[2 * (p + CS_PF)] * rbt);
-                    const char *f2 = (const char *)(base + (int64_t)a->idx[2 * (p + CS_PF) + 1] * rbt);
-                    for (int64_t off = 0; off < nbk * OB_BLOCK_BYTES; off += 64) {
-                        _mm_prefetch(f1 + off, CS_HINT);
-                        _mm_prefetch(f2 + off, CS_HINT);
-                    }
+            for (int64_t g = g0; g < g1; g++) {
+                const int32_t *ix = a->idx + 2 * CS_G * g;
+                const int8_t *xv = a->val + 2 * CS_G * g;
+                const int32_t *fx = a->idx + 2 * CS_G * (g + CS_PF < ngroup ? g + CS_PF : ngroup - 1);
+                const uint8_t *r[2 * CS_G];
+                const char *f[2 * CS_G];
+                __m256i bx[CS_G];
+                for (int i = 0; i < 2 * CS_G; i++) {
+                    r[i] = base + (int64_t)ix[i] * rbt;
+                    f[i] = (const char *)(base + (int64_t)fx[i] * rbt);
                 }
-                const uint8_t *r1 = base + (int64_t)a->idx[2 * p] * rbt, *r2 = base + (int64_t)a->idx[2 * p + 1] * rbt;
-                __m256i bx = _mm256_set1_epi16((int16_t)(uint16_t)((uint8_t)a->val[2 * p] |
-                                                                   ((uint16_t)(uint8_t)a->val[2 * p + 1] << 8)));
+                for (int i = 0; i < CS_G; i++)
+                    bx[i] = _mm256_set1_epi16((int16_t)(uint16_t)((uint8_t)xv[2 * i] |
+                                                                  ((uint16_t)(uint8_t)xv[2 * i + 1] << 8)));
                 for (int64_t b = 0; b < nbk; b++) {
-                    __m256i v1 = _mm256_loadu_si256((const __m256i *)(r1 + b * OB_BLOCK_BYTES));
-                    __m256i v2 = _mm256_loadu_si256((const __m256i *)(r2 + b * OB_BLOCK_BYTES));
-                    __m256i lo = _mm256_unpacklo_epi8(v1, v2), hi = _mm256_unpackhi_epi8(v1, v2);
+                    if (!(b & 1))
+                        for (int i = 0; i < 2 * CS_G; i++) _mm_prefetch(f[i] + b * OB_BLOCK_BYTES, CS_HINT);
                     __m256i *s = s16 + b * 8;
-                    s[0] = _mm256_add_epi16(s[0], _mm256_maddubs_epi16(_mm256_and_si256(lo, m3), bx));
-                    s[1] = _mm256_add_epi16(s[1], _mm256_maddubs_epi16(_mm256_and_si256(hi, m3), bx));
-                    s[2] = _mm256_add_epi16(s[2], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 2), m3), bx));
-                    s[3] = _mm256_add_epi16(s[3], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 2), m3), bx));
-                    s[4] = _mm256_add_epi16(s[4], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 4), m3), bx));
-                    s[5] = _mm256_add_epi16(s[5], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 4), m3), bx));
-                    s[6] = _mm256_add_epi16(s[6], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(lo, 6), m3), bx));
-                    s[7] = _mm256_add_epi16(s[7], _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(hi, 6), m3), bx));
+                    __m256i s0 = s[0], s1 = s[1], s2 = s[2], s3 = s[3], s4 = s[4], s5 = s[5], s6 = s[6], s7 = s[7];
+                    for (int i = 0; i < CS_G; i++) {
+                        __m256i v1 = _mm256_loadu_si256((const __m256i *)(r[2 * i] + b * OB_BLOCK_BYTES));
+                        __m256i v2 = _mm256_loadu_si256((const __m256i *)(r[2 * i + 1] + b * OB_BLOCK_BYTES));
+                        __m256i lo = _mm256_unpacklo_epi8(v1, v2), hi = _mm256_unpackhi_epi8(v1, v2);
+                        s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(lo, m3), bx[i]));
+                        s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(hi, m3), bx[i]));
+                        s2 = _mm256_add_epi16(s2, _mm256_maddubs_epi16(CS_LANE(lo, 2), bx[i]));
+                        s3 = _mm256_add_epi16(s3, _mm256_maddubs_epi16(CS_LANE(hi, 2), bx[i]));
+                        s4 = _mm256_add_epi16(s4, _mm256_maddubs_epi16(CS_LANE(lo, 4), bx[i]));
+                        s5 = _mm256_add_epi16(s5, _mm256_maddubs_epi16(CS_LANE(hi, 4), bx[i]));
+                        s6 = _mm256_add_epi16(s6, _mm256_maddubs_epi16(CS_LANE(lo, 6), bx[i]));
+                        s7 = _mm256_add_epi16(s7, _mm256_maddubs_epi16(CS_LANE(hi, 6), bx[i]));
+                    }
+                    s[0] = s0, s[1] = s1, s[2] = s2, s[3] = s3, s[4] = s4, s[5] = s5, s[6] = s6, s[7] = s7;
                 }
             }
             for (int64_t b = 0; b < nbk; b++)
@@ -537,6 +549,7 @@ AVX2 void ob_avx2_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b
         }
     }
 }
+#undef CS_LANE
 
 /* ---- int8 x int8 (8-bit LM head) -------------------------------------------------------------
  * vpmaddubsw(|w|, sign(x, w)) = w*x pair sums (|.| <= 2*127*127 < 2^15: x is never -128), then
