@@ -165,7 +165,8 @@ static inline AVX2 int32_t hsum_avx2(__m256i v) {
  * [-32768, 32512] — both int16. */
 #define DEFINE_GEMV2_I2(NAME, CHECK, PF)                                                           \
 INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int8_t *x,             \
-                      int32_t xsum, int32_t *out, int32_t *out1, __m256i *bad) {                   \
+                      int32_t xsum, int32_t *out, int32_t *out1, __m256i *bad,                     \
+                      const char *p0, const char *p1) {                                            \
     const __m256i m3 = _mm256_set1_epi8(3), mc = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1); \
     int64_t nblk = rb / OB_BLOCK_BYTES;                                                            \
     __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, bd = *bad;                                 \
@@ -173,9 +174,12 @@ INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int
         int64_t b1 = b0 + FLUSH < nblk ? b0 + FLUSH : nblk;                                        \
         __m256i a0 = _mm256_setzero_si256(), q0 = a0, a1 = a0, q1 = a0;                            \
         for (int64_t b = b0; b < b1; b++) {                                                        \
-            if (PF && (b & 1) == 0) {                                                              \
+            if (PF > 0 && (b & 1) == 0) {                                                          \
                 _mm_prefetch((const char *)(w + b * OB_BLOCK_BYTES) + PF, OB_PF_HINT);             \
                 _mm_prefetch((const char *)(w1 + b * OB_BLOCK_BYTES) + PF, OB_PF_HINT);            \
+            } else if (PF < 0 && (b & 1) == 0) { /* other rows' same line (row lists) */           \
+                _mm_prefetch(p0 + b * OB_BLOCK_BYTES, OB_PF_HINT);                                 \
+                _mm_prefetch(p1 + b * OB_BLOCK_BYTES, OB_PF_HINT);                                 \
             }                                                                                      \
             const int8_t *xb = x + b * OB_I2_BLOCK;                                                \
             __m256i x0 = _mm256_load_si256((const __m256i *)xb);                                   \
@@ -207,12 +211,12 @@ INLINE AVX2 void NAME(const uint8_t *w, const uint8_t *w1, int64_t rb, const int
 
 DEFINE_GEMV2_I2(gemv2_i2_avx2_chk, 1, OB_PREFETCH)
 DEFINE_GEMV2_I2(gemv2_i2_avx2_nochk, 0, OB_PREFETCH)
-DEFINE_GEMV2_I2(gemv2_i2_avx2_nopf, 0, 0) /* row lists: the next rows are not the next bytes */
+DEFINE_GEMV2_I2(gemv2_i2_avx2_list, 0, -1) /* row lists: prefetches rows p0, p1 line by line */
 
 /* checked unless the caller vouched for the weights (ob_linear_i2_unchecked) */
 #define gemv2_i2_avx2(w, w1, rb, x, xsum, out, out1, bad)                                        \
-    (a->check ? gemv2_i2_avx2_chk(w, w1, rb, x, xsum, out, out1, bad)                             \
-              : gemv2_i2_avx2_nochk(w, w1, rb, x, xsum, out, out1, bad))
+    (a->check ? gemv2_i2_avx2_chk(w, w1, rb, x, xsum, out, out1, bad, NULL, NULL)                 \
+              : gemv2_i2_avx2_nochk(w, w1, rb, x, xsum, out, out1, bad, NULL, NULL))
 
 /* ---- panel GEMM ------------------------------------------------------------------------------ */
 
@@ -436,26 +440,29 @@ DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, gemv2_t16_vnni, panel_t
 
 /* ---- sparse decode (sparse.c) -----------------------------------------------------------------
  * Row list: the GEMV's two-stream pairing over the listed rows (positions p and p + half). */
-#define ROWS_PF 2 /* pairs ahead whose rows are prefetched whole */
+#ifndef ROWS_PF
+#define ROWS_PF 2 /* pairs ahead whose rows are prefetched */
+#endif
 AVX2 void ob_avx2_rows(const ob_rows_args *a, int64_t i0, int64_t i1) {
     __m256i bad = _mm256_setzero_si256();
     int64_t half = (i1 - i0) / 2;
     for (int64_t p = 0; p < half; p++) {
         int64_t j = a->rows[i0 + p], jb = a->rows[i0 + half + p];
-        if (p + ROWS_PF < half) {
-            const char *r0 = (const char *)(a->w + a->rows[i0 + p + ROWS_PF] * a->rb);
-            const char *r1 = (const char *)(a->w + a->rows[i0 + half + p + ROWS_PF] * a->rb);
-            for (int64_t off = 0; off < a->rb; off += 64) {
-                _mm_prefetch(r0 + off, _MM_HINT_T0);
-                _mm_prefetch(r1 + off, _MM_HINT_T0);
-            }
-        }
-        if (a->layout == OB_LAYOUT_I2)
-            gemv2_i2_avx2_nopf(a->w + j * a->rb, a->w + jb * a->rb, a->rb, a->xp, a->xsum,
-                                a->acc + j, a->acc + jb, &bad);
-        else
+        int64_t q = p + ROWS_PF < half ? p + ROWS_PF : half - 1;
+        const char *r0 = (const char *)(a->w + a->rows[i0 + q] * a->rb);
+        const char *r1 = (const char *)(a->w + a->rows[i0 + half + q] * a->rb);
+        if (a->layout == OB_LAYOUT_I2) { /* i2: the prefetches spread over the pair's blocks */
+            gemv2_i2_avx2_list(a->w + j * a->rb, a->w + jb * a->rb, a->rb, a->xp, a->xsum,
+                               a->acc + j, a->acc + jb, &bad, r0, r1);
+        } else {
+            if (q > p)
+                for (int64_t off = 0; off < a->rb; off += 64) {
+                    _mm_prefetch(r0 + off, _MM_HINT_T0);
+                    _mm_prefetch(r1 + off, _MM_HINT_T0);
+                }
             gemv2_t16_avx2(a->w + j * a->rb, a->w + jb * a->rb, a->rb, a->xp, a->xsum, a->acc + j,
                            a->acc + jb, &bad);
+        }
     }
     if ((i1 - i0) & 1) {
         int64_t j = a->rows[i1 - 1];
