@@ -209,6 +209,18 @@ def test_sparse_decode_is_bit_identical_to_dense(tmp_path, tokenizer, cfg_kw):  
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("cfg_kw,copies", [(dict(norm_placement="subln", hidden_act="relu2"), False),
+                                           (A48, True)])
+def test_sparse_default_costs_memory_only_for_a48(tmp_path, tokenizer, cfg_kw, copies):  # noqa: F811
+    """Default (sparse=None): ReLU² models skip up_proj rows (no extra RAM); the transposed
+    column-sparse copies are built only for a4.8 activations, or when asked for."""
+    _, folder = make_packed(tmp_path, tokenizer, small_config(**cfg_kw))
+    rt = Runtime(folder)
+    assert rt.sparse and (rt.sparse_bytes > 0) == copies
+    assert Runtime(folder, sparse=True).sparse_bytes > 0
+    assert Runtime(folder, sparse=False).sparse_bytes == 0
+
+
 def test_sparse_batched_decode_equals_one_by_one(tmp_path, tokenizer):  # noqa: F811
     import onebit
 

@@ -149,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=os.path.join(".cache", "onebit", "bench-models"))
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--sparse", choices=["auto", "on", "off"], default="auto",
-                    help="sparse decoding (skip weight reads of zero activations); auto: on for "
-                         "ReLU² / a4.8 models with i2 weights")
+                    help="sparse decoding (skip weight reads of zero activations); auto: up_proj "
+                         "row skipping for ReLU² models, column-sparse o/down (extra RAM) only for "
+                         "a4.8 activations; on: everything (i2 weights only)")
     ap.add_argument("--activation-scheme", choices=["a8", "a4.8"], default=None,
                     help="run these activations instead of the model's own (warns: quality cost)")
     args = ap.parse_args(argv)

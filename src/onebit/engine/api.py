@@ -261,7 +261,8 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     """Load a model for torch-free inference: an onebit packed folder (``onebit export``), or a
     Hugging Face checkpoint folder / GGUF file, converted once (and checked) into the onebit
     cache (formats.convert.cached_import). ``sparse`` / ``activation_scheme``: see ``Runtime``
-    (default: sparse decoding where the model has ReLU² or a4.8 sparsity; the trained scheme)."""
+    (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8; the trained
+    scheme)."""
     folder = Path(path)
     if folder.is_file() or (folder / "config.json").is_file():
         from ..formats.convert import cached_import, detect_format

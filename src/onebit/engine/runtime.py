@@ -117,10 +117,12 @@ class Runtime:
 
     def __init__(self, folder: str | Path, sparse: bool | None = None,
                  activation_scheme: str | None = None, sparse_min_zeros: int = 65):
-        """``sparse``: skip the weight reads of zero activations when decoding (ReLU² down_proj
-        inputs and up_proj rows, a4.8's top-K o_proj inputs; bit-identical results, extra RAM for
-        transposed copies of those projections, see ``sparse_bytes``). None = on where the model
-        has such sparsity (ReLU² or a4.8) and the layout is i2. ``activation_scheme``: run "a8" or
+        """``sparse``: skip the weight reads of zero activations when decoding (bit-identical
+        results). True: up_proj rows whose ReLU² gate is 0, and the columns of zero down_proj
+        inputs (ReLU²) and o_proj inputs (a4.8 top-K), which needs transposed copies of those
+        projections in RAM (``sparse_bytes``: +133 MB on 2B4T). None (default): up_proj row
+        skipping on ReLU² models (no extra memory), plus the column-sparse copies only for a4.8
+        activations; False: off. i2 layout only. ``activation_scheme``: run "a8" or
         "a4.8" activations instead of the trained one (warns: a quality cost).
         ``sparse_min_zeros``: percent of zero inputs from which a decode step reads columns
         sparsely (below it the dense kernel is faster; 0 forces the sparse kernels)."""
@@ -196,16 +198,16 @@ class Runtime:
                 L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
                 L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight" if sub else None)
             self.layers.append(L)
-        relu2_sparse = self.relu2 and self.packed["layout"] == "i2"
-        if sparse is None:
-            sparse = relu2_sparse or (scheme == "a4.8" and self.packed["layout"] == "i2")
         if sparse and self.packed["layout"] != "i2":
             raise EngineError(f"sparse decoding needs the i2 layout; '{folder}' is "
                               f"{self.packed['layout']}: re-export with --layout i2 or pass sparse=False")
-        self.sparse = bool(sparse)
+        i2 = self.packed["layout"] == "i2"
+        # column-sparse copies cost RAM; by default only where a4.8 makes sparsity certain
+        columns = bool(sparse) or (sparse is None and i2 and scheme == "a4.8")
+        self.sparse = bool(sparse) or (sparse is None and i2 and (self.relu2 or scheme == "a4.8"))
         # projections read column-sparse (transposed copies): down after ReLU², o after top-K
         sparse_roles = set()
-        if self.sparse:
+        if columns:
             if self.relu2:
                 sparse_roles.add("mlp.down_proj")
             if scheme == "a4.8":
