@@ -7,15 +7,18 @@ post-training ternarization (PTQ), QAT without warm-up, λ linear / exponential 
 distillation, and a b1.58 model of the same shape trained from scratch on the same tokens. Every
 trained cell, and PTQ (its norm calibration batch is drawn from the seed), is repeated over
 ``--seeds`` training seeds (data order, calibration batch, from-scratch init) and reported as
-mean ± std; the findings count a difference only where it exceeds the seed spread. A second table
-compares lr 1e-4 (the blog's, and `onebit finetune`'s default) with the main table's lr for λ linear.
+mean ± std; the findings count a difference only where it exceeds the seed spread. Each starting
+point has its own lr for the main table (`starts()`: the better of the two compared) and a second lr
+that a side table compares it with for λ linear (1e-4 is the blog's lr and `onebit finetune`'s
+default).
 
-    .venv/bin/python bench/results_finetune.py [--twin runs/gutenberg-fp-lr3e-3] [--seeds 3] [--report]
+    .venv/bin/python bench/results_finetune.py [--twin runs/gutenberg-fp-lr3e-3] [--seeds 3] [--runs runs] [--report]
 
-writes runs/results_finetune/*, docs/results_finetune.json, docs/finetune.png and the
-results_finetune section of docs/results.md. A finished run under runs/ is reused when its run
+writes <runs>/results_finetune/*, docs/results_finetune.json, docs/finetune.png and the
+results_finetune section of docs/results.md. A finished run under <runs> is reused when its run
 config matches (so an interrupted regeneration continues where it stopped); a stale one stops the
-script, naming the folder.
+script, naming the folder. A run's folder is named by its variant, plus `_lr<lr>` unless its lr is
+1e-3 (`run_dir`), so runs at another lr never land in, or are taken from, another lr's folder.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ LABELS = {"fp": "fp model (no fine-tuning)", "ptq": "naive PTQ (ternarize, no tr
 EVAL_TOKENS = 16384
 THREADS = 1
 SEED0 = 1337  # the trainer's default seed; seed i of --seeds N is SEED0 + i
-LR_COMPARE = {"stories260K": 1e-4, "gutenberg-fp-twin": 1e-4}  # start -> an lr compared with its own (λ linear)
+RUNS = ROOT / "runs"  # --runs: the root of the run folders (the cache of finished runs)
+PLAIN_LR = 1e-3  # a run at this lr has its variant's name alone as folder name (see run_dir)
 
 
 def starts(twin: Path) -> dict[str, dict]:
@@ -57,12 +61,18 @@ def starts(twin: Path) -> dict[str, dict]:
             source=str(SHARED / "models" / "stories260K" / "stories260K.bin"),
             data={"paths": [str(SHARED / "tinystories" / "tinystories_valid_head.txt")],
                   "val_fraction": 0.1, "seq_len": 128},
-            steps=240, lambda_steps=60, batch_size=8, lr=1e-3),
+            steps=240, lambda_steps=60, batch_size=8, lr=1e-3, lr_compare=1e-4),
         "gutenberg-fp-twin": dict(
             source=str(twin),
             data={"paths": [str(SHARED / "gutenberg")], "val_fraction": 0.1, "seq_len": 128},
-            steps=160, lambda_steps=40, batch_size=4, lr=1e-3),
+            steps=160, lambda_steps=40, batch_size=4, lr=1e-4, lr_compare=1e-3),
     }
+
+
+def run_dir(sdir: Path, vname: str, lr: float) -> Path:
+    """The folder of variant ``vname`` trained at ``lr`` under a seed's folder: the variant's name at
+    lr 1e-3 (the lr every run had when this script began), ``<variant>_lr<lr>`` at any other."""
+    return sdir / (vname if lr == PLAIN_LR else f"{vname}_lr{lr:g}")
 
 
 def run_config(start: dict, out: Path, finetune: dict | None, seed: int, lr: float | None = None):
@@ -78,8 +88,9 @@ def run_config(start: dict, out: Path, finetune: dict | None, seed: int, lr: flo
 
 
 def _comparable(cfg: dict) -> dict:
-    """The parts of a run config that decide its result (not threads, paths of the cache, ...)."""
-    t = {k: v for k, v in cfg["train"].items() if k not in ("threads", "progress")}
+    """The parts of a run config that decide its result (not threads, paths of the cache, the run's
+    own folder, ...)."""
+    t = {k: v for k, v in cfg["train"].items() if k not in ("threads", "progress", "out_dir")}
     d = {k: cfg["data"][k] for k in ("paths", "seq_len", "val_fraction")}
     return {"train": t, "data": d, "finetune": cfg["finetune"]}
 
@@ -148,7 +159,7 @@ def run_start(sname: str, start: dict, seeds: list[int]) -> dict:
 
     from onebit.finetune import student_config
 
-    base = ROOT / "runs" / "results_finetune" / sname
+    base = RUNS / "results_finetune" / sname
     base.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     r = eval_source(start, base, seeds)
@@ -159,7 +170,8 @@ def run_start(sname: str, start: dict, seeds: list[int]) -> dict:
     for seed in seeds:
         sdir = base / f"seed{seed}"
         for vname, fo in VARIANTS.items():
-            sm = run_once(sdir / vname, run_config(start, sdir / vname, fo, seed))
+            out = run_dir(sdir, vname, start["lr"])
+            sm = run_once(out, run_config(start, out, fo, seed))
             runs[vname].append(sm["val_loss"])
             train_s += sm["tokens_seen"] / sm["tok_s"]
             print(f"{sname} seed {seed} {vname}: val loss {sm['val_loss']:.4f}", flush=True)
@@ -174,9 +186,9 @@ def run_start(sname: str, start: dict, seeds: list[int]) -> dict:
         sm = run_once(out, rc, scratch=True)
         runs["scratch"].append(sm["val_loss"])
         train_s += sm["tokens_seen"] / sm["tok_s"]
-        if sname in LR_COMPARE:
-            lr = LR_COMPARE[sname]
-            out = sdir / f"lambda_linear_lr{lr:g}"
+        if start.get("lr_compare") is not None:
+            lr = start["lr_compare"]
+            out = run_dir(sdir, "lambda_linear", lr)
             sm = run_once(out, run_config(start, out, VARIANTS["lambda_linear"], seed, lr=lr))
             lr_runs.append(sm["val_loss"])
             train_s += sm["tokens_seen"] / sm["tok_s"]
@@ -188,18 +200,20 @@ def run_start(sname: str, start: dict, seeds: list[int]) -> dict:
            "batch_size": start["batch_size"], "seq_len": start["data"]["seq_len"],
            "source": start["source"], "minutes": (eval_s + train_s) / 60}
     if lr_runs:
-        res["lr_compare"] = {f"{LR_COMPARE[sname]:g}": stats(lr_runs),
+        res["lr_compare"] = {f"{start['lr_compare']:g}": stats(lr_runs),
                              f"{start['lr']:g}": res["val_loss"]["lambda_linear"]}
     return res
 
 
-def curves(sname: str, seeds: list[int]) -> dict[str, list[tuple[int, float]]]:
-    """Per variant: the training loss at each logged step, averaged over the seeds."""
+def curves(sname: str, seeds: list[int], lr: float) -> dict[str, list[tuple[int, float]]]:
+    """Per variant: the training loss at each logged step (of the runs at the main table's ``lr``),
+    averaged over the seeds."""
     out = {}
     for v in [*VARIANTS, "scratch"]:
         per_seed = []
         for seed in seeds:
-            f = ROOT / "runs" / "results_finetune" / sname / f"seed{seed}" / v / "log.jsonl"
+            sdir = RUNS / "results_finetune" / sname / f"seed{seed}"
+            f = (sdir / "scratch" if v == "scratch" else run_dir(sdir, v, lr)) / "log.jsonl"
             if f.is_file():
                 per_seed.append([json.loads(line) for line in f.read_text().splitlines() if line.strip()])
         if per_seed:
@@ -216,7 +230,7 @@ def plot(results: dict, png: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5), squeeze=False)
     for ax, (sname, res) in zip(axes[0], results.items()):
-        for v, pts in curves(sname, res["seeds"]).items():
+        for v, pts in curves(sname, res["seeds"], res["lr"]).items():
             xs, ys = zip(*pts)
             k = 10  # moving average over 10 logged steps
             sm = [statistics.fmean(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
@@ -224,7 +238,8 @@ def plot(results: dict, png: Path) -> None:
         for v, style in (("fp", "k--"), ("ptq", "r:")):
             ax.axhline(res["val_loss"][v]["mean"], color=style[0], ls=style[1:], lw=1,
                        label=LABELS[v] + " (val)")
-        ax.set_title(f"{sname}: train loss (mean of {len(res['seeds'])} seeds, 10-step average)")
+        ax.set_title(f"{sname}: train loss at lr {res['lr']:g} (mean of {len(res['seeds'])} seeds, "
+                     f"10-step average)", fontsize=10)
         ax.set_xlabel("fine-tuning tokens (thousands)")
         ax.set_ylabel("cross-entropy (nats/token)")
         ax.set_ylim(top=min(8.0, ax.get_ylim()[1]))
@@ -264,7 +279,7 @@ def report(doc: dict) -> str:
     for n, r in results.items():
         setup.append(f"- **{n}**: {r['steps']} steps × {r['batch_size']}×{r['seq_len']} tokens = "
                      f"{r['train_tokens']:,} fine-tuning tokens for every trained row; λ reaches 1 at step "
-                     f"{r['lambda_steps']}; lr {r['lr']:g} constant after 5 warm-up steps (from scratch: "
+                     f"{r['lambda_steps']}; lr {r['lr']:g}{_lr_note(r)} constant after 5 warm-up steps (from scratch: "
                      f"the trainer's b1.58 recipe, lr 1.5e-3 two-stage); seeds {', '.join(map(str, r['seeds']))}; "
                      f"validation on {r['val_tokens']:,} held-out tokens; {r['minutes']:.1f} min of training + "
                      f"evaluation (one thread, niced, on 2 cores shared with other jobs).")
@@ -273,14 +288,28 @@ def report(doc: dict) -> str:
         if "lr_compare" not in r:
             continue
         if not lr_tab:
-            lr_tab = ["", "λ linear at the blog's lr 1e-4 (`onebit finetune`'s default) and at the lr of the "
-                      "table above, same budget and seeds:", "",
+            lr_tab = ["", "λ linear at the lr of the table above (marked) and at a second lr, same budget "
+                      "and seeds (1e-4 is the blog's lr and `onebit finetune`'s default):", "",
                       "| start | lr | val loss | ppl |", "|---|---:|---:|---:|"]
         for lr, s in sorted(r["lr_compare"].items(), key=lambda kv: float(kv[0])):
-            lr_tab.append(f"| {n} | {float(lr):g} | {cell(s)} | {math.exp(s['mean']):.2f} |")
+            mark = " (table above)" if float(lr) == r["lr"] else ""
+            lr_tab.append(f"| {n} | {float(lr):g}{mark} | {cell(s)} | {math.exp(s['mean']):.2f} |")
     wall = (f"Regenerated with `{doc['command']}` in {doc['wall_minutes']:.0f} min of wall time "
             f"(runs found finished under runs/ are reused; the per-start minutes above count them all).")
     return "\n".join(lines + [""] + setup + lr_tab + [""] + findings(results) + ["", wall])
+
+
+def _lr_note(r: dict) -> str:
+    """How the table's lr compares with the other lr tried for λ linear (computed, for the setup line)."""
+    if "lr_compare" not in r:
+        return ""
+    table, other = r["lr_compare"][f"{r['lr']:g}"], next(
+        (lr, s) for lr, s in r["lr_compare"].items() if float(lr) != r["lr"])
+    if not beyond_spread(table, other[1]):
+        rel = "no different, beyond the seed spread, from"
+    else:
+        rel = "better than" if table["mean"] < other[1]["mean"] else "worse than"
+    return f" (for λ linear {rel} lr {float(other[0]):g}, table below)"
 
 
 def findings(results: dict) -> list[str]:
@@ -341,8 +370,10 @@ def findings(results: dict) -> list[str]:
             if beyond_spread(a, b):
                 better = lo if a["mean"] < b["mean"] else hi
                 line += f" lr {better} beats the other ({cell(a)} at {lo} vs {cell(b)} at {hi}) at this budget"
-                alt = r["lr_compare"][f"{LR_COMPARE[n]:g}"]
-                if float(better) == LR_COMPARE[n]:  # the table's own lr is the worse one here
+                alt = r["lr_compare"][better]
+                if float(better) == r["lr"]:
+                    line += ", and it is the lr of this table's rows"
+                else:  # the table's own lr is the worse one here
                     rel = ("within the seed spread of" if not beyond_spread(alt, v[ft]) else
                            "better than" if alt["mean"] < m[ft] else "worse than")
                     line += (f", so this table's rows are at the worse lr: λ linear at lr {better} alone is "
@@ -354,6 +385,22 @@ def findings(results: dict) -> list[str]:
     return out
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command line as a user types it from the repo root: ``--runs`` left out, and a path under
+    the runs root written as ``runs/...`` (the same runs when the root is this checkout's runs/)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a == "--runs" or a.startswith("--runs="):
+            skip = a == "--runs"
+            continue
+        p = Path(a.split("=", 1)[-1]) if a.startswith("--") and "=" in a else Path(a)
+        if p.is_absolute() and p.resolve().is_relative_to(RUNS):
+            rel = "runs/" + p.resolve().relative_to(RUNS).as_posix()
+            a = f"{a.split('=', 1)[0]}={rel}" if a.startswith("--") and "=" in a else rel
+        out.append(a)
+    return " ".join(["python bench/results_finetune.py", *out])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--twin", default="runs/gutenberg-fp-lr3e-3",
@@ -363,11 +410,16 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="starting points to run (default: both)")
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per cell (default 3)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", default=None,
+                    help="root of the run folders, where finished runs are reused from (default: runs/ of this "
+                         "checkout)")
     args = ap.parse_args()
     if args.seeds < 1:
         ap.error(f"--seeds={args.seeds} must be >= 1")
-    global THREADS
+    global THREADS, RUNS
     THREADS = args.threads
+    if args.runs is not None:
+        RUNS = Path(args.runs).resolve()
     js = ROOT / "docs" / "results_finetune.json"
     t0 = time.time()
     if args.report:
@@ -375,7 +427,7 @@ def main() -> None:
         if "starts" not in doc:
             sys.exit(f"'{js}' is from the one-seed version of this script: regenerate it (without --report)")
     else:
-        twin = Path(args.twin)
+        twin = Path(args.twin).resolve()
         if not (twin / "model" / "model.safetensors").is_file() and not (twin / "model.safetensors").is_file():
             sys.exit(f"fp twin '{twin}' not found: train it first (see --help) or pass --twin")
         old = json.loads(js.read_text()) if js.is_file() else {}
@@ -384,7 +436,7 @@ def main() -> None:
         for sname, start in starts(twin).items():
             if not args.only or sname in args.only:
                 doc["starts"][sname] = run_start(sname, start, seeds)
-        doc["command"] = "python bench/results_finetune.py " + " ".join(sys.argv[1:])
+        doc["command"] = shown_command(sys.argv[1:])
         doc["wall_minutes"] = (time.time() - t0) / 60
         js.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc["starts"], ROOT / "docs" / "finetune.png")
