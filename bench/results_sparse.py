@@ -115,6 +115,11 @@ def kernel_times(threads: int, reps: int, sp: dict, min_zeros: float) -> dict:
         x = codes(k, z)
         calls[f"{proj} column-sparse ({role}: {z:.0%} zeros)"] = (
             lambda d, proj=proj, n=n, x=x: kernels.linear_colsparse_i2(d[proj][1], n, 1.0, x, xs))
+    for z in (0.5, 0.65):  # the break-even region, for sparse_min_zeros
+        n, k = SHAPES_2B4T["down"]
+        x = codes(k, z)
+        calls[f"down column-sparse ({z:.0%} zeros)"] = (
+            lambda d, n=n, x=x: kernels.linear_colsparse_i2(d["down"][1], n, 1.0, x, xs))
     for role in ("b158", "a48"):
         skipped = sp[role]["gate_output_zeros"]
         rows = np.sort(rng.permutation(6912)[int(round(skipped * 6912)):])
