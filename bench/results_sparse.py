@@ -89,7 +89,7 @@ def kernel_times(threads: int, reps: int, sp: dict, min_zeros: float) -> dict:
     from onebit.formats.packed_model import quantize_rows_i4
 
     rng = np.random.default_rng(0)
-    copies = 4
+    copies = 8  # consecutive calls read different sets; a set recurs after ~8 calls (> the L3)
     sets = []
     for _ in range(copies):
         d = {}
@@ -104,35 +104,47 @@ def kernel_times(threads: int, reps: int, sp: dict, min_zeros: float) -> dict:
         x[0, rng.permutation(k)[: int(round(zeros * k))]] = 0
         return x
 
+    # the C entry points with every buffer prepared once: the Python wrappers' argument checks
+    # cost 5-30 µs a call, which the engine (whole layers in C) never pays
+    lib = kernels._lib()
     xs = np.ones(1, np.float32)
-    calls = {}  # label -> (fn(weights set) -> None)
+    out = np.empty(VOCAB_2B4T, np.float32)
+    calls = {}  # label -> fn(weights set)
     for name, (n, k) in SHAPES_2B4T.items():
         x = codes(k, 0.0)
-        calls[f"{name} dense"] = lambda d, name=name, k=k, x=x: kernels.linear_unchecked(d[name][0], k, "i2", 1.0, x, xs)
-    for role, key, proj in (("b158", "down", "down"), ("a48", "down", "down"), ("a48", "o", "o")):
+        calls[f"{name} dense"] = lambda d, name=name, n=n, k=k, x=x: lib.ob_linear_i2_unchecked(
+            d[name][0].ctypes.data, n, k, x.ctypes.data, 1, k, 1.0, xs.ctypes.data, out.ctypes.data)
+
+    def colsparse(proj: str, zeros: float):
         n, k = SHAPES_2B4T[proj]
+        x = codes(k, zeros)
+        return lambda d: lib.ob_linear_colsparse_i2(d[proj][1].ctypes.data, n, k, x.ctypes.data, 1, k,
+                                                    1.0, xs.ctypes.data, out.ctypes.data)
+    for role, key, proj in (("b158", "down", "down"), ("a48", "down", "down"), ("a48", "o", "o")):
         z = sp[role]["input_zeros"][key]
-        x = codes(k, z)
-        calls[f"{proj} column-sparse ({role}: {z:.0%} zeros)"] = (
-            lambda d, proj=proj, n=n, x=x: kernels.linear_colsparse_i2(d[proj][1], n, 1.0, x, xs))
+        calls[f"{proj} column-sparse ({role}: {z:.0%} zeros)"] = colsparse(proj, z)
     for z in (0.5, 0.65):  # the break-even region, for sparse_min_zeros
-        n, k = SHAPES_2B4T["down"]
-        x = codes(k, z)
-        calls[f"down column-sparse ({z:.0%} zeros)"] = (
-            lambda d, n=n, x=x: kernels.linear_colsparse_i2(d["down"][1], n, 1.0, x, xs))
+        calls[f"down column-sparse ({z:.0%} zeros)"] = colsparse("down", z)
     for role in ("b158", "a48"):
         skipped = sp[role]["gate_output_zeros"]
-        rows = np.sort(rng.permutation(6912)[int(round(skipped * 6912)):])
+        rows = np.sort(rng.permutation(6912)[int(round(skipped * 6912)):]).astype(np.int64)
         x = codes(2560, 0.0)
         calls[f"up rows ({role}: {skipped:.0%} skipped)"] = (
-            lambda d, rows=rows, x=x: kernels.linear_rows(d["up"][0], 2560, "i2", 1.0, x, 1.0, rows))
+            lambda d, rows=rows, x=x: lib.ob_linear_rows(0, d["up"][0].ctypes.data, 6912, 2560, x.ctypes.data,
+                                                         rows.ctypes.data, rows.size, 1.0, 1.0, out.ctypes.data))
     hx = codes(2560, 0.0)
-    calls["LM head, i4"] = lambda d: kernels.linear_i4(head_q, 2560, head_s, hx, xs)
+    calls["LM head, i4"] = lambda d: lib.ob_linear_i4(head_q.ctypes.data, head_s.ctypes.data, VOCAB_2B4T, 2560,
+                                                      hx.ctypes.data, 1, 2560, xs.ctypes.data, out.ctypes.data)
+    for label, fn in calls.items():  # each entry point once through its checked status
+        if fn(sets[0]) != 0:
+            raise RuntimeError(f"{label}: kernel failed")
     times: dict[str, list[float]] = {label: [] for label in calls}
+    ncall = 0
     with kernels.threads(threads):
-        for r in range(reps):
+        for _ in range(reps):
             for label, fn in calls.items():  # interleaved: drift hits every kernel alike
-                d = sets[(r + len(times[label])) % copies]
+                d = sets[ncall % copies]
+                ncall += 1
                 t0 = time.perf_counter()
                 fn(d)
                 times[label].append(time.perf_counter() - t0)
