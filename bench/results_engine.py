@@ -60,9 +60,11 @@ def section(rows: list[dict], threads: int) -> str:
             f"{r['tg_tok_s']:,.1f} | {r['ttft_s'] * 1000:,.0f} ms | {r['peak_rss_mb']:,.0f} MB | "
             f"{r['bytes_per_token'] / 1e6:,.1f} MB | {r['bw_frac'] * 100:.0f}% of "
             f"{r['read_gb_s']:.1f} GB/s | {goal_s} | {PEERS.get(shape, '—')} |")
-    lines += ["", "The peers' figures are the ones the engine issue measured on this machine type; "
-              "the same-run peer benchmark (PyTorch, llama.cpp through llama-cpp-python) is not "
-              "built yet."]
+    lines += ["", "The peers' figures are the ones the engine issue measured on this machine type "
+              "(at a read bandwidth of ~46 GB/s; this VM's bandwidth moves between ~26 and ~46 GB/s "
+              "from one hour to the next, see the % BW column). Same-run comparisons on the same "
+              "weights: the two Peers sections below (PyTorch: bench/peers.py; llama.cpp: "
+              "bench/peers_llamacpp.py)."]
     return "\n".join(lines)
 
 

@@ -124,8 +124,8 @@ class Runtime:
         skipping on ReLU² models (no extra memory), plus the column-sparse copies only for a4.8
         activations; False: off. i2 layout only. ``activation_scheme``: run "a8" or
         "a4.8" activations instead of the trained one (warns: a quality cost).
-        ``sparse_min_zeros``: percent of zero inputs from which a decode step reads columns
-        sparsely (below it the dense kernel is faster; 0 forces the sparse kernels)."""
+        ``sparse_min_zeros``: percent of zero inputs (or of up_proj rows off) from which a decode
+        step uses the sparse kernels (below it the dense kernel is faster; 0 forces them)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "

@@ -24,9 +24,10 @@ static float sigmoid(float g) {
     return g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
 }
 
-/* The column-sparse kernel pays from ~65% zeros on (measured on 2B4T shapes, cold weights; it
- * reads scattered rows, the dense kernel one stream): with fewer zeros than min_pct percent
- * the dense kernel runs (ob_layer.sparse_min_zeros; 0 = always sparse, for tests). */
+/* The sparse kernels pay from ~65% zeros (column-sparse) or skipped up_proj rows on (2B4T
+ * shapes, cold weights, 2 threads: they read scattered rows, the dense kernel streams): with
+ * fewer than min_pct percent the dense kernel runs (ob_layer.sparse_min_zeros; 0 = always
+ * sparse, for tests). */
 static int mostly_zero(const int8_t *x, int64_t n, int32_t min_pct) {
     int64_t zeros = 0;
     for (int64_t i = 0; i < n; i++) zeros += x[i] == 0;
@@ -136,7 +137,7 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
                 if (gr[j] > 0.0f) rows[n_on++] = j;
                 ur[j] = 0.0f;
             }
-            if (L->sparse_min_zeros && n_on > F * 4 / 5) { /* few rows to skip: dense streams faster */
+            if ((F - n_on) * 100 < F * (int64_t)L->sparse_min_zeros) { /* too few to skip: dense is faster */
                 if ((st = ob_linear_unchecked(lay, L->w[UP], F, D, xc + r * D, 1, D, L->w_scale[UP],
                                               xs + r, ur)))
                     goto done;

@@ -162,9 +162,9 @@ typedef struct {
      * bit-identical to the dense path. */
     const uint8_t *wt[7];
     int32_t skip_up;
-    int32_t sparse_min_zeros; /* percent of zero inputs from which wt[i] is used (dense below;
-                               * 65 is measured break-even); 0: always, and up_proj rows are
-                               * then skipped however few are off (tests) */
+    int32_t sparse_min_zeros; /* percent of zero inputs (or of up_proj rows off) from which
+                               * wt[i] (or the row list) is used, dense below (65: measured
+                               * break-even); 0: always (tests) */
 } ob_layer;
 enum { OB_ACT_A8 = 0, OB_ACT_A4_8 = 1 };
 #define OB_SPARSE_MAX_T 4
