@@ -1,6 +1,7 @@
 /* Public entry points: argument checks, then the variant chosen once by CPU detection
  * (or ONEBIT_KERNELS=<name> / ob_set_isa). The ABI is in onebit_kernels.h. */
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
@@ -104,14 +105,17 @@ int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const 
 
 #define OB_MIN_WORK_PER_THREAD ((int64_t)1 << 17) /* MACs; below this a thread costs more than it saves */
 
+#define OB_MAX_SEG 3 /* weight matrices sharing one input in one job (q/k/v, gate/up) */
+
 typedef struct {
     const ob_variant *v;
-    int layout;
-    ob_gemm_args a;
-    float w_scale;        /* linear only: */
+    int layout, nseg;
+    ob_gemm_args a[OB_MAX_SEG];
+    int64_t start[OB_MAX_SEG + 1]; /* segment s owns virtual columns start[s] .. + a[s].n */
+    float w_scale[OB_MAX_SEG];     /* linear only: */
     const float *x_scale;
-    float *out;
-    int64_t next, chunk; /* output columns handed out chunk by chunk (atomic counter) */
+    float *out[OB_MAX_SEG];
+    int64_t next, chunk; /* virtual columns handed out chunk by chunk (atomic counter) */
     int status[256];
 } job_t;
 
@@ -128,30 +132,42 @@ static int64_t column_chunk(int64_t n, int64_t m, int nt) {
 static void gemm_task(void *ctx, int t, int nt) {
     (void)nt;
     job_t *J = (job_t *)ctx;
-    int64_t n = J->a.n;
     int st = OB_OK;
     for (;;) {
         int64_t j0 = __atomic_fetch_add(&J->next, J->chunk, __ATOMIC_RELAXED);
-        if (j0 >= n) break;
-        int64_t j1 = j0 + J->chunk < n ? j0 + J->chunk : n;
-        int s = J->v->gemm[J->layout](&J->a, j0, j1);
-        if (s != OB_OK) st = s;
-        else if (J->out)
-            for (int64_t r = 0; r < J->a.m; r++) {
-                const int32_t *acc = J->a.acc + r * J->a.ldc;
-                float *o = J->out + r * n, xs = J->x_scale[r];
-                for (int64_t j = j0; j < j1; j++) o[j] = (float)acc[j] * J->w_scale * xs;
-            }
+        if (j0 >= J->start[J->nseg]) break;
+        for (int g = 0; g < J->nseg; g++) { /* the chunk's part in each segment */
+            const ob_gemm_args *a = &J->a[g];
+            int64_t lo = j0 - J->start[g], hi = lo + J->chunk;
+            lo = lo < 0 ? 0 : lo;
+            hi = hi > a->n ? a->n : hi;
+            if (lo >= hi) continue;
+            int s = J->v->gemm[J->layout](a, lo, hi);
+            if (s != OB_OK) st = s;
+            else if (J->out[g])
+                for (int64_t r = 0; r < a->m; r++) {
+                    const int32_t *acc = a->acc + r * a->ldc;
+                    float *o = J->out[g] + r * a->n, xs = J->x_scale[r];
+                    for (int64_t j = lo; j < hi; j++) o[j] = (float)acc[j] * J->w_scale[g] * xs;
+                }
+        }
     }
     J->status[t] = st;
 }
 
-static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                    int64_t ldx, int32_t *acc, float w_scale, const float *x_scale, float *out,
-                    int check) {
-    if (!w || !x || !acc) return OB_ERR_NULL;
-    if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+/* nseg weight matrices w[g] [n[g], k] times the same activations x [m, k] (padded once), output
+ * columns of all of them split over the threads in one job: acc[g] [m, n[g]] and, for a linear
+ * (out non-NULL), out[g] = acc[g] * w_scale[g] * x_scale[r]. */
+static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const int64_t *n, int64_t k,
+                          const int8_t *x, int64_t m, int64_t ldx, int32_t *const *acc,
+                          const float *w_scale, const float *x_scale, float *const *out, int check) {
+    if (!x || !w || !n || !acc) return OB_ERR_NULL;
+    if (nseg < 1 || nseg > OB_MAX_SEG || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
     if (ldx < k) return OB_ERR_STRIDE;
+    for (int g = 0; g < nseg; g++) {
+        if (!w[g] || !acc[g]) return OB_ERR_NULL;
+        if (n[g] < 1) return OB_ERR_SIZE;
+    }
     int64_t rb = ob_packed_row_bytes(k, layout);
     int64_t block = layout == OB_LAYOUT_I2 ? OB_I2_BLOCK : OB_T1_6_BLOCK;
     int64_t kp = rb / OB_BLOCK_BYTES * block, ldxp = (kp + 63) / 64 * 64;
@@ -171,11 +187,25 @@ static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const in
         memset(xp + r * ldxp + k, 0, (size_t)(ldxp - k));
         xsum[r] = s;
     }
-    int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
+    job_t J;
+    memset(&J, 0, offsetof(job_t, status));
+    J.v = active();
+    J.layout = layout;
+    J.nseg = nseg;
+    J.x_scale = x_scale;
+    int64_t total = 0;
+    for (int g = 0; g < nseg; g++) {
+        J.a[g] = (ob_gemm_args){w[g], n[g], k, kp, rb, xp, m, ldxp, xsum, acc[g], n[g], check};
+        J.w_scale[g] = w_scale ? w_scale[g] : 0.0f;
+        J.out[g] = out ? out[g] : NULL;
+        J.start[g] = total;
+        total += (n[g] + 15) / 16 * 16; /* segments start on multiples of 16 */
+    }
+    J.start[nseg] = total;
+    int64_t work = total * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     want = want < 1 ? 1 : (want > 256 ? 256 : want);
     int64_t pool = ob_get_num_threads() < want ? ob_get_num_threads() : want;
-    job_t J = {active(), layout, {w, n, k, kp, rb, xp, m, ldxp, xsum, acc, n, check}, w_scale, x_scale,
-               out, 0, column_chunk(n, m, (int)pool), {0}};
+    J.chunk = column_chunk(total, m, (int)pool);
     int nt = ob_parallel(gemm_task, &J, (int)want);
     int st = OB_OK;
     for (int t = 0; t < nt; t++)
@@ -183,6 +213,14 @@ static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const in
     free(xbuf);
     free(xsum);
     return st;
+}
+
+static int run_gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                    int64_t ldx, int32_t *acc, float w_scale, const float *x_scale, float *out,
+                    int check) {
+    if (!w || !acc) return OB_ERR_NULL;
+    return run_gemm_multi(layout, 1, &w, &n, k, x, m, ldx, &acc, out ? &w_scale : NULL, x_scale,
+                          out ? &out : NULL, check);
 }
 
 static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
@@ -217,6 +255,28 @@ int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int6
                    float w_scale, const float *x_scale, float *out) {
     return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
 }
+int ob_linear_multi_unchecked(int layout, int nseg, const uint8_t *const *w, const int64_t *n,
+                              int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+                              const float *w_scale, const float *x_scale, float *const *out) {
+    if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
+    if (!x_scale || !out || !w_scale || !n) return OB_ERR_NULL;
+    if (nseg < 1 || nseg > OB_MAX_SEG || m < 1) return OB_ERR_SIZE;
+    int64_t total = 0;
+    for (int g = 0; g < nseg; g++) {
+        if (!out[g]) return OB_ERR_NULL;
+        if (n[g] < 1) return OB_ERR_SIZE;
+        total += n[g];
+    }
+    int32_t *buf = (int32_t *)malloc((size_t)(m * total) * sizeof(int32_t));
+    if (!buf) return OB_ERR_NOMEM;
+    int32_t *acc[OB_MAX_SEG];
+    int64_t off = 0;
+    for (int g = 0; g < nseg; off += m * n[g], g++) acc[g] = buf + off;
+    int st = run_gemm_multi(layout, nseg, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, 0);
+    free(buf);
+    return st;
+}
+
 int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
                         int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out) {
     if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;

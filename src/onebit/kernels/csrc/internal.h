@@ -125,6 +125,11 @@ void ob_avx2_rows(const ob_rows_args *a, int64_t i0, int64_t i1);
 #endif
 
 /* ob_linear_* without the per-call code check (dispatch.c), for layer.c */
+/* ob_linear_unchecked of nseg (<= 3) weight matrices [n[g], k] on the same activations, as one
+ * job (q/k/v or gate/up of a decode step): out[g] [m, n[g]]; bit-identical to nseg calls. */
+int ob_linear_multi_unchecked(int layout, int nseg, const uint8_t *const *w, const int64_t *n,
+                              int64_t k, const int8_t *x, int64_t m, int64_t ldx,
+                              const float *w_scale, const float *x_scale, float *const *out);
 int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
                         int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out);
 

@@ -89,15 +89,31 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     /* the input quantizer of projection idx: a8 INT8 everywhere; a4.8 INT4 for q/k/v/gate/up,
      * top-K then INT8 for o, INT8 for down */
 #define QUANT(idx, src, k_, norm)                                                                   \
-    if ((st = !a48 || (idx) == DOWN ? ob_quantize_act_i8(src, T, k_, k_, norm, eps, xc, xs)          \
-              : (idx) == O ? ob_quantize_act_topk_i8(src, T, k_, k_, norm, eps, L->topk_keep, xc, xs) \
-                           : ob_quantize_act_i4(src, T, k_, k_, norm, eps, xc, xs)))               \
-    goto done
+    do {                                                                                            \
+        if ((st = !a48 || (idx) == DOWN ? ob_quantize_act_i8(src, T, k_, k_, norm, eps, xc, xs)      \
+                  : (idx) == O ? ob_quantize_act_topk_i8(src, T, k_, k_, norm, eps, L->topk_keep, xc, xs) \
+                               : ob_quantize_act_i4(src, T, k_, k_, norm, eps, xc, xs)))           \
+            goto done;                                                                              \
+    } while (0)
 #define LIN(idx, n_, k_, out)                                                                       \
-    if ((st = sparse && L->wt[idx] && lay == OB_LAYOUT_I2 && mostly_zero(xc, T * (k_), L->sparse_min_zeros)                                                             \
-                  ? ob_linear_colsparse_i2(L->wt[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out) \
-                  : ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) \
-    goto done
+    do {                                                                                            \
+        if ((st = sparse && L->wt[idx] && lay == OB_LAYOUT_I2 &&                                     \
+                          mostly_zero(xc, T * (k_), L->sparse_min_zeros)                            \
+                      ? ob_linear_colsparse_i2(L->wt[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out) \
+                      : ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) \
+            goto done;                                                                              \
+    } while (0)
+/* two or three dense projections of the same codes xc in one job (n3 = 0: two); none of them
+ * has a transposed copy (only o/down do) */
+#define LIN3(i1, n1, o1, i2, n2, o2, i3, n3, o3, k_)                                                \
+    do {                                                                                          \
+        const uint8_t *w_[3] = {L->w[i1], L->w[i2], L->w[i3]};                                    \
+        const int64_t n_[3] = {n1, n2, n3};                                                       \
+        const float s_[3] = {L->w_scale[i1], L->w_scale[i2], L->w_scale[i3]};                     \
+        float *o_[3] = {o1, o2, o3};                                                              \
+        if ((st = ob_linear_multi_unchecked(lay, (n3) > 0 ? 3 : 2, w_, n_, k_, xc, T, k_, s_, xs, o_))) \
+            goto done;                                                                            \
+    } while (0)
 
     if (L->inner) {
         QUANT(Q, x, D, L->norm[Q]);
@@ -106,11 +122,9 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
         LIN(K, KD, D, k);
         QUANT(V, x, D, L->norm[V]);
         LIN(V, KD, D, v);
-    } else {
+    } else { /* one input for q, k and v: one job over the three (small k/v jobs idle a thread) */
         QUANT(Q, x, D, L->norm[0]); /* input_layernorm */
-        LIN(Q, QD, D, q);
-        LIN(K, KD, D, k);
-        LIN(V, KD, D, v);
+        LIN3(Q, QD, q, K, KD, k, V, KD, v, D);
     }
     for (int64_t b = 0, r = 0; b < nseq; r += seq_len[b], b++) /* attention: per sequence */
         if ((st = ob_attention_kv(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv,
@@ -126,9 +140,15 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
         QUANT(UP, x, D, L->norm[UP]);
     } else {
         QUANT(GATE, x, D, L->norm[1]); /* post_attention_layernorm */
-        LIN(GATE, F, D, g);
+        if (!(sparse && L->skip_up && L->relu2)) { /* gate and up in one job */
+            LIN3(GATE, F, g, UP, F, u, UP, 0, u, D);
+        } else {
+            LIN(GATE, F, D, g);
+        }
     }
-    if (sparse && L->skip_up && L->relu2) { /* up rows only where relu(gate) > 0, per token */
+    if (!(sparse && L->skip_up && L->relu2)) {
+        if (L->inner) LIN(UP, F, D, u); /* (subln/pre: done with the gate) */
+    } else { /* up rows only where relu(gate) > 0, per token */
         for (int64_t r = 0; r < T; r++) {
             const float *gr = g + r * F;
             float *ur = u + r * F;
@@ -145,14 +165,14 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
                                             L->w_scale[UP], xs[r], ur)))
                 goto done;
         }
-    } else
-        LIN(UP, F, D, u);
+    }
     glu(g, u, T * F, L->relu2);
     QUANT(DOWN, g, F, L->inner ? L->norm[DOWN] : L->norm[3]); /* ffn_sub_norm */
     LIN(DOWN, D, F, o);
     for (int64_t i = 0; i < T * D; i++) x[i] += o[i];
 #undef QUANT
 #undef LIN
+#undef LIN3
 done:
     free(buf);
     return st;
