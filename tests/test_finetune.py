@@ -404,8 +404,8 @@ TOK512 = DATA / "tokenizers" / "tok512" / "tokenizer.json"
 
 @pytest.mark.parametrize("kind", ["qwen2", "phi3"])
 def test_finetune_cli_from_qwen2_and_phi3_folders(kind, tmp_path, capsys):
-    """Fine-tune, resume exactly, then export (Phi-3: the engine runs it) or have the export refused
-    before any training (Qwen2: the packed format has no q/k/v bias tensors)."""
+    """Fine-tune, resume exactly, export, and the engine runs the packed model like PyTorch (Qwen2:
+    its full-precision q/k/v biases travel as float32 tensors and the engine adds them)."""
     import shutil
 
     import numpy as np
@@ -413,6 +413,7 @@ def test_finetune_cli_from_qwen2_and_phi3_folders(kind, tmp_path, capsys):
     from onebit import checkpoint as ckpt
     from onebit.cli import main
     from onebit.engine import EngineError, Runtime
+    from onebit.formats.model_io import read_packed_folder, reference_logits
 
     src = tmp_path / kind
     ref = hf_folder(src, kind, vocab_size=520)  # embedding rows past the tokenizer's 512, as Qwen2/Phi-3 pad
@@ -420,14 +421,7 @@ def test_finetune_cli_from_qwen2_and_phi3_folders(kind, tmp_path, capsys):
     out, packed = tmp_path / "run", tmp_path / "packed"
     args = ft_args(out, tmp_path / "cache")
     args[2] = str(src)
-    if kind == "qwen2":
-        assert main(args + ["--export", str(packed)]) == 2
-        err = capsys.readouterr().err
-        assert "q/k/v biases" in err and "without --export" in err
-        assert not out.exists() and not packed.exists()  # refused before training
-        assert main(args) == 0
-    else:
-        assert main(args + ["--export", str(packed)]) == 0
+    assert main(args + ["--export", str(packed)]) == 0
     want = [(r["step"], r["loss"], r["lam"]) for r in records(out)]
     assert [lam for _, _, lam in want] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     (out / "checkpoints" / "latest").write_text("step_00000003\n")
@@ -443,24 +437,31 @@ def test_finetune_cli_from_qwen2_and_phi3_folders(kind, tmp_path, capsys):
     if kind == "qwen2":
         b = model.model.layers[1].self_attn.k_proj.bias
         assert (b - ref.model.layers[1].self_attn.k_proj.bias).abs().max() < 1e-2 and b.abs().max() > 0.5
-        assert main(["export", str(out), str(packed)]) == 2
-        assert "q/k/v biases" in capsys.readouterr().err
-        return
-    # Phi-3: the packed model on the engine equals the fine-tuned PyTorch model
+    # the packed model on the engine (and the float64 reference) equals the fine-tuned PyTorch model
     ids = np.random.default_rng(1).integers(0, 512, 40)
     with torch.no_grad():
         want_logits = model(torch.tensor(ids)[None])[0][0].numpy()
+    ref_logits = reference_logits(read_packed_folder(packed), ids)
+    np.testing.assert_allclose(ref_logits, want_logits, rtol=0, atol=1e-4 * np.abs(want_logits).max())
     rt = Runtime(packed)
     rt.reset(64)
     got = rt.forward(ids, 0, last_only=False)
     err = np.abs(got - want_logits).max(axis=-1) / np.abs(want_logits).max()
     assert err[0] < 2e-5 and err.max() < 0.05, np.round(err, 6)
-    # a packed folder that claims q/k/v biases is refused by the engine, naming the field
+    if kind == "qwen2":  # the biases matter: without them the engine's logits differ
+        raw = json.loads((packed / "config.json").read_text())
+        raw["model"]["qkv_bias"] = False
+        (packed / "config.json").write_text(json.dumps(raw))
+        rt = Runtime(packed)
+        rt.reset(64)
+        assert np.abs(rt.forward(ids, 0, last_only=False) - want_logits).max() > 0.1 * np.abs(want_logits).max()
+        return
+    # a packed folder that claims q/k/v biases it does not hold is refused, naming the tensor
     cfg_file = packed / "config.json"
     raw = json.loads(cfg_file.read_text())
     raw["model"]["qkv_bias"] = True
     cfg_file.write_text(json.dumps(raw))
-    with pytest.raises(EngineError, match="qkv_bias"):
+    with pytest.raises(EngineError, match="q_proj.bias"):
         Runtime(packed)
 
 

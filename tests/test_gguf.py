@@ -181,13 +181,19 @@ def test_export_refusals(tmp_path):
     folder, _, _ = write_model(tmp_path / "c", ffn=320)
     with pytest.raises(GGUFExportError, match=r"model.layers.0.mlp.down_proj.*multiple of 256"):
         export_gguf(folder, tmp_path / "c.gguf", "tq2_0")
+    folder, _, _ = write_model(tmp_path / "e")  # q/k/v biases (a fine-tuned Qwen2): not written
+    raw = json.loads((folder / "config.json").read_text())
+    raw["model"]["qkv_bias"] = True
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(GGUFExportError, match="qkv_bias"):
+        export_gguf(folder, tmp_path / "e.gguf", "tq2_0")
     folder, _, _ = write_model(tmp_path / "d", tokenizer=False)
     with pytest.raises(GGUFExportError, match="tokenizer.json"):
         export_gguf(folder, tmp_path / "d.gguf", "tq2_0")
     with pytest.raises(ValueError, match="qtype"):
         export_gguf(folder, tmp_path / "d.gguf", "q4_0")
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "c.gguf").exists()
-    assert not (tmp_path / "d.gguf").exists()
+    assert not (tmp_path / "d.gguf").exists() and not (tmp_path / "e.gguf").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -266,8 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "found beside the source)")
     f.add_argument("--config", default=None, help="TOML file ([data], [train], [finetune] tables)")
     f.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
-    f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine "
-                                                                 "(not for Qwen2: no bias tensors)")
+    f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine")
     f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
 
     def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:

@@ -178,8 +178,8 @@ class ModelConfig:
     ``"a4.8"`` (BITNET.md §2: INT4 for q/k/v/gate/up, top-50% + INT8 for o_proj, INT8 for down).
     ``kv_bits``: K/V fake-quantized after RoPE per (token, kv head), absmax, unsigned codes
     (``onebit.quant.fake_kv``, docs/formats.md §10): 16 (off), 8, 4 or 3 (position 0 at 4 bits).
-    ``qkv_bias``: q/k/v projections add a full-precision bias (a fine-tuned Qwen2); the packed
-    format has no bias tensors, so such a model runs in PyTorch only (``export_packed`` refuses it).
+    ``qkv_bias``: q/k/v projections add a full-precision bias (a fine-tuned Qwen2), kept as float32
+    ``*.bias`` tensors in the packed folder (the engine adds them; GGUF export refuses them).
     """
 
     vocab_size: int = 8192
@@ -203,7 +203,7 @@ class ModelConfig:
     activation_scheme: str = "a8"  # "a8" or "a4.8"
     topk_keep: float = 0.5  # a4.8: fraction of o_proj inputs kept per token
     kv_bits: int = 16  # KV cache: 16 (not quantized), 8, 4 or 3 bits (a4.8 §KV)
-    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2); PyTorch only, not packable
+    qkv_bias: bool = False  # q/k/v projections carry a full-precision bias (Qwen2)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:

@@ -12,8 +12,8 @@ Library API:
   run/checkpoint, llama2.c ``.bin``) as an onebit ``CausalLM`` plus its tokenizer. Phi-3's fused
   qkv_proj / gate_up_proj are split into q/k/v and gate/up, so the fine-tuned model has one ternary
   scale per projection (the layout the engine runs; ``quantize_model`` on the transformers model
-  keeps one scale per fused matrix). Qwen2's q/k/v biases stay full precision (``qkv_bias``), and
-  such a model cannot be packed for the engine (no bias tensors): ``--export`` refuses it.
+  keeps one scale per fused matrix). Qwen2's q/k/v biases stay full precision (``qkv_bias``), in
+  the packed folder too (float32 ``*.bias`` tensors the engine adds after the projection).
 - ``finetune(run_config)``: the foundation trainer (``train.train``) run from that source with the
   λ schedule and optional distillation from the frozen fp teacher (``FinetuneConfig``).
 
@@ -494,10 +494,6 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
                           f"would never reach 1 and the result would not be ternary; lower lambda_steps "
                           f"or raise steps")
     mc, tok_json = student_config(fc)
-    if export is not None and mc.qkv_bias:  # refuse before training, not after
-        raise ConfigError(f"--export {export}: the source '{fc.source}' has q/k/v biases (Qwen2), which the "
-                          f"packed format and the engine cannot hold (no bias tensors); fine-tune without "
-                          f"--export and run the result with PyTorch (onebit generate / eval on the run folder)")
     out = Path(rc.train.out_dir)
     tok_file = out / "source_tokenizer.json"
     if not tok_file.is_file() or tok_file.read_text(encoding="utf-8") != tok_json:

@@ -189,6 +189,8 @@ class Runtime:
                                ("self_attn.v_proj", Hkv * hd, D), ("self_attn.o_proj", D, H * hd),
                                ("mlp.gate_proj", F, D), ("mlp.up_proj", F, D), ("mlp.down_proj", D, F)):
                 L[role] = lin(p + role, n, k)
+                if cfg.qkv_bias and role in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                    L[role + ".bias"] = vec(p + role + ".bias", n)  # Qwen2: full precision
                 if inner:
                     L[role + ".quant"] = quantizer(k, p + role + ".norm.weight")
             if not inner:
@@ -227,6 +229,8 @@ class Runtime:
             transposed = []
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
+                if role + ".bias" in L:
+                    st.bias[j] = L[role + ".bias"].ctypes.data
                 if role in sparse_roles:
                     wt = _transposed(L[role])
                     st.wt[j] = wt.ctypes.data

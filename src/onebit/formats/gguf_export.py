@@ -229,6 +229,9 @@ def _check_arch(cfg, folder: Path, allow_relu2: bool, arch: str = ARCH) -> None:
                f"layout (attn_sub_norm/ffn_sub_norm), not a norm inside every projection")
     elif cfg.activation_scheme != "a8":
         bad = f"activation_scheme={cfg.activation_scheme!r}: llama.cpp runs 8-bit activations only"
+    elif cfg.qkv_bias:
+        bad = (f"qkv_bias=True (a fine-tuned Qwen2): this export writes no q/k/v bias tensors; run "
+               f"the packed folder with onebit's engine instead")
     elif not cfg.tie_word_embeddings:
         bad = (f"tie_word_embeddings=False: llama.cpp's {ARCH!r} graph always uses token_embd as "
                f"the LM head")

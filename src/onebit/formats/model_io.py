@@ -252,9 +252,11 @@ def reference_logits(tm: TernaryModel, ids) -> np.ndarray:
         role = name.rsplit(".", 1)[-1]
         if a48 and role == "o_proj":
             h = _topk(h, cfg.topk_keep)
-        if a48 and role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            return _q4_linear(h, codes, scale)
-        return _q8_linear(h, codes, scale)
+        out = (_q4_linear(h, codes, scale) if a48 and role in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+               else _q8_linear(h, codes, scale))
+        if cfg.qkv_bias and role in ("q_proj", "k_proj", "v_proj"):  # Qwen2: full-precision bias
+            out = out + tm.norm(name + ".bias").astype(np.float64)
+        return out
 
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(cfg.num_hidden_layers):

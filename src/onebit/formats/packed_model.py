@@ -28,10 +28,6 @@ __all__ = ["EMBEDDINGS", "PACKED_VERSION", "export_packed", "quantize_rows_i8", 
 PACKED_VERSION = 1
 EMBEDDINGS = ("f32", "f16", "i8", "i4")
 I8_SCALE_SUFFIX = ".row_scale"  # int8 embeddings: value = q * row_scale[row]
-QKV_BIAS_NOT_PACKABLE = (
-    "'{folder}' has q/k/v biases (qkv_bias=true, e.g. a fine-tuned Qwen2): the packed format and the "
-    "engine have no bias tensors, so packing would silently drop them; run this model with PyTorch "
-    "(onebit generate / eval on the run folder) instead of exporting it")
 
 
 def quantize_rows_i8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,9 +86,6 @@ def packed_config(folder: Path) -> dict[str, Any]:
         raise ValueError(f"'{folder}/config.json': packed layout {p.get('layout')!r} / embedding "
                          f"{p.get('embedding')!r} unknown (layouts {sorted(LAYOUTS)}, embeddings "
                          f"{list(EMBEDDINGS)}); re-export the model")
-    if isinstance(raw.get("model"), dict) and raw["model"].get("qkv_bias"):
-        raise ValueError(f"'{folder}/config.json' declares qkv_bias: the packed format and the engine "
-                         f"have no bias tensors, so this folder cannot be run; use the PyTorch run folder")
     return p
 
 
@@ -120,8 +113,6 @@ def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
     if cfg.linear != "bitnet":
         raise ValueError(f"'{folder}' is a full-precision model (linear={cfg.linear!r}); only "
                          f"ternary (linear='bitnet') models can be packed")
-    if cfg.qkv_bias:
-        raise ValueError(QKV_BIAS_NOT_PACKABLE.format(folder=folder))
     ternary = {name for name, m in model.named_modules() if isinstance(m, BitLinear) and m.weight_quant}
     packed: dict[str, tuple[np.ndarray, float]] = {}
     extra: dict[str, np.ndarray] = {}

@@ -34,6 +34,12 @@ static int mostly_zero(const int8_t *x, int64_t n, int32_t min_pct) {
     return zeros * 100 >= n * (int64_t)min_pct;
 }
 
+static void add_bias(float *o, int64_t T, int64_t n, const float *b) {
+    if (b)
+        for (int64_t r = 0; r < T; r++)
+            for (int64_t j = 0; j < n; j++) o[r * n + j] += b[j];
+}
+
 static void glu(float *g, const float *u, int64_t n, int relu2) {
     if (relu2)
         for (int64_t i = 0; i < n; i++) {
@@ -68,6 +74,8 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     if (T < 1 || D < 1 || F < 1 || H < 1 || Hkv < 1 || hd < 2) return OB_ERR_SIZE;
     for (int i = 0; i < 7; i++) /* subln/pre: slots 2, 3 (sub-norms) may be NULL, 4..6 unused */
         if (!L->w[i] || (!L->norm[i] && (L->inner || i < 2))) return OB_ERR_NULL;
+    for (int i = 3; i < 7; i++) /* biases: q/k/v only */
+        if (L->bias[i]) return OB_ERR_VALUE;
     int64_t QD = H * hd, KD = Hkv * hd, maxk = D > F ? D : F;
     maxk = maxk > QD ? maxk : QD;
     /* one scratch block: codes, scales, q, k, v, y, o, gate, up */
@@ -126,6 +134,9 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
         QUANT(Q, x, D, L->norm[0]); /* input_layernorm */
         LIN3(Q, QD, q, K, KD, k, V, KD, v, D);
     }
+    add_bias(q, T, QD, L->bias[Q]);
+    add_bias(k, T, KD, L->bias[K]);
+    add_bias(v, T, KD, L->bias[V]);
     for (int64_t b = 0, r = 0; b < nseq; r += seq_len[b], b++) /* attention: per sequence */
         if ((st = ob_attention_kv(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv,
                                   hd, rope_cos, rope_sin, rope_len, L->kv_bits, cache_k[b],

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 11
+#define OB_ABI_VERSION 12
 
 enum {
     OB_OK = 0,
@@ -165,6 +165,9 @@ typedef struct {
     int32_t sparse_min_zeros; /* percent of zero inputs (or of up_proj rows off) from which
                                * wt[i] (or the row list) is used, dense below (65: measured
                                * break-even); 0: always (tests) */
+    /* Full-precision biases added after the q/k/v projections (a fine-tuned Qwen2), float32
+     * [out_features] or NULL; bias[3..6] must be NULL (OB_ERR_VALUE otherwise). */
+    const float *bias[7];
 } ob_layer;
 enum { OB_ACT_A8 = 0, OB_ACT_A4_8 = 1 };
 #define OB_SPARSE_MAX_T 4
