@@ -38,16 +38,18 @@ def awkward_rows(rng: np.random.Generator, hd: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("hd", [8, 32, 128, 5])
+@pytest.mark.parametrize("isa", ["reference", None])  # None: this CPU's (AVX2 unpacking, hd % 8 == 0)
+@pytest.mark.parametrize("hd", [8, 32, 128, 5, 24])
 @pytest.mark.parametrize("bits", BITS)
-def test_kv_quantize_matches_quant(bits, hd):
+def test_kv_quantize_matches_quant(bits, hd, isa):
     x = awkward_rows(np.random.default_rng(bits * 1000 + hd), hd)
     packed, step = kernels.kv_quantize(x, bits)
     want_p, want_s = quant.quantize_kv(torch.from_numpy(x), bits)
     assert step.dtype == np.float16 and packed.dtype == np.uint8
     np.testing.assert_array_equal(step.view(np.uint16), want_s.numpy().view(np.uint16))
     np.testing.assert_array_equal(packed, want_p.numpy())
-    got = kernels.kv_dequantize(packed, step, bits, hd)
+    with kernels.use(isa or kernels.isa()):
+        got = kernels.kv_dequantize(packed, step, bits, hd)
     want = quant.dequantize_kv(want_p, want_s, bits, hd).numpy()
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 

@@ -134,14 +134,6 @@ int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t
     return OB_OK;
 }
 
-int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_t n, int64_t hd, int bits,
-                          float *out) {
-    if (!in || !step || !out) return OB_ERR_NULL;
-    int64_t rb = ob_kv_row_bytes(hd, bits);
-    if (n < 1 || rb < 1) return OB_ERR_SIZE;
-    for (int64_t r = 0; r < n; r++) kv_dequantize_row(in + r * rb, step[r], hd, bits, out + r * hd);
-    return OB_OK;
-}
 
 /* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block (onebit_kernels.h):
  *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][rb(bits)] | bits 3 only:
@@ -173,17 +165,11 @@ int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int bits) 
     return Hkv * cache_len * (2 + rb) + (bits == 3 ? Hkv * ob_kv_row_bytes(hd, 4) : 0);
 }
 
-/* row (h, p) of a quantized cache: write x / read into out */
+/* row (h, p) of a quantized cache: write x (kv_get_any reads it) */
 static void kv_put(const kv_view *c, int64_t h, int64_t p, const float *x, float m, int64_t hd) {
     uint16_t *st = c->steps + h * c->cache_len + p;
     if (p == 0 && c->bits == 3) kv_quantize_row(x, hd, 4, m, c->bos + h * c->rb_bos, st);
     else kv_quantize_row(x, hd, c->bits, m, c->codes + (h * c->cache_len + p) * c->rb, st);
-}
-
-static void kv_get(const kv_view *c, int64_t h, int64_t p, int64_t hd, float *out) {
-    uint16_t st = c->steps[h * c->cache_len + p];
-    if (p == 0 && c->bits == 3) kv_dequantize_row(c->bos + h * c->rb_bos, st, hd, 4, out);
-    else kv_dequantize_row(c->codes + (h * c->cache_len + p) * c->rb, st, hd, c->bits, out);
 }
 
 OB_CLONES static void rope_rows(float *x, int64_t rows, int64_t hd, const float *cs, const float *sn) {
@@ -287,7 +273,143 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
     }
 }
 
+
+/* kv_dequantize_row for hd % 8 == 0, 8 values per step, bit-identical to it (the same float32
+ * subtract and multiply per value): 8 codes are 8 bytes (8-bit), one 32-bit word (4-bit) or
+ * 3 bytes (3-bit, LSB first), broadcast and shifted lane by lane (vpsrlvd). */
+FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int64_t hd, int bits,
+                                            float *out) {
+    const __m256 st = _mm256_set1_ps(ob_half_to_float(hs));
+    const __m256 zero = _mm256_set1_ps((float)(1 << (bits - 1)) - 0.5f);
+    const __m256i sh4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i sh3 = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const __m256i m4 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(7);
+    for (int64_t i = 0; i < hd; i += 8) {
+        __m256i c;
+        if (bits == 8) {
+            c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(in + i)));
+        } else if (bits == 4) {
+            uint32_t w;
+            memcpy(&w, in + i / 2, 4);
+            c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh4), m4);
+        } else { /* 3 bytes: never read past the row */
+            const uint8_t *b = in + i / 8 * 3;
+            uint32_t w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
+            c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh3), m3);
+        }
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zero), st));
+    }
+}
+
+/* ob_expf_nonpos on 8 lanes: the same operations in the same order (mul, then add: no FMA), so
+ * every value equals the scalar one; lanes below -87 give 0. */
+FMA_ATTR static __m256 expf_nonpos_avx2(__m256 x) {
+    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                             _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
+}
+
+/* softmax_row with 8 lanes: max and exp as the scalar loop (the same values), the sum in 8
+ * partial sums (another summation order: equal within float rounding). */
+FMA_ATTR static void softmax_row_avx2(float *sc, int64_t n) {
+    int64_t n8 = n / 8 * 8, j;
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    for (j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sc + j));
+    float m8[8], mx = -INFINITY;
+    _mm256_storeu_ps(m8, mv);
+    for (int l = 0; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
+    for (; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    __m256 mxv = _mm256_set1_ps(mx), sv = _mm256_setzero_ps();
+    for (j = 0; j < n8; j += 8) {
+        __m256 e = expf_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mxv));
+        _mm256_storeu_ps(sc + j, e);
+        sv = _mm256_add_ps(sv, e);
+    }
+    float s8[8], sum = 0.0f;
+    _mm256_storeu_ps(s8, sv);
+    for (int l = 0; l < 8; l++) sum += s8[l];
+    for (; j < n; j++) {
+        sc[j] = ob_expf_nonpos(sc[j] - mx);
+        sum += sc[j];
+    }
+    __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(sc + j, _mm256_mul_ps(_mm256_loadu_ps(sc + j), inv));
+    for (; j < n; j++) sc[j] *= 1.0f / sum;
+}
 #endif
+
+static void softmax_row(float *sc, int64_t n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t j = 0; j < n; j++) {
+        sc[j] = ob_expf_nonpos(sc[j] - mx);
+        sum += sc[j];
+    }
+    float inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; j++) sc[j] *= inv;
+}
+
+/* explicit AVX2/FMA loops: where the CPU has them and ONEBIT_KERNELS is not "reference" */
+static int attn_simd(void) {
+#ifdef OB_ATTN_AVX2
+    return strcmp(ob_isa(), "reference") != 0 && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* kv_dequantize_row, with the AVX2 unpacking where it applies (same floats) */
+static void kv_dequantize_row_any(const uint8_t *in, uint16_t hs, int64_t hd, int bits, float *out,
+                                  int simd) {
+#ifdef OB_ATTN_AVX2
+    if (simd && hd % 8 == 0) {
+        kv_dequantize_row_avx2(in, hs, hd, bits, out);
+        return;
+    }
+#endif
+    (void)simd;
+    kv_dequantize_row(in, hs, hd, bits, out);
+}
+
+/* row (h, p) of a quantized cache into out (kv_get) */
+static void kv_get_any(const kv_view *c, int64_t h, int64_t p, int64_t hd, float *out, int simd) {
+    uint16_t st = c->steps[h * c->cache_len + p];
+    if (p == 0 && c->bits == 3) kv_dequantize_row_any(c->bos + h * c->rb_bos, st, hd, 4, out, simd);
+    else kv_dequantize_row_any(c->codes + (h * c->cache_len + p) * c->rb, st, hd, c->bits, out, simd);
+}
+
+int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_t n, int64_t hd, int bits,
+                          float *out) {
+    if (!in || !step || !out) return OB_ERR_NULL;
+    int64_t rb = ob_kv_row_bytes(hd, bits);
+    if (n < 1 || rb < 1) return OB_ERR_SIZE;
+    int simd = attn_simd();
+    for (int64_t r = 0; r < n; r++) kv_dequantize_row_any(in + r * rb, step[r], hd, bits, out + r * hd, simd);
+    return OB_OK;
+}
+
+static void softmax_any(float *sc, int64_t n, int simd) {
+#ifdef OB_ATTN_AVX2
+    if (simd) {
+        softmax_row_avx2(sc, n);
+        return;
+    }
+#endif
+    (void)simd;
+    softmax_row(sc, n);
+}
 
 typedef struct {
     const float *q;          /* [T, H, hd], rotated */
@@ -303,16 +425,6 @@ typedef struct {
     int64_t stride;
 } attn_job_t;
 
-static void softmax_row(float *sc, int64_t n) {
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    for (int64_t j = 0; j < n; j++) {
-        sc[j] = ob_expf_nonpos(sc[j] - mx);
-        sum += sc[j];
-    }
-    float inv = 1.0f / sum;
-    for (int64_t j = 0; j < n; j++) sc[j] *= inv;
-}
 
 #define KV_BLOCK 64 /* cache rows dequantized at a time */
 
@@ -324,7 +436,7 @@ static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int
     float *vb = kb + KV_BLOCK * hd;
     for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
         int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) kv_get(&J->qk, kvh, j0 + j, hd, kb + j * hd);
+        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qk, kvh, j0 + j, hd, kb + j * hd, J->simd);
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
             scores_group_avx2(q, gs, kb, nb, hd, scale, sc + j0, S);
@@ -334,11 +446,11 @@ static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int
         for (int64_t h = 0; h < gs; h++)
             for (int64_t j = 0; j < nb; j++) sc[h * S + j0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
     }
-    for (int64_t h = 0; h < gs; h++) softmax_row(sc + h * S, n);
+    for (int64_t h = 0; h < gs; h++) softmax_any(sc + h * S, n, J->simd);
     memset(y, 0, (size_t)(gs * hd) * sizeof(float));
     for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
         int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) kv_get(&J->qv, kvh, j0 + j, hd, vb + j * hd);
+        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qv, kvh, j0 + j, hd, vb + j * hd, J->simd);
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
             weighted_sum_group_avx2(sc + j0, gs, S, vb, nb, hd, y, hd, 1);
@@ -367,7 +479,7 @@ static void attn_task(void *ctx, int t, int nt) {
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
             scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
-            for (int64_t h = 0; h < gs; h++) softmax_row(sc + h * S, n);
+            for (int64_t h = 0; h < gs; h++) softmax_any(sc + h * S, n, J->simd);
             weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, hd, 0);
             continue;
         }
@@ -432,11 +544,7 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
     int64_t stride = group * (pos + T) + (bits == 32 ? 0 : 2 * KV_BLOCK * hd);
     float *scratch = (float *)malloc((size_t)nt * (size_t)stride * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
-    int simd = 0;
-#ifdef OB_ATTN_AVX2
-    simd = strcmp(ob_isa(), "reference") != 0 && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
-#endif
+    int simd = attn_simd();
     attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, scratch,
                     stride};
     ob_parallel(attn_task, &J, nt);
