@@ -104,3 +104,26 @@ def test_generate_bad_sampling_parameter(trained, capsys):
     out, _ = trained
     assert main(["generate", "--model", str(out), "hi", "--top-p", "1.5", "--max-new-tokens", "5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_generate_kv_bits_needs_the_engine(trained, capsys):
+    out, _ = trained  # a training run: PyTorch generation has no quantized-cache option
+    assert main(["generate", "--model", str(out), "hi", "--kv-bits", "3", "--max-new-tokens", "5"]) == 2
+    assert "--kv-bits" in capsys.readouterr().err
+
+
+def test_generate_kv_bits_on_the_engine(capsys, monkeypatch):
+    import onebit
+    loaded = []
+    real = onebit.load
+
+    def spy(*a, **kw):
+        loaded.append(real(*a, **kw))
+        return loaded[-1]
+
+    monkeypatch.setattr(onebit, "load", spy)
+    assert main(["generate", "Once upon", "--kv-bits", "3", "--max-new-tokens", "8",
+                 "--temperature", "0", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon")
+    assert [m.runtime.kv_bits for m in loaded] == [3]
+    assert loaded[0].runtime.cache_k[0].dtype == np.uint8  # the 3-bit block, not float32

@@ -91,12 +91,14 @@ def cache_rows(block: np.ndarray, Hkv: int, L: int, hd: int, bits: int, n: int):
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("isa", ["reference", None])
-def test_attention_over_quantized_cache(bits, isa):
-    """Prefill 7 then 1 + 5 tokens: the cache holds quant.quantize_kv's bytes of the rotated K and
-    of V (position 0 at 4 bits when bits == 3), and y is softmax attention over the dequantized
-    rows (float64 oracle)."""
+@pytest.mark.parametrize("H,Hkv,hd,L,chunks", [(4, 2, 32, 40, (7, 1, 5)),
+                                               # long: blocks of 64 rows, grouped heads, tails
+                                               (8, 2, 128, 300, (203, 1, 70))])
+def test_attention_over_quantized_cache(bits, isa, H, Hkv, hd, L, chunks):
+    """Prefill, then 1 token, then a few more: the cache holds quant.quantize_kv's bytes of the
+    rotated K and of V (position 0 at 4 bits when bits == 3), and y is softmax attention over the
+    dequantized rows (float64 oracle)."""
     rng = np.random.default_rng(bits)
-    H, Hkv, hd, L = 4, 2, 32, 40
     lib = kernels._lib()
     nbytes = lib.ob_kv_cache_bytes(Hkv, L, hd, bits)
     ck, cv = np.zeros(nbytes, np.uint8), np.zeros(nbytes, np.uint8)
@@ -105,7 +107,7 @@ def test_attention_over_quantized_cache(bits, isa):
     ks, vs, pos = [], [], 0
     ctx = kernels.use(isa) if isa else kernels.use(kernels.isa())
     with ctx:
-        for T in (7, 1, 5):
+        for T in chunks:
             q = rng.standard_normal((T, H, hd)).astype(np.float32)
             k = rng.standard_normal((T, Hkv, hd)).astype(np.float32) * 3
             v = rng.standard_normal((T, Hkv, hd)).astype(np.float32)
@@ -246,3 +248,35 @@ def test_bench_model_reports_kv_bytes(tmp_path):
     assert r["kv_bits"] == 3 and r["kv_context"] == 9
     assert r["kv_bytes"] == {str(n): kv_cache_bytes(cfg, 3, n) for n in (9, 4096, 16384)}
     assert r["kv_alloc_bytes"] >= r["kv_bytes"]["9"]
+
+
+@pytest.mark.usefixtures("exact_zeros")
+def test_load_kv_bits_overrides_the_config(tmp_path, tokenizer):
+    """A model trained without KV quantization, run with a 3-bit cache: the logits of the PyTorch
+    model set to 3 bits (what `onebit generate --kv-bits 3` runs)."""
+    cfg = small_config(norm_placement="subln", hidden_act="relu2")
+    model, folder = make_packed(tmp_path, tokenizer, cfg)
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 30)
+    with torch.no_grad():
+        model.set_kv_bits(3)
+        want = model(torch.tensor(ids)[None])[0][0].numpy()
+    m = onebit.load(folder, kv_bits=3)
+    assert m.runtime.config.kv_bits == 16 and m.runtime.kv_bits == 3
+    m.runtime.reset(32)
+    assert_logits_close(m.runtime.forward(ids, 0, last_only=False), want)
+    assert Runtime(folder, kv_bits=16).kv_bits == 32  # float32 cache
+    for bad in (5, "8", True, 0):
+        with pytest.raises(ValueError, match="kv_bits"):
+            Runtime(folder, kv_bits=bad)
+
+
+def test_bench_model_decodes_at_depth(tmp_path):
+    from onebit.benchmarks.model import bench_model
+    from onebit.config import ModelConfig
+    from onebit.engine.synth import write_random_model
+    folder = write_random_model(tmp_path / "m", ModelConfig.preset("tiny"))
+    r = bench_model(folder, [8], 4, 1, 1, depths=[20, 0], kv_bits=4)
+    assert r["kv_bits"] == 4 and r["kv_context"] == 25
+    assert list(r["tg_depth"]) == ["0", "20"] and min(r["tg_depth"].values()) > 0
+    with pytest.raises(ValueError, match="context"):
+        bench_model(folder, [8], 4, 1, 1, depths=[10**6])

@@ -89,7 +89,7 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
 
     from .streaming import stream_text
 
-    m = onebit.load(path)
+    m = onebit.load(path, kv_bits=args.kv_bits)
     ids = m.encode(args.prompt)
     times: list[float] = []
     t0 = time.perf_counter()
@@ -119,9 +119,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model  # the PyTorch path: a training run / checkpoint folder
     from .generate import generate_text
 
-    if args.min_p is not None or args.repetition_penalty != 1.0:
-        raise ValueError("--min-p and --repetition-penalty need a packed model (the engine); "
-                         "export this one with `onebit export`")
+    if args.min_p is not None or args.repetition_penalty != 1.0 or args.kv_bits is not None:
+        raise ValueError("--min-p, --repetition-penalty and --kv-bits need a packed model (the "
+                         "engine); export this one with `onebit export`")
     model, tok, folder = load_model(path)
     if tok is None:
         raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
@@ -141,7 +141,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     import onebit
 
-    m = onebit.load(args.model or _default_model())
+    m = onebit.load(args.model or _default_model(), kv_bits=args.kv_bits)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -284,11 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="packed model folder (`onebit export`), or a run / "
                                                  "model / checkpoint folder; default: the built-in model")
     sampling_args(g, 100)
+    g.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
+                   help="engine only: KV cache at 16 (float32), 8, 4 or 3 bits (default: the model's)")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
 
     c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
     c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
     c.add_argument("--system", default=None, help="system message")
+    c.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
+                   help="KV cache at 16 (float32), 8, 4 or 3 bits (default: the model's)")
     sampling_args(c, 256)
 
     x = sub.add_parser("export", help="pack a trained model for the engine")

@@ -4,7 +4,10 @@ Measures, for a packed model folder (``--model``) or a random-ternary model of a
 (``--shape 2b4t|700m``, written once into ``.cache/onebit/bench-models``):
 
 - prefill tokens/s for each ``--pp`` prompt length (default 128 and 512), from an empty cache;
-- decode tokens/s over ``--tg`` tokens (default 128), one token per step from position 0;
+- decode tokens/s over ``--tg`` tokens (default 128), one token per step from position 0, and
+  with ``--depth`` from deeper positions too (llama-bench's ``-d``): the cache is filled by a
+  prefill of random tokens up to each depth, then ``--tg`` tokens are decoded from there (the
+  attention then reads ``depth`` cached positions per layer and step);
 - time to first token for the first prompt length (prefill + the first sampled token);
 - peak RSS of the process, the bytes one decode step reads (packed weights + LM head as the
   engine reads it + norms; the KV cache read is listed separately at the --tg context) and that
@@ -13,8 +16,9 @@ Measures, for a packed model folder (``--model``) or a random-ternary model of a
   context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
 Every figure states the embedding/head format, which moves decode speed as much as the kernels.
+``--kv-bits`` runs the cache at 16 (float32), 8, 4 or 3 bits whatever the model's config says.
 ``--json`` prints one object: {"pp_tok_s", "pp512_tok_s", "tg_tok_s", "ttft_s", "peak_rss_mb",
-"bytes_per_token", "read_gb_s", "bw_frac", ...}.
+"bytes_per_token", "read_gb_s", "bw_frac", "tg_depth": {depth: tok/s}, ...}.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ def read_bandwidth_gb_s(nthreads: int, mib: int = 512, reps: int = 5) -> float:
 
 
 def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
-                sparse: bool | None = None, activation_scheme: str | None = None) -> dict:
+                sparse: bool | None = None, activation_scheme: str | None = None,
+                depths: list[int] | None = None, kv_bits: int | None = None) -> dict:
     import onebit
 
     from .. import kernels
@@ -59,12 +64,13 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
 
     kernels.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme)
+    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
     load_s = time.perf_counter() - t0
     rt, cfg = m.runtime, m.config
-    need = max(max(pp), tg) + 1
+    depths = sorted(set(depths or []))
+    need = max(max(pp), tg, max(depths, default=0) + tg) + 1
     if need > cfg.max_position_embeddings:
-        raise ValueError(f"--pp/--tg need {need} positions but the model's context is "
+        raise ValueError(f"--pp/--tg/--depth need {need} positions but the model's context is "
                          f"{cfg.max_position_embeddings}: use smaller lengths")
     rt.reset(need)
     rng = np.random.default_rng(0)
@@ -89,14 +95,25 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
         if ttft is None:
             ttft = best
         del tok
-    best = float("inf")
-    for _ in range(reps):
-        tok = cfg.bos_token_id
-        t = time.perf_counter()
-        for i in range(tg):
-            tok = int(np.argmax(rt.forward([tok], i)))
-        best = min(best, time.perf_counter() - t)
-    tg_tok_s = tg / best
+    def decode_from(pos: int) -> float:  # best tok/s of tg greedy steps at positions pos...
+        best = float("inf")
+        for _ in range(reps):
+            tok = cfg.bos_token_id
+            t = time.perf_counter()
+            for i in range(pos, pos + tg):
+                tok = int(np.argmax(rt.forward([tok], i)))
+            best = min(best, time.perf_counter() - t)
+        return tg / best
+
+    tg_tok_s = decode_from(0)
+    tg_depth, filled = {}, 0
+    for d in depths:  # fill the cache up to d (prefill chunks), then decode from d
+        while filled < d:
+            n = min(512, d - filled)
+            rt.forward(rng.integers(0, cfg.vocab_size, n), filled)
+            filled += n
+        tg_depth[str(d)] = tg_tok_s if d == 0 else decode_from(d)
+        filled = d  # decoding overwrote positions d.. with its own rows
     sizes = model_sizes(rt)
     kv_bytes = kv_cache_bytes(cfg, rt.kv_bits, tg // 2)  # the mean cache read of a decode step
     rss = peak_rss_mb()  # before the bandwidth probe allocates its buffer
@@ -109,8 +126,10 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
-        "kv_bits": cfg.kv_bits, "kv_alloc_bytes": rt.cache_bytes, "kv_context": need,
+        "kv_bits": 16 if rt.kv_bits == 32 else rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
+        "kv_context": need,
         "kv_bytes": {str(n): kv_cache_bytes(cfg, rt.kv_bits, n) for n in (need, 4096, 16384)},
+        "tg_depth": tg_depth,
     })
     if 512 in pp_res:
         res["pp512_tok_s"] = pp_res[512]
@@ -154,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                          "a4.8 activations; on: everything (i2 weights only)")
     ap.add_argument("--activation-scheme", choices=["a8", "a4.8"], default=None,
                     help="run these activations instead of the model's own (warns: quality cost)")
+    ap.add_argument("--depth", default="",
+                    help="also decode --tg tokens after this many cached positions, comma-separated "
+                         "(llama-bench -d), e.g. --depth 1024,4000")
+    ap.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
+                    help="KV cache storage (16 = float32) instead of the model config's")
     args = ap.parse_args(argv)
     try:
         pp = [int(v) for v in args.pp.split(",") if v.strip()]
@@ -163,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--pp {args.pp!r}: give positive prompt lengths, e.g. --pp 128,512")
     if args.tg < 1 or args.reps < 1:
         ap.error("--tg and --reps must be >= 1")
+    try:
+        depths = [int(v) for v in args.depth.split(",") if v.strip()]
+    except ValueError:
+        depths = [-1]
+    if depths and min(depths) < 0:
+        ap.error(f"--depth {args.depth!r}: give cached-position counts >= 0, e.g. --depth 1024,4000")
     threads = args.threads or kernels.get_num_threads()
     if args.shape:
         folder = model_for_shape(args.shape, args.layout, args.embedding, Path(args.cache_dir))
@@ -171,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = Path(args.model) if args.model else default_model_path()
     sparse = {"auto": None, "on": True, "off": False}[args.sparse]
-    r = bench_model(folder, pp, args.tg, args.reps, threads, sparse, args.activation_scheme)
+    r = bench_model(folder, pp, args.tg, args.reps, threads, sparse, args.activation_scheme,
+                    depths, args.kv_bits)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -181,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     for n, v in r["pp"].items():
         print(f"  pp{n:<5} {v:10.1f} tok/s")
     print(f"  tg{r['tg']:<5} {r['tg_tok_s']:10.1f} tok/s   ttft {r['ttft_s'] * 1000:.1f} ms")
+    for d, v in r["tg_depth"].items():
+        print(f"  tg{r['tg']} @ d{d:<6} {v:10.1f} tok/s")
     print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
           f"{r['read_gb_s']:.1f} GB/s"

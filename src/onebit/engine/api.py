@@ -257,12 +257,13 @@ class Model:
         return "".join(self.stream_chat(messages, max_new_tokens, **kw))
 
 
-def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str | None = None) -> Model:
+def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str | None = None,
+         kv_bits: int | None = None) -> Model:
     """Load a model for torch-free inference: an onebit packed folder (``onebit export``), or a
     Hugging Face checkpoint folder / GGUF file, converted once (and checked) into the onebit
-    cache (formats.convert.cached_import). ``sparse`` / ``activation_scheme``: see ``Runtime``
-    (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8; the trained
-    scheme)."""
+    cache (formats.convert.cached_import). ``sparse`` / ``activation_scheme`` / ``kv_bits``: see
+    ``Runtime`` (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8;
+    the trained scheme; the config's KV cache bits)."""
     folder = Path(path)
     if folder.is_file() or (folder / "config.json").is_file():
         from ..formats.convert import cached_import, detect_format
@@ -272,7 +273,7 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     if not folder.is_dir():
         raise EngineError(f"model path '{folder}' is not a folder; pass a packed model folder "
                           f"written by `onebit export`, a Hugging Face checkpoint folder or a GGUF file")
-    runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme)
+    runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

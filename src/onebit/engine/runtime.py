@@ -116,7 +116,8 @@ class Runtime:
     """A loaded packed model: ``forward(ids, pos) -> logits`` with its own KV cache."""
 
     def __init__(self, folder: str | Path, sparse: bool | None = None,
-                 activation_scheme: str | None = None, sparse_min_zeros: int = 65):
+                 activation_scheme: str | None = None, sparse_min_zeros: int = 65,
+                 kv_bits: int | None = None):
         """``sparse``: skip the weight reads of zero activations when decoding (bit-identical
         results). True: up_proj rows whose ReLU² gate is 0, and the columns of zero down_proj
         inputs (ReLU²) and o_proj inputs (a4.8 top-K), which needs transposed copies of those
@@ -125,7 +126,10 @@ class Runtime:
         activations; False: off. i2 layout only. ``activation_scheme``: run "a8" or
         "a4.8" activations instead of the trained one (warns: a quality cost).
         ``sparse_min_zeros``: percent of zero inputs (or of up_proj rows off) from which a decode
-        step uses the sparse kernels (below it the dense kernel is faster; 0 forces them)."""
+        step uses the sparse kernels (below it the dense kernel is faster; 0 forces them).
+        ``kv_bits``: store the KV cache at 16 (float32), 8, 4 or 3 bits instead of the config's
+        (docs/formats.md §10; like llama.cpp's quantized cache types: a model trained without
+        KV quantization loses a little quality, measured in docs/results.md)."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -156,8 +160,11 @@ class Runtime:
         self.H, self.Hkv, self.hd = H, Hkv, hd
         eps, inner = cfg.rms_norm_eps, cfg.norm_placement == "inner"
         self.eps, self.inner, self.relu2 = eps, inner, cfg.hidden_act == "relu2"
+        if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in (16, 8, 4, 3)):
+            raise EngineError(f"kv_bits={kv_bits!r} is not valid: use 16 (float32 cache), 8, 4 or 3")
+        kvb = cfg.kv_bits if kv_bits is None else int(kv_bits)
         # the C cache width: 32 = float32 (kv_bits 16, not quantized), else 8/4/3 (formats.md §10)
-        self.kv_bits = 32 if cfg.kv_bits == 16 else cfg.kv_bits
+        self.kv_bits = 32 if kvb == 16 else kvb
 
         def vec(name: str, n: int) -> np.ndarray:
             t = tensors.get(name)

@@ -292,9 +292,11 @@ FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int6
             uint32_t w;
             memcpy(&w, in + i / 2, 4);
             c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh4), m4);
-        } else { /* 3 bytes: never read past the row */
+        } else { /* 3 bytes (4 loaded where the row goes on: never read past the row) */
             const uint8_t *b = in + i / 8 * 3;
-            uint32_t w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
+            uint32_t w;
+            if (i + 8 < hd) memcpy(&w, b, 4);
+            else w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
             c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh3), m3);
         }
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zero), st));
