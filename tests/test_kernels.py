@@ -211,7 +211,9 @@ def _attention_reference(q, k, v, pos, cos, sin, ck, cv):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("T,pos,H,Hkv,hd", [(1, 0, 1, 1, 2), (1, 37, 4, 2, 64), (5, 0, 6, 2, 32),
                                             (7, 20, 20, 5, 128), (3, 9, 3, 3, 6), (2, 3, 2, 1, 72),
-                                            (1, 300, 8, 2, 64)])  # long context: grouped heads
+                                            (1, 300, 8, 2, 64),  # long context: grouped heads
+                                            # few work items: the keys split over the threads
+                                            (1, 700, 4, 1, 64), (1, 1500, 20, 5, 128), (2, 1000, 4, 1, 32)])
 def test_attention_matches_reference(impl, T, pos, H, Hkv, hd):
     rng = np.random.default_rng(T * 100 + pos)
     L = max(64, pos + T + 8)

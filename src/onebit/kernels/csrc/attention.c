@@ -322,13 +322,14 @@ FMA_ATTR static __m256 expf_nonpos_avx2(__m256 x) {
     return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
 }
 
-/* softmax_row with 8 lanes: max and exp as the scalar loop (the same values), the sum in 8
- * partial sums (another summation order: equal within float rounding). */
-FMA_ATTR static void softmax_row_avx2(float *sc, int64_t n) {
+/* the numerators of a softmax (softmax_partial) with 8 lanes: max and exp as the scalar loop
+ * (the same values), the sum in 8 partial sums (equal within float rounding) */
+FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) {
+    float mx = -INFINITY, sum = 0.0f;
     int64_t n8 = n / 8 * 8, j;
     __m256 mv = _mm256_set1_ps(-INFINITY);
     for (j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sc + j));
-    float m8[8], mx = -INFINITY;
+    float m8[8];
     _mm256_storeu_ps(m8, mv);
     for (int l = 0; l < 8; l++) mx = m8[l] > mx ? m8[l] : mx;
     for (; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
@@ -338,29 +339,16 @@ FMA_ATTR static void softmax_row_avx2(float *sc, int64_t n) {
         _mm256_storeu_ps(sc + j, e);
         sv = _mm256_add_ps(sv, e);
     }
-    float s8[8], sum = 0.0f;
+    float s8[8];
     _mm256_storeu_ps(s8, sv);
     for (int l = 0; l < 8; l++) sum += s8[l];
-    for (; j < n; j++) {
-        sc[j] = ob_expf_nonpos(sc[j] - mx);
-        sum += sc[j];
-    }
-    __m256 inv = _mm256_set1_ps(1.0f / sum);
-    for (j = 0; j < n8; j += 8) _mm256_storeu_ps(sc + j, _mm256_mul_ps(_mm256_loadu_ps(sc + j), inv));
-    for (; j < n; j++) sc[j] *= 1.0f / sum;
+    for (; j < n; j++) sum += sc[j] = ob_expf_nonpos(sc[j] - mx);
+    *mx_out = mx;
+    return sum;
 }
+
 #endif
 
-static void softmax_row(float *sc, int64_t n) {
-    float mx = -INFINITY, sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    for (int64_t j = 0; j < n; j++) {
-        sc[j] = ob_expf_nonpos(sc[j] - mx);
-        sum += sc[j];
-    }
-    float inv = 1.0f / sum;
-    for (int64_t j = 0; j < n; j++) sc[j] *= inv;
-}
 
 /* explicit AVX2/FMA loops: where the CPU has them and ONEBIT_KERNELS is not "reference" */
 static int attn_simd(void) {
@@ -402,16 +390,6 @@ int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_t n, in
     return OB_OK;
 }
 
-static void softmax_any(float *sc, int64_t n, int simd) {
-#ifdef OB_ATTN_AVX2
-    if (simd) {
-        softmax_row_avx2(sc, n);
-        return;
-    }
-#endif
-    (void)simd;
-    softmax_row(sc, n);
-}
 
 typedef struct {
     const float *q;          /* [T, H, hd], rotated */
@@ -422,78 +400,159 @@ typedef struct {
     float *y;                /* [T, H * hd] */
     int simd;                /* explicit AVX2/FMA loops (not with ONEBIT_KERNELS=reference) */
     int64_t group;           /* query heads per work item: H/Hkv (share the KV reads), or 1 */
+    int64_t nchunk;          /* key ranges per (token, head group): > 1 splits a decode step's
+                              * few items so every thread gets work (split-K) */
+    float *part;             /* nchunk > 1: [items][group][hd + 2] partial y, max, sum */
     float *scratch;          /* [nt][stride]: scores [group][pos + T], then (quantized) 2 x
                               * [KV_BLOCK][hd] dequantized K and V rows */
     int64_t stride;
 } attn_job_t;
 
+/* the numerators of a softmax over sc[0:n]: sc[j] = exp(sc[j] - max); returns the sum, *mx the
+ * max (the caller divides, after adding up the key ranges of a split) */
+static float softmax_partial(float *sc, int64_t n, float *mx_out, int simd) {
+    float mx = -INFINITY, sum = 0.0f;
+#ifdef OB_ATTN_AVX2
+    if (simd) return softmax_partial_avx2(sc, n, mx_out);
+#endif
+    (void)simd;
+    for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int64_t j = 0; j < n; j++) sum += sc[j] = ob_expf_nonpos(sc[j] - mx);
+    *mx_out = mx;
+    return sum;
+}
 
 #define KV_BLOCK 64 /* cache rows dequantized at a time */
+#define OB_ATTN_MAX_GROUP 64 /* query heads sharing one kv head in a work item, at most */
+#define OB_ATTN_MAX_CHUNK 16 /* key ranges of a split, at most */
 
-/* The work item of attn_task over quantized caches: rows are dequantized KV_BLOCK at a time into
- * kb / vb (exactly quant.dequantize_kv's floats), then the float32 loops run on them. */
-static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int64_t n, float *sc,
-                           float *kb, float *y, float scale) {
-    int64_t gs = J->group, S = J->pos + J->T, hd = J->hd;
+/* keys [j0, j1) of one work item over the quantized caches: rows are dequantized KV_BLOCK at a
+ * time into kb / vb (exactly quant.dequantize_kv's floats), then the float32 loops run on them.
+ * y[h] = sum_j e^(s_j - mx[h]) v_j (not yet divided by sum[h]). */
+static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int64_t j0, int64_t j1,
+                           float *sc, float *kb, float *y, int64_t ldy, float *mx, float *sum,
+                           float scale) {
+    int64_t gs = J->group, S = J->pos + J->T, hd = J->hd, n = j1 - j0;
     float *vb = kb + KV_BLOCK * hd;
-    for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
-        int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qk, kvh, j0 + j, hd, kb + j * hd, J->simd);
+    for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
+        int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
+        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qk, kvh, j0 + b0 + j, hd, kb + j * hd, J->simd);
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
-            scores_group_avx2(q, gs, kb, nb, hd, scale, sc + j0, S);
+            scores_group_avx2(q, gs, kb, nb, hd, scale, sc + b0, S);
             continue;
         }
 #endif
         for (int64_t h = 0; h < gs; h++)
-            for (int64_t j = 0; j < nb; j++) sc[h * S + j0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
+            for (int64_t j = 0; j < nb; j++) sc[h * S + b0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
     }
-    for (int64_t h = 0; h < gs; h++) softmax_any(sc + h * S, n, J->simd);
-    memset(y, 0, (size_t)(gs * hd) * sizeof(float));
-    for (int64_t j0 = 0; j0 < n; j0 += KV_BLOCK) {
-        int64_t nb = n - j0 < KV_BLOCK ? n - j0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qv, kvh, j0 + j, hd, vb + j * hd, J->simd);
+    for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, J->simd);
+    for (int64_t h = 0; h < gs; h++) memset(y + h * ldy, 0, (size_t)hd * sizeof(float));
+    for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
+        int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
+        for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qv, kvh, j0 + b0 + j, hd, vb + j * hd, J->simd);
 #ifdef OB_ATTN_AVX2
         if (J->simd && hd % 8 == 0) {
-            weighted_sum_group_avx2(sc + j0, gs, S, vb, nb, hd, y, hd, 1);
+            weighted_sum_group_avx2(sc + b0, gs, S, vb, nb, hd, y, ldy, 1);
             continue;
         }
 #endif
         for (int64_t h = 0; h < gs; h++)
-            for (int64_t j = 0; j < nb; j++) axpy(y + h * hd, sc[h * S + j0 + j], vb + j * hd, hd);
+            for (int64_t j = 0; j < nb; j++) axpy(y + h * ldy, sc[h * S + b0 + j], vb + j * hd, hd);
+    }
+}
+
+/* keys [j0, j1) of one work item over float32 caches (K, V: this kv head's rows), as above */
+static void attn_float(const attn_job_t *J, const float *q, const float *K, const float *V,
+                       int64_t j0, int64_t j1, float *sc, float *y, int64_t ldy, float *mx,
+                       float *sum, float scale) {
+    int64_t gs = J->group, S = J->pos + J->T, hd = J->hd, n = j1 - j0;
+    K += j0 * hd;
+    V += j0 * hd;
+#ifdef OB_ATTN_AVX2
+    if (J->simd && hd % 8 == 0) {
+        scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
+        for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, 1);
+        weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, ldy, 0);
+        return;
+    }
+#endif
+    for (int64_t h = 0; h < gs; h++) {
+        float *sh = sc + h * S, *yh = y + h * ldy;
+        for (int64_t j = 0; j < n; j++) sh[j] = dot(q + h * hd, K + j * hd, hd) * scale;
+        sum[h] = softmax_partial(sh, n, mx + h, J->simd);
+        memset(yh, 0, (size_t)hd * sizeof(float));
+        for (int64_t j = 0; j < n; j++) axpy(yh, sh[j], V + j * hd, hd);
     }
 }
 
 static void attn_task(void *ctx, int t, int nt) {
     attn_job_t *J = (attn_job_t *)ctx;
     int64_t g = J->H / J->Hkv, gs = J->group, S = J->pos + J->T, hd = J->hd, nb = J->H / gs;
+    int64_t NC = J->nchunk;
     float *sc = J->scratch + (int64_t)t * J->stride; /* [gs][S] */
     float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t w = t; w < J->T * nb; w += nt) { /* work item = (token, gs heads of one kv head) */
-        int64_t tok = w / nb, h0 = (w % nb) * gs, kvh = h0 / g, n = J->pos + tok + 1;
+    /* work item = (token, gs heads of one kv head, key range c of NC) */
+    for (int64_t w = t; w < J->T * nb * NC; w += nt) {
+        int64_t c = w % NC, tok = w / NC / nb, h0 = (w / NC % nb) * gs, kvh = h0 / g;
+        int64_t n = J->pos + tok + 1, j0 = n * c / NC, j1 = n * (c + 1) / NC;
         const float *q = J->q + (tok * J->H + h0) * hd;
-        const float *K = J->ck + kvh * J->cache_len * hd, *V = J->cv + kvh * J->cache_len * hd;
-        float *y = J->y + tok * J->H * hd + h0 * hd;
-        if (J->bits != 32) {
-            attn_quantized(J, q, kvh, n, sc, sc + gs * S, y, scale);
+        float mx[OB_ATTN_MAX_GROUP], sum[OB_ATTN_MAX_GROUP], *y, *pm, *ps;
+        int64_t ldy;
+        if (NC > 1) { /* partial results: [gs][hd] y, then gs maxima, gs sums */
+            y = J->part + w * gs * (hd + 2);
+            ldy = hd;
+            pm = y + gs * hd;
+            ps = pm + gs;
+        } else {
+            y = J->y + tok * J->H * hd + h0 * hd;
+            ldy = hd;
+            pm = mx;
+            ps = sum;
+        }
+        if (j1 <= j0) { /* an empty key range (n < NC): contributes nothing */
+            for (int64_t h = 0; h < gs; h++) pm[h] = -INFINITY, ps[h] = 0.0f;
+            memset(y, 0, (size_t)(gs * hd) * sizeof(float));
             continue;
         }
-#ifdef OB_ATTN_AVX2
-        if (J->simd && hd % 8 == 0) {
-            scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
-            for (int64_t h = 0; h < gs; h++) softmax_any(sc + h * S, n, J->simd);
-            weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, hd, 0);
-            continue;
-        }
-#endif
-        for (int64_t h = 0; h < gs; h++) {
-            float *sh = sc + h * S, *yh = y + h * hd;
-            for (int64_t j = 0; j < n; j++) sh[j] = dot(q + h * hd, K + j * hd, hd) * scale;
-            softmax_row(sh, n);
-            memset(yh, 0, (size_t)hd * sizeof(float));
-            for (int64_t j = 0; j < n; j++) axpy(yh, sh[j], V + j * hd, hd);
-        }
+        if (J->bits != 32)
+            attn_quantized(J, q, kvh, j0, j1, sc, sc + gs * S, y, ldy, pm, ps, scale);
+        else
+            attn_float(J, q, J->ck + kvh * J->cache_len * hd, J->cv + kvh * J->cache_len * hd, j0, j1,
+                       sc, y, ldy, pm, ps, scale);
+        if (NC == 1)
+            for (int64_t h = 0; h < gs; h++) {
+                float inv = 1.0f / ps[h];
+                for (int64_t i = 0; i < hd; i++) y[h * ldy + i] *= inv;
+            }
     }
+}
+
+/* y of every (token, head) from the NC key ranges: sum_c e^(m_c - M) y_c / sum_c e^(m_c - M) l_c */
+static void attn_combine(const attn_job_t *J) {
+    int64_t gs = J->group, hd = J->hd, nb = J->H / gs, NC = J->nchunk;
+    for (int64_t tok = 0; tok < J->T; tok++)
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t h = 0; h < gs; h++) {
+                const float *p0 = J->part + (tok * nb + b) * NC * gs * (hd + 2);
+                float M = -INFINITY, L = 0.0f, wgt[OB_ATTN_MAX_CHUNK];
+                for (int64_t c = 0; c < NC; c++) {
+                    float m = p0[c * gs * (hd + 2) + gs * hd + h];
+                    M = m > M ? m : M;
+                }
+                for (int64_t c = 0; c < NC; c++) {
+                    const float *pc = p0 + c * gs * (hd + 2);
+                    float l = pc[gs * hd + gs + h];
+                    wgt[c] = l > 0.0f ? ob_expf_nonpos(pc[gs * hd + h] - M) : 0.0f;
+                    L += wgt[c] * l;
+                }
+                float *y = J->y + tok * J->H * hd + (b * gs + h) * hd;
+                for (int64_t i = 0; i < hd; i++) {
+                    float a = 0.0f;
+                    for (int64_t c = 0; c < NC; c++) a += wgt[c] * p0[c * gs * (hd + 2) + h * hd + i];
+                    y[i] = a / L;
+                }
+            }
 }
 
 int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H, int64_t Hkv,
@@ -542,14 +601,27 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
     /* group the heads of a KV head (each K/V row read once for all of them) when there are
      * enough items to balance the threads, or when the context is long enough that reading the
      * cache H/Hkv times costs more than an uneven split */
-    int64_t group = T * Hkv >= 4 * (int64_t)nt || pos + T >= 256 ? H / Hkv : 1;
+    int64_t group = (T * Hkv >= 4 * (int64_t)nt || pos + T >= 256) && H / Hkv <= OB_ATTN_MAX_GROUP
+                        ? H / Hkv : 1;
+    /* split the keys when there are too few work items for the threads (decode with few kv
+     * heads), keeping >= 256 keys per range */
+    int64_t items = T * (H / group), nchunk = 1;
+    if (items < 4 * (int64_t)nt) {
+        nchunk = (4 * (int64_t)nt + items - 1) / items;
+        int64_t most = (pos + 1) / 256;
+        nchunk = nchunk < most ? nchunk : most;
+        nchunk = nchunk < OB_ATTN_MAX_CHUNK ? nchunk : OB_ATTN_MAX_CHUNK;
+        nchunk = nchunk > 1 ? nchunk : 1;
+    }
     int64_t stride = group * (pos + T) + (bits == 32 ? 0 : 2 * KV_BLOCK * hd);
-    float *scratch = (float *)malloc((size_t)nt * (size_t)stride * sizeof(float));
+    size_t part = nchunk > 1 ? (size_t)(items * nchunk * group * (hd + 2)) : 0;
+    float *scratch = (float *)malloc(((size_t)nt * (size_t)stride + part) * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
     int simd = attn_simd();
-    attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, scratch,
-                    stride};
+    attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, nchunk,
+                    scratch + (size_t)nt * (size_t)stride, scratch, stride};
     ob_parallel(attn_task, &J, nt);
+    if (nchunk > 1) attn_combine(&J);
     free(scratch);
     return OB_OK;
 }
