@@ -22,6 +22,8 @@
 #define OB_CLONES
 #endif
 
+#define OB_ATTN_MAX_GROUP 64 /* query heads sharing one kv head in a work item, at most */
+
 /* expf for x <= 0 (softmax after max subtraction); exp(-inf) = 0. Range reduction by ln 2. */
 static inline float ob_expf_nonpos(float x) {
     if (x < -87.0f) return 0.0f;
@@ -303,6 +305,141 @@ FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int6
     }
 }
 
+/* the 8 codes of values i..i+7 of a row (hd % 8 == 0) minus the zero point z = 2^(bits-1) - 1/2,
+ * as floats (exact: small integers minus a half), not yet times the row's step */
+FMA_ATTR static inline __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64_t hd, int bits) {
+    __m256i c;
+    if (bits == 8) {
+        c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(in + i)));
+    } else if (bits == 4) {
+        uint32_t w;
+        memcpy(&w, in + i / 2, 4);
+        c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w),
+                                               _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
+                             _mm256_set1_epi32(15));
+    } else {
+        const uint8_t *b = in + i / 8 * 3;
+        uint32_t w;
+        if (i + 8 < hd) memcpy(&w, b, 4); /* 4 bytes where the row goes on */
+        else w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
+        c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w),
+                                               _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
+                             _mm256_set1_epi32(7));
+    }
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps((float)(1 << (bits - 1)) - 0.5f));
+}
+
+/* 4 horizontal sums in one vector: lane l = sum of a[l] */
+FMA_ATTR static inline __m128 hsum4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* Scores straight from a quantized K cache, without dequantizing rows first: for keys at cache
+ * positions p0..p0+n-1 of kv head kvh (none of them the 3-bit cache's 4-bit row 0) and query
+ * heads h < gs,  sc[h * S + j] = (q_h . (c_j - z)) * step_j * scale  (value = (c - z) * step).
+ * Each key's codes are unpacked once per 4 heads; two keys per pass. */
+FMA_ATTR static void scores_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
+                                       const float *q, int64_t gs, int64_t hd, float scale,
+                                       float *sc, int64_t S) {
+    int bits = c->bits;
+    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * c->rb;
+    const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
+    for (int64_t j = 0; j < n; j += 2) {
+        int two = j + 1 < n;
+        const uint8_t *r0 = rows + j * c->rb, *r1 = two ? r0 + c->rb : r0;
+        float st0 = ob_half_to_float(steps[j]) * scale, st1 = two ? ob_half_to_float(steps[j + 1]) * scale : 0.0f;
+        for (int64_t h0 = 0; h0 < gs; h0 += 4) {
+            int64_t nh = gs - h0 < 4 ? gs - h0 : 4;
+            __m256 a[4][2];
+            for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
+            if (nh == 4) { /* fixed trip counts: the 8 accumulators stay in registers */
+                const float *q0 = q + h0 * hd;
+                for (int64_t i = 0; i < hd; i += 8) {
+                    __m256 c0 = kv_codes8_avx2(r0, i, hd, bits), c1 = kv_codes8_avx2(r1, i, hd, bits);
+                    for (int k = 0; k < 4; k++) {
+                        __m256 qv = _mm256_loadu_ps(q0 + k * hd + i);
+                        a[k][0] = _mm256_fmadd_ps(qv, c0, a[k][0]);
+                        a[k][1] = _mm256_fmadd_ps(qv, c1, a[k][1]);
+                    }
+                }
+            } else {
+                for (int64_t i = 0; i < hd; i += 8) {
+                    __m256 c0 = kv_codes8_avx2(r0, i, hd, bits), c1 = kv_codes8_avx2(r1, i, hd, bits);
+                    for (int k = 0; k < nh; k++) {
+                        __m256 qv = _mm256_loadu_ps(q + (h0 + k) * hd + i);
+                        a[k][0] = _mm256_fmadd_ps(qv, c0, a[k][0]);
+                        a[k][1] = _mm256_fmadd_ps(qv, c1, a[k][1]);
+                    }
+                }
+            }
+            float d0[4], d1[4];
+            _mm_storeu_ps(d0, hsum4_avx2(a[0][0], a[1][0], a[2][0], a[3][0]));
+            _mm_storeu_ps(d1, hsum4_avx2(a[0][1], a[1][1], a[2][1], a[3][1]));
+            for (int k = 0; k < nh; k++) {
+                sc[(h0 + k) * S + j] = d0[k] * st0;
+                if (two) sc[(h0 + k) * S + j + 1] = d1[k] * st1;
+            }
+        }
+    }
+}
+
+/* y[h * ldy + 0:hd] += sum_j p[h * S + j] * value_j for values at cache positions p0..p0+n-1 of
+ * kv head kvh (not the 3-bit cache's 4-bit row 0), straight from the codes: with
+ * value = (c - z) * step that is  sum_j w_j (c_j - z),  w_j = p_j * step_j (written over p). Rows
+ * go in blocks that stay in L1; 16 output values x 4 heads of accumulators per pass. */
+#define WSQ_ROWS 256
+FMA_ATTR static void weighted_sum_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
+                                             float *p, int64_t gs, int64_t S, int64_t hd, float *y,
+                                             int64_t ldy) {
+    int bits = c->bits;
+    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * c->rb;
+    const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
+    for (int64_t j = 0; j < n; j++) {
+        float st = ob_half_to_float(steps[j]);
+        for (int64_t h = 0; h < gs; h++) p[h * S + j] *= st;
+    }
+    for (int64_t j0 = 0; j0 < n; j0 += WSQ_ROWS) {
+        int64_t j1 = j0 + WSQ_ROWS < n ? j0 + WSQ_ROWS : n;
+        for (int64_t h0 = 0; h0 < gs; h0 += 4) {
+            int64_t nh = gs - h0 < 4 ? gs - h0 : 4;
+            for (int64_t d = 0; d < hd; d += 16) {
+                int wide = d + 16 <= hd; /* else the last 8 values */
+                __m256 a[4][2];
+                for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
+                const float *w0 = p + h0 * S;
+                if (nh == 4 && wide) { /* fixed trip counts: the 8 accumulators stay in registers */
+                    for (int64_t j = j0; j < j1; j++) {
+                        const uint8_t *r = rows + j * c->rb;
+                        __m256 c0 = kv_codes8_avx2(r, d, hd, bits), c1 = kv_codes8_avx2(r, d + 8, hd, bits);
+                        for (int k = 0; k < 4; k++) {
+                            __m256 wv = _mm256_broadcast_ss(w0 + k * S + j);
+                            a[k][0] = _mm256_fmadd_ps(wv, c0, a[k][0]);
+                            a[k][1] = _mm256_fmadd_ps(wv, c1, a[k][1]);
+                        }
+                    }
+                } else {
+                    for (int64_t j = j0; j < j1; j++) {
+                        const uint8_t *r = rows + j * c->rb;
+                        __m256 c0 = kv_codes8_avx2(r, d, hd, bits);
+                        __m256 c1 = wide ? kv_codes8_avx2(r, d + 8, hd, bits) : _mm256_setzero_ps();
+                        for (int k = 0; k < nh; k++) {
+                            __m256 wv = _mm256_broadcast_ss(w0 + k * S + j);
+                            a[k][0] = _mm256_fmadd_ps(wv, c0, a[k][0]);
+                            a[k][1] = _mm256_fmadd_ps(wv, c1, a[k][1]);
+                        }
+                    }
+                }
+                for (int k = 0; k < nh; k++) {
+                    float *yh = y + (h0 + k) * ldy + d;
+                    _mm256_storeu_ps(yh, _mm256_add_ps(_mm256_loadu_ps(yh), a[k][0]));
+                    if (wide) _mm256_storeu_ps(yh + 8, _mm256_add_ps(_mm256_loadu_ps(yh + 8), a[k][1]));
+                }
+            }
+        }
+    }
+}
+
 /* ob_expf_nonpos on 8 lanes: the same operations in the same order (mul, then add: no FMA), so
  * every value equals the scalar one; lanes below -87 give 0. */
 FMA_ATTR static __m256 expf_nonpos_avx2(__m256 x) {
@@ -423,7 +560,6 @@ static float softmax_partial(float *sc, int64_t n, float *mx_out, int simd) {
 }
 
 #define KV_BLOCK 64 /* cache rows dequantized at a time */
-#define OB_ATTN_MAX_GROUP 64 /* query heads sharing one kv head in a work item, at most */
 #define OB_ATTN_MAX_CHUNK 16 /* key ranges of a split, at most */
 
 /* keys [j0, j1) of one work item over the quantized caches: rows are dequantized KV_BLOCK at a
@@ -434,20 +570,37 @@ static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int
                            float scale) {
     int64_t gs = J->group, S = J->pos + J->T, hd = J->hd, n = j1 - j0;
     float *vb = kb + KV_BLOCK * hd;
-    for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
+    int64_t k0 = 0; /* keys scored straight from the codes (AVX2), all but a 3-bit row 0 */
+#ifdef OB_ATTN_AVX2
+    if (J->simd && hd % 8 == 0) {
+        k0 = n;
+        int64_t bos = j0 == 0 && J->bits == 3; /* the 4-bit row 0: dequantized as below */
+        scores_quant_avx2(&J->qk, kvh, j0 + bos, n - bos, q, gs, hd, scale, sc + bos, S);
+        if (bos) {
+            kv_get_any(&J->qk, kvh, 0, hd, kb, 1);
+            scores_group_avx2(q, gs, kb, 1, hd, scale, sc, S);
+        }
+    }
+#endif
+    for (int64_t b0 = 0; b0 < n - k0; b0 += KV_BLOCK) { /* the rest: dequantize, then float loops */
         int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
         for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qk, kvh, j0 + b0 + j, hd, kb + j * hd, J->simd);
-#ifdef OB_ATTN_AVX2
-        if (J->simd && hd % 8 == 0) {
-            scores_group_avx2(q, gs, kb, nb, hd, scale, sc + b0, S);
-            continue;
-        }
-#endif
         for (int64_t h = 0; h < gs; h++)
             for (int64_t j = 0; j < nb; j++) sc[h * S + b0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
     }
     for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, J->simd);
     for (int64_t h = 0; h < gs; h++) memset(y + h * ldy, 0, (size_t)hd * sizeof(float));
+#ifdef OB_ATTN_AVX2
+    if (J->simd && hd % 8 == 0) { /* straight from the codes; a 3-bit row 0 dequantized */
+        int64_t bos = j0 == 0 && J->bits == 3;
+        if (bos) {
+            kv_get_any(&J->qv, kvh, 0, hd, vb, 1);
+            for (int64_t h = 0; h < gs; h++) axpy(y + h * ldy, sc[h * S], vb, hd);
+        }
+        weighted_sum_quant_avx2(&J->qv, kvh, j0 + bos, n - bos, sc + bos, gs, S, hd, y, ldy);
+        return;
+    }
+#endif
     for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
         int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
         for (int64_t j = 0; j < nb; j++) kv_get_any(&J->qv, kvh, j0 + b0 + j, hd, vb + j * hd, J->simd);
