@@ -128,7 +128,8 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
         "kv_bits": 16 if rt.kv_bits == 32 else rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
         "kv_context": need,
-        "kv_bytes": {str(n): kv_cache_bytes(cfg, rt.kv_bits, n) for n in (need, 4096, 16384)},
+        "kv_bytes": {str(n): kv_cache_bytes(cfg, rt.kv_bits, n)
+                     for n in sorted({need, 4096, 16384, *depths})},
         "tg_depth": tg_depth,
     })
     if 512 in pp_res:
