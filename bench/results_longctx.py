@@ -41,7 +41,8 @@ def section(rows: list[dict], threads: int, day: str) -> str:
     kv_name = {16: "float32", 8: "8-bit", 4: "4-bit", 3: "3-bit (row 0: 4-bit)"}
     lines = [
         f"Reproduce: `.venv/bin/python bench/results_longctx.py --threads {threads} --depth "
-        f"{','.join(d for d in depths if d != '0')}` (each row `onebit bench model --json --depth ... "
+        f"{','.join(d for d in depths if d != '0')}` (rows saved in `docs/results_longctx.json`; "
+        f"`--from` rebuilds this section from them; each row `onebit bench model --json --depth ... "
         f"--kv-bits ... --activation-scheme ...` in its own process). Measured {day}, {threads} "
         f"threads, isa {rows[0]['isa']}. 2B4T shape (30 layers, 20 query / 5 kv heads of 128), "
         f"random ternary weights, i2 + 4-bit embeddings/head. tg = greedy decode tok/s over 32 "
