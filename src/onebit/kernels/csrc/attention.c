@@ -276,37 +276,10 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
 }
 
 
-/* kv_dequantize_row for hd % 8 == 0, 8 values per step, bit-identical to it (the same float32
- * subtract and multiply per value): 8 codes are 8 bytes (8-bit), one 32-bit word (4-bit) or
- * 3 bytes (3-bit, LSB first), broadcast and shifted lane by lane (vpsrlvd). */
-FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int64_t hd, int bits,
-                                            float *out) {
-    const __m256 st = _mm256_set1_ps(ob_half_to_float(hs));
-    const __m256 zero = _mm256_set1_ps((float)(1 << (bits - 1)) - 0.5f);
-    const __m256i sh4 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-    const __m256i sh3 = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
-    const __m256i m4 = _mm256_set1_epi32(15), m3 = _mm256_set1_epi32(7);
-    for (int64_t i = 0; i < hd; i += 8) {
-        __m256i c;
-        if (bits == 8) {
-            c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(in + i)));
-        } else if (bits == 4) {
-            uint32_t w;
-            memcpy(&w, in + i / 2, 4);
-            c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh4), m4);
-        } else { /* 3 bytes (4 loaded where the row goes on: never read past the row) */
-            const uint8_t *b = in + i / 8 * 3;
-            uint32_t w;
-            if (i + 8 < hd) memcpy(&w, b, 4);
-            else w = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16;
-            c = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int32_t)w), sh3), m3);
-        }
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zero), st));
-    }
-}
-
 /* the 8 codes of values i..i+7 of a row (hd % 8 == 0) minus the zero point z = 2^(bits-1) - 1/2,
- * as floats (exact: small integers minus a half), not yet times the row's step */
+ * as floats (exact: small integers minus a half), not yet times the row's step. 8 codes are 8
+ * bytes (8-bit), one 32-bit word (4-bit) or 3 bytes (3-bit, LSB first), broadcast and shifted
+ * lane by lane (vpsrlvd). */
 FMA_ATTR static inline __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64_t hd, int bits) {
     __m256i c;
     if (bits == 8) {
@@ -327,6 +300,15 @@ FMA_ATTR static inline __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64
                              _mm256_set1_epi32(7));
     }
     return _mm256_sub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps((float)(1 << (bits - 1)) - 0.5f));
+}
+
+/* kv_dequantize_row for hd % 8 == 0, 8 values per step, bit-identical to it (the same float32
+ * subtract and multiply per value) */
+FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int64_t hd, int bits,
+                                            float *out) {
+    const __m256 st = _mm256_set1_ps(ob_half_to_float(hs));
+    for (int64_t i = 0; i < hd; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(kv_codes8_avx2(in, i, hd, bits), st));
 }
 
 /* 4 horizontal sums in one vector: lane l = sum of a[l] */
