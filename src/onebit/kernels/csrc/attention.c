@@ -280,7 +280,7 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
  * as floats (exact: small integers minus a half), not yet times the row's step. 8 codes are 8
  * bytes (8-bit), one 32-bit word (4-bit) or 3 bytes (3-bit, LSB first), broadcast and shifted
  * lane by lane (vpsrlvd). */
-FMA_ATTR static inline __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64_t hd, int bits) {
+FMA_ATTR static inline __attribute__((always_inline)) __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64_t hd, int bits) {
     __m256i c;
     if (bits == 8) {
         c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(in + i)));
@@ -302,6 +302,13 @@ FMA_ATTR static inline __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64
     return _mm256_sub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps((float)(1 << (bits - 1)) - 0.5f));
 }
 
+/* kv_codes8_avx2 for values i..i+7 with more of the row after them (i + 8 < hd): a 3-bit group
+ * loads 4 bytes without the end-of-row test */
+FMA_ATTR static inline __attribute__((always_inline)) __m256 kv_codes8_mid_avx2(const uint8_t *in,
+                                                                               int64_t i, int bits) {
+    return kv_codes8_avx2(in, i, i + 16, bits);
+}
+
 /* kv_dequantize_row for hd % 8 == 0, 8 values per step, bit-identical to it (the same float32
  * subtract and multiply per value) */
 FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int64_t hd, int bits,
@@ -321,30 +328,45 @@ FMA_ATTR static inline __m128 hsum4_avx2(__m256 a0, __m256 a1, __m256 a2, __m256
  * positions p0..p0+n-1 of kv head kvh (none of them the 3-bit cache's 4-bit row 0) and query
  * heads h < gs,  sc[h * S + j] = (q_h . (c_j - z)) * step_j * scale  (value = (c - z) * step).
  * Each key's codes are unpacked once per 4 heads; two keys per pass. */
-FMA_ATTR static void scores_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
-                                       const float *q, int64_t gs, int64_t hd, float scale,
-                                       float *sc, int64_t S) {
-    int bits = c->bits;
-    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * c->rb;
+FMA_ATTR static inline __attribute__((always_inline)) void
+scores_quant_bits(const kv_view *c, int64_t kvh, int64_t p0, int64_t n, const float *q, int64_t gs,
+                  int64_t hd, float scale, float *sc, int64_t S, const int bits) {
+    const int64_t rb = c->rb;
+    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
     const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
     for (int64_t j = 0; j < n; j += 2) {
         int two = j + 1 < n;
-        const uint8_t *r0 = rows + j * c->rb, *r1 = two ? r0 + c->rb : r0;
+        const uint8_t *r0 = rows + j * rb, *r1 = two ? r0 + rb : r0;
         float st0 = ob_half_to_float(steps[j]) * scale, st1 = two ? ob_half_to_float(steps[j + 1]) * scale : 0.0f;
         for (int64_t h0 = 0; h0 < gs; h0 += 4) {
             int64_t nh = gs - h0 < 4 ? gs - h0 : 4;
             __m256 a[4][2];
             for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
-            if (nh == 4) { /* fixed trip counts: the 8 accumulators stay in registers */
+            if (nh == 4) { /* named accumulators, fixed trip counts: all 8 stay in registers */
                 const float *q0 = q + h0 * hd;
-                for (int64_t i = 0; i < hd; i += 8) {
-                    __m256 c0 = kv_codes8_avx2(r0, i, hd, bits), c1 = kv_codes8_avx2(r1, i, hd, bits);
-                    for (int k = 0; k < 4; k++) {
-                        __m256 qv = _mm256_loadu_ps(q0 + k * hd + i);
-                        a[k][0] = _mm256_fmadd_ps(qv, c0, a[k][0]);
-                        a[k][1] = _mm256_fmadd_ps(qv, c1, a[k][1]);
-                    }
+                __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
+                       s21 = s00, s30 = s00, s31 = s00;
+#define SQ_STEP(c0, c1, i)                                                                         \
+    do {                                                                                           \
+        __m256 q_ = _mm256_loadu_ps(q0 + (i));                                                     \
+        s00 = _mm256_fmadd_ps(q_, c0, s00), s01 = _mm256_fmadd_ps(q_, c1, s01);                    \
+        q_ = _mm256_loadu_ps(q0 + hd + (i));                                                       \
+        s10 = _mm256_fmadd_ps(q_, c0, s10), s11 = _mm256_fmadd_ps(q_, c1, s11);                    \
+        q_ = _mm256_loadu_ps(q0 + 2 * hd + (i));                                                   \
+        s20 = _mm256_fmadd_ps(q_, c0, s20), s21 = _mm256_fmadd_ps(q_, c1, s21);                    \
+        q_ = _mm256_loadu_ps(q0 + 3 * hd + (i));                                                   \
+        s30 = _mm256_fmadd_ps(q_, c0, s30), s31 = _mm256_fmadd_ps(q_, c1, s31);                    \
+    } while (0)
+                int64_t i = 0;
+                for (; i + 8 < hd; i += 8) {
+                    __m256 c0 = kv_codes8_mid_avx2(r0, i, bits), c1 = kv_codes8_mid_avx2(r1, i, bits);
+                    SQ_STEP(c0, c1, i);
                 }
+                __m256 c0 = kv_codes8_avx2(r0, i, hd, bits), c1 = kv_codes8_avx2(r1, i, hd, bits);
+                SQ_STEP(c0, c1, i);
+#undef SQ_STEP
+                a[0][0] = s00, a[0][1] = s01, a[1][0] = s10, a[1][1] = s11;
+                a[2][0] = s20, a[2][1] = s21, a[3][0] = s30, a[3][1] = s31;
             } else {
                 for (int64_t i = 0; i < hd; i += 8) {
                     __m256 c0 = kv_codes8_avx2(r0, i, hd, bits), c1 = kv_codes8_avx2(r1, i, hd, bits);
@@ -366,16 +388,25 @@ FMA_ATTR static void scores_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0
     }
 }
 
+/* scores_quant_bits with the bit width a constant (no per-chunk branch on it) */
+FMA_ATTR static void scores_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
+                                       const float *q, int64_t gs, int64_t hd, float scale,
+                                       float *sc, int64_t S) {
+    if (c->bits == 8) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 8);
+    else if (c->bits == 4) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 4);
+    else scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 3);
+}
+
 /* y[h * ldy + 0:hd] += sum_j p[h * S + j] * value_j for values at cache positions p0..p0+n-1 of
  * kv head kvh (not the 3-bit cache's 4-bit row 0), straight from the codes: with
  * value = (c - z) * step that is  sum_j w_j (c_j - z),  w_j = p_j * step_j (written over p). Rows
  * go in blocks that stay in L1; 16 output values x 4 heads of accumulators per pass. */
 #define WSQ_ROWS 256
-FMA_ATTR static void weighted_sum_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
-                                             float *p, int64_t gs, int64_t S, int64_t hd, float *y,
-                                             int64_t ldy) {
-    int bits = c->bits;
-    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * c->rb;
+FMA_ATTR static inline __attribute__((always_inline)) void
+weighted_sum_quant_bits(const kv_view *c, int64_t kvh, int64_t p0, int64_t n, float *p, int64_t gs,
+                        int64_t S, int64_t hd, float *y, int64_t ldy, const int bits) {
+    const int64_t rb = c->rb;
+    const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
     const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
     for (int64_t j = 0; j < n; j++) {
         float st = ob_half_to_float(steps[j]);
@@ -390,19 +421,26 @@ FMA_ATTR static void weighted_sum_quant_avx2(const kv_view *c, int64_t kvh, int6
                 __m256 a[4][2];
                 for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
                 const float *w0 = p + h0 * S;
-                if (nh == 4 && wide) { /* fixed trip counts: the 8 accumulators stay in registers */
+                if (nh == 4 && d + 16 < hd) { /* named accumulators: all 8 in registers */
+                    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00,
+                           s21 = s00, s30 = s00, s31 = s00;
                     for (int64_t j = j0; j < j1; j++) {
-                        const uint8_t *r = rows + j * c->rb;
-                        __m256 c0 = kv_codes8_avx2(r, d, hd, bits), c1 = kv_codes8_avx2(r, d + 8, hd, bits);
-                        for (int k = 0; k < 4; k++) {
-                            __m256 wv = _mm256_broadcast_ss(w0 + k * S + j);
-                            a[k][0] = _mm256_fmadd_ps(wv, c0, a[k][0]);
-                            a[k][1] = _mm256_fmadd_ps(wv, c1, a[k][1]);
-                        }
+                        const uint8_t *r = rows + j * rb;
+                        __m256 c0 = kv_codes8_mid_avx2(r, d, bits), c1 = kv_codes8_mid_avx2(r, d + 8, bits);
+                        __m256 wv = _mm256_broadcast_ss(w0 + j);
+                        s00 = _mm256_fmadd_ps(wv, c0, s00), s01 = _mm256_fmadd_ps(wv, c1, s01);
+                        wv = _mm256_broadcast_ss(w0 + S + j);
+                        s10 = _mm256_fmadd_ps(wv, c0, s10), s11 = _mm256_fmadd_ps(wv, c1, s11);
+                        wv = _mm256_broadcast_ss(w0 + 2 * S + j);
+                        s20 = _mm256_fmadd_ps(wv, c0, s20), s21 = _mm256_fmadd_ps(wv, c1, s21);
+                        wv = _mm256_broadcast_ss(w0 + 3 * S + j);
+                        s30 = _mm256_fmadd_ps(wv, c0, s30), s31 = _mm256_fmadd_ps(wv, c1, s31);
                     }
+                    a[0][0] = s00, a[0][1] = s01, a[1][0] = s10, a[1][1] = s11;
+                    a[2][0] = s20, a[2][1] = s21, a[3][0] = s30, a[3][1] = s31;
                 } else {
                     for (int64_t j = j0; j < j1; j++) {
-                        const uint8_t *r = rows + j * c->rb;
+                        const uint8_t *r = rows + j * rb;
                         __m256 c0 = kv_codes8_avx2(r, d, hd, bits);
                         __m256 c1 = wide ? kv_codes8_avx2(r, d + 8, hd, bits) : _mm256_setzero_ps();
                         for (int k = 0; k < nh; k++) {
@@ -420,6 +458,15 @@ FMA_ATTR static void weighted_sum_quant_avx2(const kv_view *c, int64_t kvh, int6
             }
         }
     }
+}
+
+/* weighted_sum_quant_bits with the bit width a constant */
+FMA_ATTR static void weighted_sum_quant_avx2(const kv_view *c, int64_t kvh, int64_t p0, int64_t n,
+                                             float *p, int64_t gs, int64_t S, int64_t hd, float *y,
+                                             int64_t ldy) {
+    if (c->bits == 8) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 8);
+    else if (c->bits == 4) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 4);
+    else weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 3);
 }
 
 /* ob_expf_nonpos on 8 lanes: the same operations in the same order (mul, then add: no FMA), so
