@@ -9,8 +9,10 @@
  *   y:       sum_j p_j v_j
  * exp is a Cephes-style polynomial (max rel. error ~2 ulp), so results equal PyTorch's within
  * float tolerance, not bit for bit (PyTorch's own kernels sum in another order). On x86 with
- * FMA and hd % 8 == 0, scores (4 keys per pass) and the weighted sum of values use explicit AVX2
- * FMA loops; otherwise the plain loops below (both checked against a float64 oracle). */
+ * AVX2/FMA/F16C and hd % 8 == 0, scores, softmax and the weighted sum of values use explicit AVX2
+ * loops, over quantized caches straight from the codes; otherwise the plain loops below (both
+ * checked against a float64 oracle). Heads sharing a kv head form one work item; a decode step
+ * with few items splits its keys into ranges combined at the end (split-K). docs/kernels.md. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -203,7 +205,7 @@ OB_CLONES static void axpy(float *y, float a, const float *x, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define OB_ATTN_AVX2 1
-#define FMA_ATTR __attribute__((target("avx2,fma")))
+#define FMA_ATTR __attribute__((target("avx2,fma,f16c")))
 
 /* scores[j] = (q . K[j]) * scale for j < n, four keys per pass (hd % 8 == 0). */
 FMA_ATTR static void scores_avx2(const float *q, const float *K, int64_t n, int64_t hd, float scale,
@@ -313,7 +315,7 @@ FMA_ATTR static inline __attribute__((always_inline)) __m256 kv_codes8_mid_avx2(
  * subtract and multiply per value) */
 FMA_ATTR static void kv_dequantize_row_avx2(const uint8_t *in, uint16_t hs, int64_t hd, int bits,
                                             float *out) {
-    const __m256 st = _mm256_set1_ps(ob_half_to_float(hs));
+    const __m256 st = _mm256_set1_ps(_cvtsh_ss(hs));
     for (int64_t i = 0; i < hd; i += 8)
         _mm256_storeu_ps(out + i, _mm256_mul_ps(kv_codes8_avx2(in, i, hd, bits), st));
 }
@@ -337,7 +339,7 @@ scores_quant_bits(const kv_view *c, int64_t kvh, int64_t p0, int64_t n, const fl
     for (int64_t j = 0; j < n; j += 2) {
         int two = j + 1 < n;
         const uint8_t *r0 = rows + j * rb, *r1 = two ? r0 + rb : r0;
-        float st0 = ob_half_to_float(steps[j]) * scale, st1 = two ? ob_half_to_float(steps[j + 1]) * scale : 0.0f;
+        float st0 = _cvtsh_ss(steps[j]) * scale, st1 = two ? _cvtsh_ss(steps[j + 1]) * scale : 0.0f;
         for (int64_t h0 = 0; h0 < gs; h0 += 4) {
             int64_t nh = gs - h0 < 4 ? gs - h0 : 4;
             __m256 a[4][2];
@@ -408,10 +410,14 @@ weighted_sum_quant_bits(const kv_view *c, int64_t kvh, int64_t p0, int64_t n, fl
     const int64_t rb = c->rb;
     const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
     const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
-    for (int64_t j = 0; j < n; j++) {
-        float st = ob_half_to_float(steps[j]);
-        for (int64_t h = 0; h < gs; h++) p[h * S + j] *= st;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) { /* 8 fp16 steps at a time (exact conversion) */
+        __m256 st = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(steps + j)));
+        for (int64_t h = 0; h < gs; h++)
+            _mm256_storeu_ps(p + h * S + j, _mm256_mul_ps(_mm256_loadu_ps(p + h * S + j), st));
     }
+    for (; j < n; j++)
+        for (int64_t h = 0; h < gs; h++) p[h * S + j] *= _cvtsh_ss(steps[j]);
     for (int64_t j0 = 0; j0 < n; j0 += WSQ_ROWS) {
         int64_t j1 = j0 + WSQ_ROWS < n ? j0 + WSQ_ROWS : n;
         for (int64_t h0 = 0; h0 < gs; h0 += 4) {
@@ -520,7 +526,7 @@ FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) 
 static int attn_simd(void) {
 #ifdef OB_ATTN_AVX2
     return strcmp(ob_isa(), "reference") != 0 && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif
