@@ -2,11 +2,15 @@
 0, 1k and 4k cached positions, for each KV cache storage (float32, 8, 4, 3 bits) and for a4.8
 (its activations + the 3-bit cache, as the paper defines it) against b1.58.
 
-    .venv/bin/python bench/results_longctx.py [--threads 2] [--depth 1024,4032] [--report FILE] [--from FILE]
+    .venv/bin/python bench/results_longctx.py [--threads 2] [--depth 1024,4032] [--rounds 3]
+                                              [--report FILE] [--from FILE]
 
-Each row is `onebit bench model --json --depth ...` in its own process (random-ternary 2B4T
-weights, 4-bit embeddings/head; the cache is filled by a prefill of random tokens up to each
-depth, then 32 tokens are decoded from there, best of 2). About 10 minutes on 2 cores.
+All configurations live in one process (one mmap of the random-ternary 2B4T weights with 4-bit
+embeddings/head, one Runtime and cache per configuration) and are timed in interleaved rounds:
+at each depth every cache is first filled by a prefill of the same random tokens, then each
+round decodes 32 greedy tokens from that depth with every configuration in turn; the table
+keeps each one's best round. This VM's speed drifts by tens of percent over minutes, so only
+interleaved rounds give comparable rows. About 8 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -14,41 +18,82 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from docsection import replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 # (label, activation scheme, kv bits): b1.58 as the engine runs it by default (float32 cache),
 # the same weights with quantized caches, and a4.8 = a4.8 activations + 3-bit cache
-ROWS = (("b1.58", "a8", 16), ("b1.58", "a8", 8), ("b1.58", "a8", 4), ("b1.58", "a8", 3),
-        ("a4.8", "a4.8", 3))
+CONFIGS = (("b1.58", "a8", 16), ("b1.58", "a8", 8), ("b1.58", "a8", 4), ("b1.58", "a8", 3),
+           ("a4.8", "a4.8", 3))
+TG = 32
 
 
-def run(scheme: str, kv: int, depths: str, threads: int) -> dict:
-    cmd = [sys.executable, "-W", "ignore", "-m", "onebit", "bench", "model", "--json", "--shape", "2b4t",
-           "--embedding", "i4", "--pp", "128", "--tg", "32", "--threads", str(threads),
-           "--depth", depths, "--kv-bits", str(kv), "--activation-scheme", scheme]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def measure(depths: list[int], rounds: int, threads: int) -> list[dict]:
+    from onebit import kernels
+    from onebit.benchmarks.model import model_for_shape
+    from onebit.engine import Runtime
+    from onebit.engine.stats import kv_cache_bytes
+
+    kernels.set_num_threads(threads)
+    folder = model_for_shape("2b4t", "i2", "i4", ROOT / ".cache" / "onebit" / "bench-models")
+    need = max(depths) + TG + 1
+    rts = []
+    for label, scheme, kv in CONFIGS:
+        with warnings.catch_warnings():  # a4.8 activations on a8 weights: speed only
+            warnings.simplefilter("ignore")
+            rt = Runtime(folder, activation_scheme=scheme, kv_bits=kv)
+        rt.reset(need)
+        rts.append(rt)
+    cfg = rts[0].config
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, cfg.vocab_size, max(depths))
+    rows = [{"label": label, "scheme": scheme, "kv_bits": kv, "tg_depth": {},
+             "kv_bytes": {str(d): kv_cache_bytes(cfg, 32 if kv == 16 else kv, d) for d in (*depths, 4096)}}
+            for label, scheme, kv in CONFIGS]
+    filled = [0] * len(rts)
+    for d in sorted(depths):
+        for i, rt in enumerate(rts):  # the same prompt into every cache, in chunks of 512
+            while filled[i] < d:
+                n = min(512, d - filled[i])
+                rt.forward(prompt[filled[i]:filled[i] + n], filled[i])
+                filled[i] += n
+        best = [float("inf")] * len(rts)
+        for _ in range(rounds):
+            for i, rt in enumerate(rts):
+                tok = cfg.bos_token_id
+                t = time.perf_counter()
+                for p in range(d, d + TG):
+                    tok = int(np.argmax(rt.forward([tok], p)))
+                best[i] = min(best[i], time.perf_counter() - t)
+        for row, b in zip(rows, best):
+            row["tg_depth"][str(d)] = TG / b
+        print(f"depth {d}: " + ", ".join(f"{r['label']}/{r['kv_bits']} {r['tg_depth'][str(d)]:.1f}"
+                                         for r in rows), file=sys.stderr)
+    return rows
 
 
-def section(rows: list[dict], threads: int, day: str) -> str:
+def section(rows: list[dict], meta: dict) -> str:
     depths = list(rows[0]["tg_depth"])
     base = rows[0]["tg_depth"]
     kv_name = {16: "float32", 8: "8-bit", 4: "4-bit", 3: "3-bit (row 0: 4-bit)"}
     lines = [
-        f"Reproduce: `.venv/bin/python bench/results_longctx.py --threads {threads} --depth "
-        f"{','.join(d for d in depths if d != '0')}` (rows saved in `docs/results_longctx.json`; "
-        f"`--from` rebuilds this section from them; each row `onebit bench model --json --depth ... "
-        f"--kv-bits ... --activation-scheme ...` in its own process). Measured {day}, {threads} "
-        f"threads, isa {rows[0]['isa']}. 2B4T shape (30 layers, 20 query / 5 kv heads of 128), "
-        f"random ternary weights, i2 + 4-bit embeddings/head. tg = greedy decode tok/s over 32 "
-        f"tokens starting after `depth` cached positions (the cache filled by a prefill of random "
-        f"tokens), best of 2. 'KV read' = the cache bytes one decode step reads at the deepest "
-        f"depth (all layers, K and V).",
+        f"Reproduce: `.venv/bin/python bench/results_longctx.py --threads {meta['threads']} --depth "
+        f"{','.join(d for d in depths if d != '0')} --rounds {meta['rounds']}` (rows saved in "
+        f"`docs/results_longctx.json`; "
+        f"`--from` rebuilds this section from them). Measured {meta['day']}, {meta['threads']} "
+        f"threads, isa {meta['isa']}. 2B4T shape (30 layers, 20 query / 5 kv heads of 128), random "
+        f"ternary weights, i2 + 4-bit embeddings/head, all configurations in one process. tg = "
+        f"greedy decode tok/s over {TG} tokens starting after `depth` cached positions (every cache "
+        f"filled by a prefill of the same random tokens), best of {meta['rounds']} interleaved "
+        f"rounds. 'KV read' = the cache bytes one decode step reads at the deepest depth (all "
+        f"layers, K and V).",
         "",
         "| activations | KV cache | KV at 4k | KV read/token at "
         f"{depths[-1]} | " + " | ".join(f"tg @ {d}" for d in depths) + " | vs b1.58 float32 KV @ "
@@ -56,11 +101,9 @@ def section(rows: list[dict], threads: int, day: str) -> str:
         "|---|---|---:|---:|" + "---:|" * len(depths) + "---|",
     ]
     for r in rows:
-        kv = r["kv_bits"]
-        kv4k = r["kv_bytes"]["4096"]
-        read = r["kv_bytes"][depths[-1]]
         lines.append(
-            f"| {r['label']} | {kv_name[kv]} | {kv4k / 2**20:,.1f} MiB | {read / 1e6:,.0f} MB | "
+            f"| {r['label']} | {kv_name[r['kv_bits']]} | {r['kv_bytes']['4096'] / 2**20:,.1f} MiB | "
+            f"{r['kv_bytes'][depths[-1]] / 1e6:,.0f} MB | "
             + " | ".join(f"{r['tg_depth'][d]:,.1f}" for d in depths) + " | "
             + " / ".join(f"{r['tg_depth'][d] / base[d]:.2f}×" for d in depths) + " |")
     return "\n".join(lines)
@@ -70,23 +113,23 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depth", default="1024,4032", help="cached positions besides 0")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--report", default=None, help="also save the rows as JSON here")
     ap.add_argument("--from", dest="src", default=None, help="rebuild the section from saved JSON")
     args = ap.parse_args(argv)
     if args.src:
         saved = json.loads(Path(args.src).read_text())
-        rows, day = saved["rows"], saved["day"]
+        rows, meta = saved["rows"], saved["meta"]
     else:
-        rows, day = [], datetime.date.today().isoformat()
-        for label, scheme, kv in ROWS:
-            r = run(scheme, kv, "0," + args.depth, args.threads)
-            r["label"] = label
-            rows.append(r)
-            print(f"{label} kv {kv}: " + ", ".join(f"d{d} {v:.1f}" for d, v in r["tg_depth"].items()),
-                  file=sys.stderr)
+        from onebit import kernels
+
+        depths = [0] + [int(v) for v in args.depth.split(",") if v.strip()]
+        rows = measure(depths, args.rounds, args.threads)
+        meta = {"day": datetime.date.today().isoformat(), "threads": args.threads,
+                "rounds": args.rounds, "isa": kernels.isa()}
     if args.report:
-        Path(args.report).write_text(json.dumps({"day": day, "rows": rows}, indent=1))
-    replace_section("results_longctx", section(rows, args.threads, day),
+        Path(args.report).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    replace_section("results_longctx", section(rows, meta),
                     "## Long context: decode speed with float32 and quantized KV caches")
     return 0
 
