@@ -33,6 +33,26 @@ def test_quantize_i4_matches_quant(k):
     assert codes.min() >= -8 and codes.max() <= 7
 
 
+@pytest.mark.parametrize("k", [1, 5, 8, 12, 100, 2560, 6913])
+def test_quantize_i4_variants_are_bit_identical(k):
+    """The AVX2 INT4 quantizer is the scalar one (the spec) bit for bit: same RMSNorm, same
+    summation order of mean|y|, same ties; with and without a norm weight, awkward widths."""
+    g = np.random.default_rng(k)
+    x = (g.standard_normal((9, k)) * np.exp(g.uniform(-8, 8, (9, 1)))).astype(np.float32)
+    x[2] = 0.0
+    x[4, ::3] = 0.5 * np.float32(x[4].std())                       # repeated values
+    w = (g.random(k) + 0.5).astype(np.float32)
+    for norm in (None, w):
+        got = {}
+        for v in VARIANTS:
+            with kernels.use(v):
+                got[v] = kernels.quantize_act_i4(x, norm, 1e-5) if norm is not None \
+                    else kernels.quantize_act_i4(x)
+        for v in VARIANTS[1:]:
+            np.testing.assert_array_equal(got[v][0], got["reference"][0])
+            np.testing.assert_array_equal(got[v][1].view(np.uint32), got["reference"][1].view(np.uint32))
+
+
 def test_quantize_i4_with_norm_matches_bitlinear():
     from onebit.nn import RMSNorm
 

@@ -58,6 +58,14 @@ int ob_ref_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1) {
 
 /* Sum of squares in a fixed order that 8-lane SIMD reproduces exactly: lane l sums the
  * elements e = l (mod 8) in order, then the lanes combine as ((0+4) + (2+6)) + ((1+5) + (3+7)). */
+/* sum |x| in double, lanes e mod 4 combined as ((p0 + p2) + (p1 + p3)): ~ torch's cascaded float
+ * sum (the float nearest the exact sum), in the order the AVX2 INT4 quantizer adds too */
+double ob_abssum4_ref(const float *x, int64_t k) {
+    double p[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int64_t e = 0; e < k; e++) p[e % 4] += fabsf(x[e]);
+    return (p[0] + p[2]) + (p[1] + p[3]);
+}
+
 float ob_sumsq_ref(const float *x, int64_t k) {
     float p[8] = {0};
     for (int64_t e = 0; e < k; e++) p[e % 8] += x[e] * x[e];

@@ -47,14 +47,15 @@ int ob_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t ldx, const 
                        float norm_eps, int8_t *out, float *out_scale) {
     int st = quant_args_ok(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
     if (st) return st;
+#ifdef OB_HAVE_X86
+    if (use_avx2()) return ob_avx2_quantize_act_i4(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
+#endif
     float *y = (float *)malloc((size_t)k * sizeof(float));
     if (!y) return OB_ERR_NOMEM;
     const float sqrt7 = (float)2.6457513110645907; /* (float)math.sqrt(7), as torch casts it */
     for (int64_t r = 0; r < m && st == OB_OK; r++) {
         if ((st = normed_row(x + r * ldx, k, norm_weight, norm_eps, y))) break;
-        double sum = 0.0; /* ~ torch's cascaded float sum: the float nearest the exact sum */
-        for (int64_t e = 0; e < k; e++) sum += fabsf(y[e]);
-        float beta = (float)sum / (float)k;
+        float beta = (float)ob_abssum4_ref(y, k) / (float)k;
         float s = (1.0f / (beta + 1e-5f)) * sqrt7;
         for (int64_t e = 0; e < k; e++) {
             float q = nearbyintf(y[e] * s);

@@ -771,4 +771,78 @@ AVX2 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t l
     return OB_OK;
 }
 
+/* BitNet a4.8's INT4 absmean quantizer (sparse.c's scalar loop is the spec), bit-identical to it:
+ * the same RMSNorm (ob_sumsq_ref's lane order), mean|y| summed in double in lanes e mod 4
+ * (ob_abssum4_ref's order), round half to even, clamp to [-8, 7]. */
+AVX2 int ob_avx2_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t ldx,
+                                 const float *norm_weight, float norm_eps, int8_t *out,
+                                 float *out_scale) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    const float sqrt7 = (float)2.6457513110645907; /* (float)math.sqrt(7), as torch casts it */
+    int64_t k8 = k / 8 * 8;
+    for (int64_t r = 0; r < m; r++) {
+        const float *xr = x + r * ldx;
+        float inv_rms = 1.0f;
+        if (norm_weight) { /* lanes l = e mod 8, combined as ob_sumsq_ref does */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t e = 0; e < k8; e += 8) {
+                __m256 v = _mm256_loadu_ps(xr + e);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+            }
+            if (k8 < k) {
+                __m256 v = load_tail(xr + k8, k - k8);
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+            }
+            __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+            __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            float ss = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+            inv_rms = 1.0f / sqrtf(ss / (float)k + norm_eps);
+        }
+        const __m256 vinv = _mm256_set1_ps(inv_rms);
+#define OB_YV(e, v) (norm_weight ? _mm256_mul_ps(_mm256_mul_ps(v, vinv), \
+                                                 _mm256_loadu_ps(norm_weight + (e))) : (v))
+        __m256d sum = _mm256_setzero_pd(); /* lane l: |y[e]| for e = l mod 4, in order */
+        __m256 nonfinite = _mm256_setzero_ps();
+        for (int64_t e = 0; e < k8; e += 8) {
+            __m256 a = _mm256_and_ps(OB_YV(e, _mm256_loadu_ps(xr + e)), absmask);
+            nonfinite = _mm256_or_ps(nonfinite, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+            sum = _mm256_add_pd(sum, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+        }
+        if (!_mm256_testz_ps(nonfinite, nonfinite)) return OB_ERR_VALUE;
+        double p[4];
+        _mm256_storeu_pd(p, sum);
+        for (int64_t e = k8; e < k; e++) { /* k8 is a multiple of 4: lane e mod 4 goes on */
+            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
+            if (!isfinite(y)) return OB_ERR_VALUE;
+            p[e % 4] += fabsf(y);
+        }
+        float beta = (float)((p[0] + p[2]) + (p[1] + p[3])) / (float)k;
+        float s = (1.0f / (beta + 1e-5f)) * sqrt7;
+        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.0f), hi = _mm256_set1_ps(7.0f);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        int8_t *o = out + r * k;
+        int64_t e = 0;
+        for (; e + 32 <= k; e += 32) {
+            __m256i q[4];
+            for (int i = 0; i < 4; i++) {
+                __m256 y = OB_YV(e + 8 * i, _mm256_loadu_ps(xr + e + 8 * i));
+                y = _mm256_round_ps(_mm256_mul_ps(y, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+            }
+            __m256i pk = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            _mm256_storeu_si256((__m256i *)(o + e), _mm256_permutevar8x32_epi32(pk, order));
+        }
+#undef OB_YV
+        for (; e < k; e++) {
+            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
+            float qf = nearbyintf(y * s);
+            o[e] = (int8_t)(qf < -8.0f ? -8.0f : (qf > 7.0f ? 7.0f : qf));
+        }
+        out_scale[r] = beta / sqrt7;
+    }
+    return OB_OK;
+}
+
 #endif /* OB_HAVE_X86 */
