@@ -95,7 +95,9 @@ def cache_rows(block: np.ndarray, Hkv: int, L: int, hd: int, bits: int, n: int):
                                                # long: blocks of 64 rows, grouped heads, tails
                                                (8, 2, 128, 300, (203, 1, 70)),
                                                # decode past 512 keys: split into key ranges
-                                               (4, 1, 64, 620, (600, 1, 2))])
+                                               (4, 1, 64, 620, (600, 1, 2)),
+                                               # 3 heads per kv head, hd % 16 == 8: the generic loops
+                                               (6, 2, 40, 560, (530, 1, 2))])
 def test_attention_over_quantized_cache(bits, isa, H, Hkv, hd, L, chunks):
     """Prefill, then 1 token, then a few more: the cache holds quant.quantize_kv's bytes of the
     rotated K and of V (position 0 at 4 bits when bits == 3), and y is softmax attention over the
