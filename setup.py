@@ -24,7 +24,7 @@ setup(
     ext_modules=[
         Extension(
             "onebit.kernels._onebit_kernels",
-            sources=[f"{CSRC}/{f}" for f in ("dispatch.c", "threads.c", "ref.c", "x86.c", "lut.c", "arm.c", "pack.c", "attention.c", "layer.c", "sparse.c")],
+            sources=[f"{CSRC}/{f}" for f in ("dispatch.c", "threads.c", "ref.c", "x86.c", "lut.c", "arm.c", "pack.c", "attention.c", "kv.c", "layer.c", "sparse.c")],
             depends=[f"{CSRC}/onebit_kernels.h", f"{CSRC}/internal.h"],
             libraries=[] if __import__("sys").platform == "win32" else ["m", "pthread"],
         )

@@ -61,7 +61,7 @@ typedef struct {
     float *out;
 } ob_f16_args;
 float ob_half_to_float(uint16_t h);
-uint16_t ob_float_to_half(float f); /* round to nearest even (attention.c) */
+uint16_t ob_float_to_half(float f); /* round to nearest even (kv.c) */
 void ob_ref_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
 
 /* 1 if byte b can be written by the t1_6 packer (243 of 256 values). */
@@ -143,5 +143,35 @@ int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, cons
  * thread) the tasks run one after another on the caller. Returns nt. */
 typedef void (*ob_task_fn)(void *ctx, int t, int nt);
 int ob_parallel(ob_task_fn fn, void *ctx, int nthreads);
+
+/* ---- the quantized KV cache (kv.c; rows: docs/formats.md §10) ------------------------------ */
+/* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block:
+ *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][rb(bits)] | bits 3 only:
+ *   bos uint8 [Hkv][rb(4)], the 4-bit position-0 rows (their 3-bit slots in codes stay unused). */
+typedef struct {
+    uint16_t *steps;
+    uint8_t *codes, *bos;
+    int64_t rb, rb_bos, cache_len;
+    int bits;
+} ob_kv_view;
+
+ob_kv_view ob_kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd, int bits);
+/* row (h, p) := x quantized (m = its max |x|, from ob_kv_row_absmax); read back dequantized */
+void ob_kv_put(const ob_kv_view *c, int64_t h, int64_t p, const float *x, float m, int64_t hd);
+void ob_kv_get(const ob_kv_view *c, int64_t h, int64_t p, int64_t hd, float *out, int simd);
+float ob_kv_row_absmax(const float *x, int64_t hd); /* max |x|, or -1 on NaN/inf */
+int ob_kv_simd(void); /* the AVX2/FMA/F16C loops apply (CPU has them, variant not "reference") */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OB_ATTN_AVX2 1 /* kv.c / attention.c: explicit AVX2 loops under this target attribute */
+#define OB_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+/* hd % 8 == 0, keys/values at cache positions p0..p0+n-1 of kv head kvh (not a 3-bit row 0),
+ * query heads h < gs: sc[h * S + j] = (q_h . v_j) * scale, and y[h * ldy:] += sum_j p[h * S + j]
+ * v_j (p is overwritten) */
+void ob_kv_scores_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, const float *q,
+                       int64_t gs, int64_t hd, float scale, float *sc, int64_t S);
+void ob_kv_weighted_sum_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, float *p,
+                             int64_t gs, int64_t S, int64_t hd, float *y, int64_t ldy);
+#endif
 
 #endif

@@ -701,6 +701,54 @@ INLINE AVX2 __m256 load_tail(const float *p, int64_t n) { /* n < 8 floats, zeros
     return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), idx));
 }
 
+/* 1 / sqrt(mean(x^2) + eps) of a row, summed in lanes e mod 8 and combined as ob_sumsq_ref does */
+INLINE AVX2 float inv_rms_avx2(const float *xr, int64_t k, float eps) {
+    int64_t k8 = k / 8 * 8;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t e = 0; e < k8; e += 8) {
+        __m256 v = _mm256_loadu_ps(xr + e);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    if (k8 < k) {
+        __m256 v = load_tail(xr + k8, k - k8);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    float ss = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+    return 1.0f / sqrtf(ss / (float)k + eps);
+}
+
+/* o[e] = clamp(round_half_even(y[e] * s), lo, hi) for e < k, y = (x * inv_rms) * w (or x
+ * without a norm weight): 32 at a time, then the tail as ref.c does it */
+INLINE AVX2 void store_codes_avx2(const float *xr, const float *norm_weight, float inv_rms,
+                                     float s, float lo_, float hi_, int64_t k, int8_t *o) {
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(lo_), hi = _mm256_set1_ps(hi_);
+    const __m256 vinv = _mm256_set1_ps(inv_rms);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t e = 0;
+    for (; e + 32 <= k; e += 32) {
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) {
+            __m256 y = _mm256_loadu_ps(xr + e + 8 * i);
+            if (norm_weight) y = _mm256_mul_ps(_mm256_mul_ps(y, vinv), _mm256_loadu_ps(norm_weight + e + 8 * i));
+            y = _mm256_round_ps(_mm256_mul_ps(y, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+        }
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(o + e), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; e < k; e++) {
+        float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
+        float qf = nearbyintf(y * s);
+        o[e] = (int8_t)(qf < lo_ ? lo_ : (qf > hi_ ? hi_ : qf));
+    }
+}
+
+/* y of element e of a row as 8 lanes, RMSNorm'd when there is a norm weight (the quantizers) */
+#define OB_YV(e, v) (norm_weight ? _mm256_mul_ps(_mm256_mul_ps(v, vinv), \
+                                                 _mm256_loadu_ps(norm_weight + (e))) : (v))
+
 AVX2 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
                                  const float *norm_weight, float norm_eps, int8_t *out,
                                  float *out_scale) {
@@ -709,25 +757,8 @@ AVX2 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t l
     int64_t k8 = k / 8 * 8;
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * ldx;
-        float inv_rms = 1.0f;
-        if (norm_weight) { /* lanes l = e mod 8, combined as ob_sumsq_ref does */
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t e = 0; e < k8; e += 8) {
-                __m256 v = _mm256_loadu_ps(xr + e);
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-            }
-            if (k8 < k) {
-                __m256 v = load_tail(xr + k8, k - k8);
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-            }
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            float ss = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-            inv_rms = 1.0f / sqrtf(ss / (float)k + norm_eps);
-        }
+        float inv_rms = norm_weight ? inv_rms_avx2(xr, k, norm_eps) : 1.0f;
         const __m256 vinv = _mm256_set1_ps(inv_rms);
-#define OB_YV(e, v) (norm_weight ? _mm256_mul_ps(_mm256_mul_ps(v, vinv), \
-                                                 _mm256_loadu_ps(norm_weight + (e))) : (v))
         __m256 amax = _mm256_setzero_ps(), nonfinite = _mm256_setzero_ps();
         for (int64_t e = 0; e < k8; e += 8) {
             __m256 a = _mm256_and_ps(OB_YV(e, _mm256_loadu_ps(xr + e)), absmask);
@@ -746,26 +777,7 @@ AVX2 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t l
         h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
         amax_s = fmaxf(amax_s, _mm_cvtss_f32(h));
         float s = (1.0f / fmaxf(amax_s, 1e-5f)) * 127.0f;
-        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        int8_t *o = out + r * k;
-        int64_t e = 0;
-        for (; e + 32 <= k; e += 32) {
-            __m256i q[4];
-            for (int i = 0; i < 4; i++) {
-                __m256 y = OB_YV(e + 8 * i, _mm256_loadu_ps(xr + e + 8 * i));
-                y = _mm256_round_ps(_mm256_mul_ps(y, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
-            }
-            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            _mm256_storeu_si256((__m256i *)(o + e), _mm256_permutevar8x32_epi32(p, order));
-        }
-#undef OB_YV
-        for (; e < k; e++) {
-            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
-            float qf = nearbyintf(y * s);
-            o[e] = (int8_t)(qf < -128.0f ? -128.0f : (qf > 127.0f ? 127.0f : qf));
-        }
+        store_codes_avx2(xr, norm_weight, inv_rms, s, -128.0f, 127.0f, k, out + r * k);
         out_scale[r] = 1.0f / s;
     }
     return OB_OK;
@@ -783,25 +795,8 @@ AVX2 int ob_avx2_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t l
     int64_t k8 = k / 8 * 8;
     for (int64_t r = 0; r < m; r++) {
         const float *xr = x + r * ldx;
-        float inv_rms = 1.0f;
-        if (norm_weight) { /* lanes l = e mod 8, combined as ob_sumsq_ref does */
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t e = 0; e < k8; e += 8) {
-                __m256 v = _mm256_loadu_ps(xr + e);
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-            }
-            if (k8 < k) {
-                __m256 v = load_tail(xr + k8, k - k8);
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-            }
-            __m128 q = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-            __m128 t = _mm_add_ps(q, _mm_movehl_ps(q, q));
-            float ss = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-            inv_rms = 1.0f / sqrtf(ss / (float)k + norm_eps);
-        }
+        float inv_rms = norm_weight ? inv_rms_avx2(xr, k, norm_eps) : 1.0f;
         const __m256 vinv = _mm256_set1_ps(inv_rms);
-#define OB_YV(e, v) (norm_weight ? _mm256_mul_ps(_mm256_mul_ps(v, vinv), \
-                                                 _mm256_loadu_ps(norm_weight + (e))) : (v))
         __m256d sum = _mm256_setzero_pd(); /* lane l: |y[e]| for e = l mod 4, in order */
         __m256 nonfinite = _mm256_setzero_ps();
         for (int64_t e = 0; e < k8; e += 8) {
@@ -820,29 +815,11 @@ AVX2 int ob_avx2_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t l
         }
         float beta = (float)((p[0] + p[2]) + (p[1] + p[3])) / (float)k;
         float s = (1.0f / (beta + 1e-5f)) * sqrt7;
-        const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-8.0f), hi = _mm256_set1_ps(7.0f);
-        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        int8_t *o = out + r * k;
-        int64_t e = 0;
-        for (; e + 32 <= k; e += 32) {
-            __m256i q[4];
-            for (int i = 0; i < 4; i++) {
-                __m256 y = OB_YV(e + 8 * i, _mm256_loadu_ps(xr + e + 8 * i));
-                y = _mm256_round_ps(_mm256_mul_ps(y, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                q[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
-            }
-            __m256i pk = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            _mm256_storeu_si256((__m256i *)(o + e), _mm256_permutevar8x32_epi32(pk, order));
-        }
-#undef OB_YV
-        for (; e < k; e++) {
-            float y = norm_weight ? (xr[e] * inv_rms) * norm_weight[e] : xr[e];
-            float qf = nearbyintf(y * s);
-            o[e] = (int8_t)(qf < -8.0f ? -8.0f : (qf > 7.0f ? 7.0f : qf));
-        }
+        store_codes_avx2(xr, norm_weight, inv_rms, s, -8.0f, 7.0f, k, out + r * k);
         out_scale[r] = beta / sqrt7;
     }
     return OB_OK;
 }
+#undef OB_YV
 
 #endif /* OB_HAVE_X86 */
