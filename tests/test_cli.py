@@ -69,6 +69,22 @@ def test_eval_ppl_cli_equals_library(trained, capsys):
     assert 1 < res["ppl"] < cfg.vocab_size
 
 
+def test_eval_ppl_kv_bits_engine_and_pytorch_agree(trained, capsys, tmp_path):
+    """--kv-bits 3 on the training run (PyTorch, fake-quantized cache) and on its packed export
+    (engine, the 3-bit cache it stores): the same loss to float tolerance, and not the 16-bit one."""
+    from onebit.formats.packed_model import export_packed
+    out, corpus = trained
+    packed = export_packed(out, tmp_path / "packed", "i2", "f32")
+    res = {}
+    for name, model, bits in (("torch3", out, "3"), ("engine3", packed, "3"), ("engine16", packed, "16")):
+        capsys.readouterr()
+        assert main(["eval", "ppl", "--model", str(model), str(corpus / "p0.txt"), "--seq-len", "32",
+                     "--json", "--kv-bits", bits]) == 0
+        res[name] = json.loads(capsys.readouterr().out)["loss"]
+    assert res["engine3"] == pytest.approx(res["torch3"], abs=5e-5)  # 3- vs 16-bit: 3e-4 apart
+    assert abs(res["engine3"] - res["engine16"]) > 1e-4
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["generate", "--model", "/nonexistent/model", "hi"], "does not exist"),
     (["eval", "ppl", "--model", "/nonexistent/model", "x.txt"], "does not exist"),

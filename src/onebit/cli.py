@@ -190,7 +190,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         import onebit
         from .engine.evaluate import perplexity as engine_ppl
 
-        m = onebit.load(args.model)
+        m = onebit.load(args.model, kv_bits=args.kv_bits)
         if m.tokenizer is None:
             raise ValueError(f"model '{args.model}' has no tokenizer.json; copy the model's tokenizer "
                              f"beside it")
@@ -204,6 +204,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         model, tok, folder = load_model(args.model)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
+        if args.kv_bits is not None:
+            model.set_kv_bits(args.kv_bits)
         cfg = model.config
         encode = lambda text: tok.encode(text).ids  # noqa: E731
         run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seq-len", type=int, default=None)
     ep.add_argument("--batch-size", type=int, default=8)
     ep.add_argument("--max-tokens", type=int, default=None)
+    ep.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
+                    help="evaluate with the KV cache at these bits (16 = unquantized; default: the "
+                         "model's): the quality cost of a quantized cache")
     ep.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
