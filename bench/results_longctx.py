@@ -37,7 +37,7 @@ TG = 32
 
 def measure(depths: list[int], rounds: int, threads: int) -> list[dict]:
     from onebit import kernels
-    from onebit.benchmarks.model import model_for_shape
+    from onebit.benchmarks.model import model_for_shape, prefill
     from onebit.engine import Runtime
     from onebit.engine.stats import kv_cache_bytes
 
@@ -59,11 +59,9 @@ def measure(depths: list[int], rounds: int, threads: int) -> list[dict]:
             for label, scheme, kv in CONFIGS]
     filled = [0] * len(rts)
     for d in sorted(depths):
-        for i, rt in enumerate(rts):  # the same prompt into every cache, in chunks of 512
-            while filled[i] < d:
-                n = min(512, d - filled[i])
-                rt.forward(prompt[filled[i]:filled[i] + n], filled[i])
-                filled[i] += n
+        for i, rt in enumerate(rts):  # the same prompt into every cache
+            prefill(rt, prompt[filled[i]:d], filled[i])
+            filled[i] = d
         best = [float("inf")] * len(rts)
         for _ in range(rounds):
             for i, rt in enumerate(rts):

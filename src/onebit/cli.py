@@ -271,6 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine")
     f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
 
+    def kv_bits_arg(a: argparse.ArgumentParser, what: str) -> None:
+        a.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
+                       help=f"{what} with the KV cache at 16 (unquantized), 8, 4 or 3 bits "
+                            f"(default: the model's)")
+
     def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:
         a.add_argument("--max-new-tokens", type=int, default=max_new)
         a.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -286,15 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="packed model folder (`onebit export`), or a run / "
                                                  "model / checkpoint folder; default: the built-in model")
     sampling_args(g, 100)
-    g.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
-                   help="engine only: KV cache at 16 (float32), 8, 4 or 3 bits (default: the model's)")
+    kv_bits_arg(g, "engine only: generate")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
 
     c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
     c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
-                   help="KV cache at 16 (float32), 8, 4 or 3 bits (default: the model's)")
+    kv_bits_arg(c, "chat")
     sampling_args(c, 256)
 
     x = sub.add_parser("export", help="pack a trained model for the engine")
@@ -333,9 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--seq-len", type=int, default=None)
     ep.add_argument("--batch-size", type=int, default=8)
     ep.add_argument("--max-tokens", type=int, default=None)
-    ep.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
-                    help="evaluate with the KV cache at these bits (16 = unquantized; default: the "
-                         "model's): the quality cost of a quantized cache")
+    kv_bits_arg(ep, "evaluate (the quality cost of a quantized cache)")
     ep.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",

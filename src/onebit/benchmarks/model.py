@@ -54,6 +54,12 @@ def read_bandwidth_gb_s(nthreads: int, mib: int = 512, reps: int = 5) -> float:
     return buf.size / best / 1e9
 
 
+def prefill(rt, ids, pos: int, chunk: int = 512) -> None:
+    """Feed token ids into rt's cache at positions pos.. in chunks of ``chunk`` (bounded scratch)."""
+    for i in range(0, len(ids), chunk):
+        rt.forward(ids[i:i + chunk], pos + i)
+
+
 def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
                 sparse: bool | None = None, activation_scheme: str | None = None,
                 depths: list[int] | None = None, kv_bits: int | None = None) -> dict:
@@ -107,11 +113,8 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
 
     tg_tok_s = decode_from(0)
     tg_depth, filled = {}, 0
-    for d in depths:  # fill the cache up to d (prefill chunks), then decode from d
-        while filled < d:
-            n = min(512, d - filled)
-            rt.forward(rng.integers(0, cfg.vocab_size, n), filled)
-            filled += n
+    for d in depths:  # fill the cache up to d, then decode from d
+        prefill(rt, rng.integers(0, cfg.vocab_size, d - filled), filled)
         tg_depth[str(d)] = tg_tok_s if d == 0 else decode_from(d)
         filled = d  # decoding overwrote positions d.. with its own rows
     sizes = model_sizes(rt)

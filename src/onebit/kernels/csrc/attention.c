@@ -119,18 +119,17 @@ FMA_ATTR static void scores_group_avx2(const float *q, int64_t g, const float *K
 /* y_h[0:hd] = sum_j p_h[j] V[j] for the g heads: blocks of 32 value rows (8 KiB at hd = 64-wide
  * chunks) stay in L1 while every head accumulates them. */
 FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t S, const float *V,
-                                             int64_t n, int64_t hd, float *y, int64_t ldy,
-                                             int acc_in) { /* acc_in: add to y, don't overwrite */
+                                             int64_t n, int64_t hd, float *y) { /* y [g][hd] */
     for (int64_t c = 0; c < hd; c += 64) {
         int64_t w = hd - c < 64 ? hd - c : 64;
         for (int64_t j0 = 0; j0 < n; j0 += 32) {
             int64_t j1 = j0 + 32 < n ? j0 + 32 : n;
             for (int64_t h = 0; h < g; h++) {
-                float *yh = y + h * ldy + c;
+                float *yh = y + h * hd + c;
                 const float *ph = p + h * S;
                 __m256 acc[8];
                 for (int i = 0; i < 8; i++)
-                    acc[i] = 8 * i < w && (j0 || acc_in) ? _mm256_loadu_ps(yh + 8 * i) : _mm256_setzero_ps();
+                    acc[i] = 8 * i < w && j0 ? _mm256_loadu_ps(yh + 8 * i) : _mm256_setzero_ps();
                 for (int64_t j = j0; j < j1; j++) {
                     __m256 pj = _mm256_set1_ps(ph[j]);
                     const float *v = V + j * hd + c;
@@ -191,11 +190,10 @@ FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) 
 
 #endif
 
-
 typedef struct {
     const float *q;          /* [T, H, hd], rotated */
     const float *ck, *cv;    /* [Hkv, cache_len, hd] (bits 32) */
-    ob_kv_view qk, qv;          /* the quantized caches (bits 8/4/3) */
+    ob_kv_view qk, qv;       /* the quantized caches (bits 8/4/3) */
     int bits;                /* 32: float32 caches */
     int64_t T, pos, H, Hkv, hd, cache_len;
     float *y;                /* [T, H * hd] */
@@ -226,63 +224,51 @@ static float softmax_partial(float *sc, int64_t n, float *mx_out, int simd) {
 #define KV_BLOCK 64 /* cache rows dequantized at a time */
 #define OB_ATTN_MAX_CHUNK 16 /* key ranges of a split, at most */
 
-/* keys [j0, j1) of one work item over the quantized caches: rows are dequantized KV_BLOCK at a
- * time into kb / vb (exactly quant.dequantize_kv's floats), then the float32 loops run on them.
- * y[h] = sum_j e^(s_j - mx[h]) v_j (not yet divided by sum[h]). */
+/* keys [j0, j1) of one work item over the quantized caches, y[h] = sum_j e^(s_j - mx[h]) v_j (not
+ * yet divided by sum[h]). AVX2 (hd % 8 == 0): scores and values straight from the codes (kv.c),
+ * the 3-bit cache's 4-bit row 0 dequantized; otherwise rows are dequantized KV_BLOCK at a time
+ * into kb / vb (exactly quant.dequantize_kv's floats) and the plain float loops run on them. */
 static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int64_t j0, int64_t j1,
-                           float *sc, float *kb, float *y, int64_t ldy, float *mx, float *sum,
-                           float scale) {
+                           float *sc, float *kb, float *y, float *mx, float *sum, float scale) {
     int64_t gs = J->group, S = J->pos + J->T, hd = J->hd, n = j1 - j0;
     float *vb = kb + KV_BLOCK * hd;
-    int64_t k0 = 0; /* keys scored straight from the codes (AVX2), all but a 3-bit row 0 */
+    for (int64_t h = 0; h < gs; h++) memset(y + h * hd, 0, (size_t)hd * sizeof(float));
 #ifdef OB_ATTN_AVX2
     if (J->simd && hd % 8 == 0) {
-        k0 = n;
-        int64_t bos = j0 == 0 && J->bits == 3; /* the 4-bit row 0: dequantized as below */
+        int64_t bos = j0 == 0 && J->bits == 3;
         ob_kv_scores_avx2(&J->qk, kvh, j0 + bos, n - bos, q, gs, hd, scale, sc + bos, S);
         if (bos) {
             ob_kv_get(&J->qk, kvh, 0, hd, kb, 1);
             scores_group_avx2(q, gs, kb, 1, hd, scale, sc, S);
         }
-    }
-#endif
-    for (int64_t b0 = 0; b0 < n - k0; b0 += KV_BLOCK) { /* the rest: dequantize, then float loops */
-        int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) ob_kv_get(&J->qk, kvh, j0 + b0 + j, hd, kb + j * hd, J->simd);
-        for (int64_t h = 0; h < gs; h++)
-            for (int64_t j = 0; j < nb; j++) sc[h * S + b0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
-    }
-    for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, J->simd);
-    for (int64_t h = 0; h < gs; h++) memset(y + h * ldy, 0, (size_t)hd * sizeof(float));
-#ifdef OB_ATTN_AVX2
-    if (J->simd && hd % 8 == 0) { /* straight from the codes; a 3-bit row 0 dequantized */
-        int64_t bos = j0 == 0 && J->bits == 3;
+        for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, 1);
         if (bos) {
             ob_kv_get(&J->qv, kvh, 0, hd, vb, 1);
-            for (int64_t h = 0; h < gs; h++) axpy(y + h * ldy, sc[h * S], vb, hd);
+            for (int64_t h = 0; h < gs; h++) axpy(y + h * hd, sc[h * S], vb, hd);
         }
-        ob_kv_weighted_sum_avx2(&J->qv, kvh, j0 + bos, n - bos, sc + bos, gs, S, hd, y, ldy);
+        ob_kv_weighted_sum_avx2(&J->qv, kvh, j0 + bos, n - bos, sc + bos, gs, S, hd, y);
         return;
     }
 #endif
     for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
         int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
-        for (int64_t j = 0; j < nb; j++) ob_kv_get(&J->qv, kvh, j0 + b0 + j, hd, vb + j * hd, J->simd);
-#ifdef OB_ATTN_AVX2
-        if (J->simd && hd % 8 == 0) {
-            weighted_sum_group_avx2(sc + b0, gs, S, vb, nb, hd, y, ldy, 1);
-            continue;
-        }
-#endif
+        for (int64_t j = 0; j < nb; j++) ob_kv_get(&J->qk, kvh, j0 + b0 + j, hd, kb + j * hd, 0);
         for (int64_t h = 0; h < gs; h++)
-            for (int64_t j = 0; j < nb; j++) axpy(y + h * ldy, sc[h * S + b0 + j], vb + j * hd, hd);
+            for (int64_t j = 0; j < nb; j++) sc[h * S + b0 + j] = dot(q + h * hd, kb + j * hd, hd) * scale;
+    }
+    for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, J->simd);
+    for (int64_t b0 = 0; b0 < n; b0 += KV_BLOCK) {
+        int64_t nb = n - b0 < KV_BLOCK ? n - b0 : KV_BLOCK;
+        for (int64_t j = 0; j < nb; j++) ob_kv_get(&J->qv, kvh, j0 + b0 + j, hd, vb + j * hd, 0);
+        for (int64_t h = 0; h < gs; h++)
+            for (int64_t j = 0; j < nb; j++) axpy(y + h * hd, sc[h * S + b0 + j], vb + j * hd, hd);
     }
 }
 
 /* keys [j0, j1) of one work item over float32 caches (K, V: this kv head's rows), as above */
 static void attn_float(const attn_job_t *J, const float *q, const float *K, const float *V,
-                       int64_t j0, int64_t j1, float *sc, float *y, int64_t ldy, float *mx,
-                       float *sum, float scale) {
+                       int64_t j0, int64_t j1, float *sc, float *y, float *mx, float *sum,
+                       float scale) {
     int64_t gs = J->group, S = J->pos + J->T, hd = J->hd, n = j1 - j0;
     K += j0 * hd;
     V += j0 * hd;
@@ -290,12 +276,12 @@ static void attn_float(const attn_job_t *J, const float *q, const float *K, cons
     if (J->simd && hd % 8 == 0) {
         scores_group_avx2(q, gs, K, n, hd, scale, sc, S);
         for (int64_t h = 0; h < gs; h++) sum[h] = softmax_partial(sc + h * S, n, mx + h, 1);
-        weighted_sum_group_avx2(sc, gs, S, V, n, hd, y, ldy, 0);
+        weighted_sum_group_avx2(sc, gs, S, V, n, hd, y);
         return;
     }
 #endif
     for (int64_t h = 0; h < gs; h++) {
-        float *sh = sc + h * S, *yh = y + h * ldy;
+        float *sh = sc + h * S, *yh = y + h * hd;
         for (int64_t j = 0; j < n; j++) sh[j] = dot(q + h * hd, K + j * hd, hd) * scale;
         sum[h] = softmax_partial(sh, n, mx + h, J->simd);
         memset(yh, 0, (size_t)hd * sizeof(float));
@@ -315,32 +301,25 @@ static void attn_task(void *ctx, int t, int nt) {
         int64_t n = J->pos + tok + 1, j0 = n * c / NC, j1 = n * (c + 1) / NC;
         const float *q = J->q + (tok * J->H + h0) * hd;
         float mx[OB_ATTN_MAX_GROUP], sum[OB_ATTN_MAX_GROUP], *y, *pm, *ps;
-        int64_t ldy;
         if (NC > 1) { /* partial results: [gs][hd] y, then gs maxima, gs sums */
             y = J->part + w * gs * (hd + 2);
-            ldy = hd;
             pm = y + gs * hd;
             ps = pm + gs;
-        } else {
+        } else { /* the output rows of these heads */
             y = J->y + tok * J->H * hd + h0 * hd;
-            ldy = hd;
             pm = mx;
             ps = sum;
         }
-        if (j1 <= j0) { /* an empty key range (n < NC): contributes nothing */
-            for (int64_t h = 0; h < gs; h++) pm[h] = -INFINITY, ps[h] = 0.0f;
-            memset(y, 0, (size_t)(gs * hd) * sizeof(float));
-            continue;
-        }
+        /* j1 > j0: ranges hold >= 256 keys (ob_attention_kv picks NC <= (pos + 1) / 256) */
         if (J->bits != 32)
-            attn_quantized(J, q, kvh, j0, j1, sc, sc + gs * S, y, ldy, pm, ps, scale);
+            attn_quantized(J, q, kvh, j0, j1, sc, sc + gs * S, y, pm, ps, scale);
         else
             attn_float(J, q, J->ck + kvh * J->cache_len * hd, J->cv + kvh * J->cache_len * hd, j0, j1,
-                       sc, y, ldy, pm, ps, scale);
+                       sc, y, pm, ps, scale);
         if (NC == 1)
             for (int64_t h = 0; h < gs; h++) {
                 float inv = 1.0f / ps[h];
-                for (int64_t i = 0; i < hd; i++) y[h * ldy + i] *= inv;
+                for (int64_t i = 0; i < hd; i++) y[h * hd + i] *= inv;
             }
     }
 }
@@ -360,7 +339,7 @@ static void attn_combine(const attn_job_t *J) {
                 for (int64_t c = 0; c < NC; c++) {
                     const float *pc = p0 + c * gs * (hd + 2);
                     float l = pc[gs * hd + gs + h];
-                    wgt[c] = l > 0.0f ? ob_expf_nonpos(pc[gs * hd + h] - M) : 0.0f;
+                    wgt[c] = ob_expf_nonpos(pc[gs * hd + h] - M);
                     L += wgt[c] * l;
                 }
                 float *y = J->y + tok * J->H * hd + (b * gs + h) * hd;

@@ -166,12 +166,12 @@ int ob_kv_simd(void); /* the AVX2/FMA/F16C loops apply (CPU has them, variant no
 #define OB_ATTN_AVX2 1 /* kv.c / attention.c: explicit AVX2 loops under this target attribute */
 #define OB_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
 /* hd % 8 == 0, keys/values at cache positions p0..p0+n-1 of kv head kvh (not a 3-bit row 0),
- * query heads h < gs: sc[h * S + j] = (q_h . v_j) * scale, and y[h * ldy:] += sum_j p[h * S + j]
+ * query heads h < gs: sc[h * S + j] = (q_h . k_j) * scale, and y[h * hd:] += sum_j p[h * S + j]
  * v_j (p is overwritten) */
 void ob_kv_scores_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, const float *q,
                        int64_t gs, int64_t hd, float scale, float *sc, int64_t S);
 void ob_kv_weighted_sum_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, float *p,
-                             int64_t gs, int64_t S, int64_t hd, float *y, int64_t ldy);
+                             int64_t gs, int64_t S, int64_t hd, float *y);
 #endif
 
 #endif

@@ -107,11 +107,7 @@ int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t
     return OB_OK;
 }
 
-
-/* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block (onebit_kernels.h):
- *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][rb(bits)] | bits 3 only:
- *   bos uint8 [Hkv][rb(4)], the 4-bit position-0 rows (their 3-bit slots in codes stay unused). */
-
+/* the block layout: ob_kv_view in internal.h (also onebit_kernels.h) */
 ob_kv_view ob_kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd, int bits) {
     ob_kv_view c;
     c.steps = (uint16_t *)block;
@@ -262,14 +258,14 @@ FMA_ATTR void ob_kv_scores_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, in
     else scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 3);
 }
 
-/* y[h * ldy + 0:hd] += sum_j p[h * S + j] * value_j for values at cache positions p0..p0+n-1 of
+/* y[h * hd + 0:hd] += sum_j p[h * S + j] * value_j for values at cache positions p0..p0+n-1 of
  * kv head kvh (not the 3-bit cache's 4-bit row 0), straight from the codes: with
  * value = (c - z) * step that is  sum_j w_j (c_j - z),  w_j = p_j * step_j (written over p). Rows
  * go in blocks that stay in L1; 16 output values x 4 heads of accumulators per pass. */
 #define WSQ_ROWS 256
 FMA_ATTR static inline __attribute__((always_inline)) void
 weighted_sum_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, float *p, int64_t gs,
-                        int64_t S, int64_t hd, float *y, int64_t ldy, const int bits) {
+                        int64_t S, int64_t hd, float *y, const int bits) {
     const int64_t rb = c->rb;
     const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
     const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
@@ -320,7 +316,7 @@ weighted_sum_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
                     }
                 }
                 for (int k = 0; k < nh; k++) {
-                    float *yh = y + (h0 + k) * ldy + d;
+                    float *yh = y + (h0 + k) * hd + d;
                     _mm256_storeu_ps(yh, _mm256_add_ps(_mm256_loadu_ps(yh), a[k][0]));
                     if (wide) _mm256_storeu_ps(yh + 8, _mm256_add_ps(_mm256_loadu_ps(yh + 8), a[k][1]));
                 }
@@ -331,11 +327,10 @@ weighted_sum_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
 
 /* weighted_sum_quant_bits with the bit width a constant */
 FMA_ATTR void ob_kv_weighted_sum_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
-                                             float *p, int64_t gs, int64_t S, int64_t hd, float *y,
-                                             int64_t ldy) {
-    if (c->bits == 8) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 8);
-    else if (c->bits == 4) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 4);
-    else weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, ldy, 3);
+                                             float *p, int64_t gs, int64_t S, int64_t hd, float *y) {
+    if (c->bits == 8) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 8);
+    else if (c->bits == 4) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 4);
+    else weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 3);
 }
 
 #endif
