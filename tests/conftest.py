@@ -1,5 +1,34 @@
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    """The project's shared test material: $ONEBIT_SHARED_DATA, else shared/data beside this
+    checkout (as CI lays it out), else beside the local repository this one was cloned from
+    (`git clone . /tmp/x` has no shared/ next to it). Missing: the path CI would use, so a test
+    that needs it fails naming it."""
+    if os.environ.get("ONEBIT_SHARED_DATA"):
+        return Path(os.environ["ONEBIT_SHARED_DATA"])
+    beside = REPO.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    try:
+        origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and Path(origin).is_dir() and (Path(origin).resolve().parent / "shared" / "data").is_dir():
+        return Path(origin).resolve().parent / "shared" / "data"
+    return beside
+
+
+SHARED_DATA = _shared_data()
 
 
 @pytest.fixture(autouse=True, scope="session")

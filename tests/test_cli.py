@@ -14,8 +14,9 @@ from onebit.checkpoint import load_model
 from onebit.cli import main
 from onebit.evaluate import perplexity
 from onebit.generate import generate_text
+from conftest import SHARED_DATA
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(scope="module")

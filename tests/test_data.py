@@ -10,8 +10,9 @@ from onebit import data
 from onebit.data import (BOS_TOKEN, EOS_TOKEN, DataConfig, DataError, Document, eval_windows,
                          load_tokenizer, prepare_data, read_documents, sample_batch, special_ids,
                          split_documents, train_tokenizer)
+from conftest import SHARED_DATA
 
-SHARED = pathlib.Path("/work/shared/data")
+SHARED = SHARED_DATA
 TOKENIZERS = SHARED / "tokenizers"
 needs_shared_tokenizers = pytest.mark.skipif(not TOKENIZERS.is_dir(), reason="shared tokenizers absent")
 

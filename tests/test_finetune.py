@@ -17,11 +17,12 @@ from onebit.finetune import (FinetuneConfig, distill_loss, lambda_at, load_quant
                              load_source, quantize_model, set_quant_lambda)
 from onebit.model import CausalLM
 from onebit.nn import BitLinear
+from conftest import SHARED_DATA
 
 transformers = pytest.importorskip("transformers", reason="the transformers path needs transformers "
                                    "(pip install transformers); CI installs it")
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = SHARED_DATA
 STORIES = DATA / "models" / "stories260K"
 TINYSTORIES = DATA / "tinystories" / "tinystories_valid_head.txt"
 

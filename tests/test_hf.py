@@ -9,7 +9,6 @@ latent (renamed sub-norms), and our HF export read back by transformers.
 
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from onebit.formats.model_io import (
     reference_logits,
     write_packed_folder,
 )
+from conftest import SHARED_DATA
 
 IDS = [1, 5, 17, 42, 3, 77, 9, 60, 33, 2, 88, 41]
 
@@ -231,7 +231,7 @@ def test_tokenizer_files_travel_with_the_model(tmp_path, tok):
     import shutil
 
     from tokenizers import Tokenizer
-    tdir = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tokenizers" / tok
+    tdir = SHARED_DATA / "tokenizers" / tok
     vocab = Tokenizer.from_file(str(tdir / "tokenizer.json")).get_vocab_size()
     cfg = _small(transformers.BitNetConfig, hidden_act="relu2", tie_word_embeddings=True,
                  vocab_size=vocab, hidden_size=32, intermediate_size=32, num_hidden_layers=1)

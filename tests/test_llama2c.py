@@ -13,8 +13,9 @@ import torch
 
 from onebit.formats.llama2c import (Llama2cError, Llama2cTokenizer, greedy_text, load_llama2c,
                                     read_header)
+from conftest import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = SHARED_DATA
 STORIES = DATA / "models" / "stories260K"
 TINYSTORIES = DATA / "tinystories" / "tinystories_sample.txt"
 

@@ -16,8 +16,9 @@ import torch
 from onebit import checkpoint as ckpt
 from onebit.config import ConfigError, ModelConfig
 from onebit.train import TrainConfig, load_run_config, lr_wd_at, train
+from conftest import SHARED_DATA
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 
 
 @pytest.fixture(scope="module")
