@@ -62,12 +62,16 @@ def test_gemm_exact(impl, layout, m, k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gemm_extremes_and_strided_rows(impl, layout):
-    # |sum| = 128 * 6912 needs int32; every product at the int8 edge; x rows strided (ldx > k)
+@pytest.mark.parametrize("m", [3, 13])  # row kernels; panel GEMM with whole and edge tiles
+def test_gemm_extremes_and_strided_rows(impl, layout, m):
+    # |sum| = 128 * 6912 needs int32; every product at the int8 edge, so the int16 partial sums
+    # of the SIMD kernels reach their bound; x rows strided (ldx > k); 20 weight rows fill a
+    # whole 16-column panel and an edge one
     k = 6912
-    w = np.stack([np.full(k, 1), np.full(k, -1), np.zeros(k), np.resize([1, -1, 0], k)]).astype(np.int8)
-    wide = np.empty((3, k + 77), dtype=np.int8)
-    wide[0, :k], wide[1, :k], wide[2, :k] = -128, 127, np.resize([-128, 127], k)
+    w = np.stack([np.full(k, 1), np.full(k, -1), np.zeros(k), np.resize([1, -1, 0], k)] * 5).astype(np.int8)
+    wide = np.empty((m, k + 77), dtype=np.int8)
+    for r in range(m):
+        wide[r, :k] = (-128, 127, np.resize([-128, 127], k))[r % 3]
     x = wide[:, :k]
     packed = pack(w, layout)
     with K.use(impl):

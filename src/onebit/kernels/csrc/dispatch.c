@@ -187,6 +187,26 @@ static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const i
         memset(xp + r * ldxp + k, 0, (size_t)(ldxp - k));
         xsum[r] = s;
     }
+    int8_t *xt = NULL; /* the row tiles of ob_gemm_args.xt */
+    if (m >= OB_XT_MIN_M) {
+        int64_t tiles = (m + OB_XT_ROWS - 1) / OB_XT_ROWS, tb = kp * OB_XT_ROWS;
+        xt = (int8_t *)aligned_alloc(64, (size_t)(tiles * tb + 63) / 64 * 64);
+        if (!xt) {
+            free(xsum);
+            free(xbuf);
+            return OB_ERR_NOMEM;
+        }
+        for (int64_t t = 0; t < tiles; t++)
+            for (int r = 0; r < OB_XT_ROWS; r++) {
+                int8_t *dst = xt + t * tb + r * 4;
+                if (t * OB_XT_ROWS + r >= m) {
+                    for (int64_t s = 0; s < kp / 4; s++) memset(dst + s * 4 * OB_XT_ROWS, 0, 4);
+                    continue;
+                }
+                const int8_t *src = xp + (t * OB_XT_ROWS + r) * ldxp;
+                for (int64_t s = 0; s < kp / 4; s++) memcpy(dst + s * 4 * OB_XT_ROWS, src + 4 * s, 4);
+            }
+    }
     job_t J;
     memset(&J, 0, offsetof(job_t, status));
     J.v = active();
@@ -195,7 +215,7 @@ static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const i
     J.x_scale = x_scale;
     int64_t total = 0;
     for (int g = 0; g < nseg; g++) {
-        J.a[g] = (ob_gemm_args){w[g], n[g], k, kp, rb, xp, m, ldxp, xsum, acc[g], n[g], check};
+        J.a[g] = (ob_gemm_args){w[g], n[g], k, kp, rb, xp, m, ldxp, xt, xsum, acc[g], n[g], check};
         J.w_scale[g] = w_scale ? w_scale[g] : 0.0f;
         J.out[g] = out ? out[g] : NULL;
         J.start[g] = total;
@@ -210,6 +230,7 @@ static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const i
     int st = OB_OK;
     for (int t = 0; t < nt; t++)
         if (J.status[t] != OB_OK) st = J.status[t];
+    free(xt);
     free(xbuf);
     free(xsum);
     return st;

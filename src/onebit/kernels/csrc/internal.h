@@ -14,11 +14,17 @@
  * xp holds the activations zero-padded to kp = padded k (a multiple of the layout's block), row
  * stride ldxp >= kp (a multiple of 64), rows 64-byte aligned; xsum[r] = sum of row r (variants that multiply the stored
  * codes c = w + 1 subtract it). acc row stride ldc. */
+#define OB_XT_ROWS 6   /* activation rows of the x86 GEMM register tile */
+#define OB_XT_MIN_M 8  /* from this many rows on, the x86 variants run the panel GEMM */
+
 typedef struct {
     const uint8_t *w;     /* [n, rb] packed rows */
     int64_t n, k, kp, rb; /* rb = packed row bytes */
     const int8_t *xp;     /* [m, ldxp] */
     int64_t m, ldxp;
+    const int8_t *xt;     /* m >= OB_XT_MIN_M: the same activations in row tiles of OB_XT_ROWS,
+                           * [ceil(m / OB_XT_ROWS)][kp / 4][OB_XT_ROWS][4] (rows past m are
+                           * zero), else NULL: a GEMM register tile's broadcasts read one stream */
     const int32_t *xsum;  /* [m] */
     int32_t *acc;         /* [m, ldc] */
     int64_t ldc;

@@ -334,7 +334,7 @@ int ob_avx2lut_gemv_repacked(const uint8_t *wr, int64_t n, int64_t k, const int8
         memcpy(xp + r * ldxp, x + r * ldx, (size_t)k);
         memset(xp + r * ldxp + k, 0, (size_t)(ldxp - k));
     }
-    rp_job J = {{NULL, n, k, kp, rb, xp, m, ldxp, NULL, acc, n}, (const __m256i *)wr, {0}};
+    rp_job J = {{NULL, n, k, kp, rb, xp, m, ldxp, NULL, NULL, acc, n}, (const __m256i *)wr, {0}};
     int64_t want = n * k * m / ((int64_t)1 << 17); /* as dispatch.c */
     int nt = ob_parallel(rp_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
     int st = OB_OK;

@@ -276,7 +276,7 @@ int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t
 void ob_ref_rows(const ob_rows_args *a, int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; i++) {
         int64_t j = a->rows[i];
-        ob_gemm_args g = {a->w + j * a->rb, 1, a->k, a->kp, a->rb, a->xp, 1, a->kp, &a->xsum, a->acc + j, 1, 0};
+        ob_gemm_args g = {a->w + j * a->rb, 1, a->k, a->kp, a->rb, a->xp, 1, a->kp, NULL, &a->xsum, a->acc + j, 1, 0};
         if (a->layout == OB_LAYOUT_I2) ob_ref_gemm_i2(&g, 0, 1);
         else ob_ref_gemm_t1_6(&g, 0, 1);
     }

@@ -12,8 +12,9 @@
  *    multiply + add. For m = 1 two weight rows share each activation load.
  *  - panel GEMM (m >= OB_GEMM_MIN_M, prefill): a panel of 16 output columns x KC inputs is decoded
  *    once into int8 codes interleaved as [KC/4][16][4] (an 8x8 dword transpose of the decoded
- *    vectors) and reused by every activation row: a 4x16 register tile multiplies 4 broadcast
- *    activation bytes by 8 columns x 4 codes per instruction, int16 accumulation for 32 steps. */
+ *    vectors) and reused by every activation row: a 6x16 register tile multiplies 4 broadcast
+ *    activation bytes by 8 columns x 4 codes per instruction, int16 accumulation for 32 steps.
+ *    The tile's 6 activation rows come interleaved in one stream (ob_gemm_args.xt). */
 #include "internal.h"
 
 #ifdef OB_HAVE_X86
@@ -25,7 +26,7 @@
 #define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
-#define OB_GEMM_MIN_M 8 /* from this many activation rows on, the panel GEMM is faster */
+#define OB_GEMM_MIN_M OB_XT_MIN_M /* from this many activation rows on, the panel GEMM */
 #define TILE 4          /* activation rows sharing one decode in the row kernel */
 #ifndef OB_CHECK
 #define OB_CHECK 1
@@ -41,7 +42,7 @@
 #endif
 #define FLUSH 8         /* blocks summed in int16 before widening (row kernel) */
 #define NR 16           /* panel width (output columns) */
-#define MR 4            /* activation rows of the GEMM register tile (8 accumulators + 2 + 2) */
+#define MR OB_XT_ROWS   /* activation rows of the GEMM register tile (12 accumulators + 2 + 2) */
 #define KSTEPS 32       /* k4-steps summed in int16 before widening (GEMM) */
 
 static inline AVX2 int32_t hsum_avx2(__m256i v) {
@@ -270,54 +271,50 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
         }                                                                                         \
     }
 
-/* c_r[0:16] += x_r[0 : steps*4] . panel for the 4 activation rows r (named variables: GCC keeps
- * the 8 int16 accumulators in registers this way, not with arrays). Missing rows point at zeros. */
+/* c_r[0:16] += x_r[0 : steps*4] . panel for the 6 activation rows r of one tile, x interleaved
+ * as xt[s][6][4] (named variables: GCC keeps the 12 int16 accumulators in registers this way, not
+ * with arrays). */
 #define BCAST4(p) _mm256_set1_epi32(load_i32(p))
-#define STEP_INTRIN(MUL, ADD)                                                                     \
+#define MA_INTRIN(MUL, ADD, S_, r, acc0, acc1)                                                        \
     do {                                                                                          \
-        __m256i b = BCAST4(x0 + 4 * s);                                                           \
-        a00 = ADD(a00, MUL(w0, b));                                                               \
-        a01 = ADD(a01, MUL(w1, b));                                                               \
-        b = BCAST4(x1 + 4 * s);                                                                   \
-        a10 = ADD(a10, MUL(w0, b));                                                               \
-        a11 = ADD(a11, MUL(w1, b));                                                               \
-        b = BCAST4(x2 + 4 * s);                                                                   \
-        a20 = ADD(a20, MUL(w0, b));                                                               \
-        a21 = ADD(a21, MUL(w1, b));                                                               \
-        b = BCAST4(x3 + 4 * s);                                                                   \
-        a30 = ADD(a30, MUL(w0, b));                                                               \
-        a31 = ADD(a31, MUL(w1, b));                                                               \
+        __m256i b = BCAST4(xt + (S_) * 4 * MR + 4 * (r));                                        \
+        acc0 = ADD(acc0, MUL(w0, b));                                                             \
+        acc1 = ADD(acc1, MUL(w1, b));                                                             \
+    } while (0)
+#define STEP_INTRIN(MUL, ADD, S_)                                                                 \
+    do {                                                                                          \
+        MA_INTRIN(MUL, ADD, S_, 0, a00, a01);                                                         \
+        MA_INTRIN(MUL, ADD, S_, 1, a10, a11);                                                         \
+        MA_INTRIN(MUL, ADD, S_, 2, a20, a21);                                                         \
+        MA_INTRIN(MUL, ADD, S_, 3, a30, a31);                                                         \
+        MA_INTRIN(MUL, ADD, S_, 4, a40, a41);                                                         \
+        MA_INTRIN(MUL, ADD, S_, 5, a50, a51);                                                         \
     } while (0)
 #if defined(__GNUC__)
-/* The same step in inline asm: with intrinsics GCC 12 schedules all eight multiplies first, runs
- * out of registers and carries an accumulator through the stack (a store-forwarding chain that
- * halves the speed). AT&T order: vpmaddubsw signed, unsigned, dst. */
-#define STEP_AVX2(MUL, ADD)                                                                       \
+/* The same step in inline asm, all 16 ymm registers (12 accumulators, 2 panel vectors, the
+ * broadcast and a product): with intrinsics GCC 12 schedules the multiplies first, runs out of
+ * registers and carries accumulators through the stack (a store-forwarding chain that halves the
+ * speed). AT&T order: vpmaddubsw signed, unsigned, dst. */
+#define MA_ASM(off, acc0, acc1)                                                                   \
+    "vpbroadcastd " #off "(%[x]), %[b]\n\t"                                                       \
+    "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[" #acc0 "], %[" #acc0 "]\n\t"                 \
+    "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[" #acc1 "], %[" #acc1 "]\n\t"
+#define STEP_AVX2(MUL, ADD, S_)                                                                   \
     do {                                                                                          \
         __m256i b_, t_;                                                                           \
-        __asm__("vpbroadcastd (%[p0],%[s],4), %[b]\n\t"                                          \
-                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a00], %[a00]\n\t"                \
-                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a01], %[a01]\n\t"                \
-                "vpbroadcastd (%[p1],%[s],4), %[b]\n\t"                                          \
-                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a10], %[a10]\n\t"                \
-                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a11], %[a11]\n\t"                \
-                "vpbroadcastd (%[p2],%[s],4), %[b]\n\t"                                          \
-                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a20], %[a20]\n\t"                \
-                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a21], %[a21]\n\t"                \
-                "vpbroadcastd (%[p3],%[s],4), %[b]\n\t"                                          \
-                "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[a30], %[a30]\n\t"                \
-                "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[a31], %[a31]"                     \
+        __asm__(MA_ASM(0, a00, a01) MA_ASM(4, a10, a11) MA_ASM(8, a20, a21)                       \
+                MA_ASM(12, a30, a31) MA_ASM(16, a40, a41) MA_ASM(20, a50, a51)                    \
                 : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11),            \
                   [a20] "+x"(a20), [a21] "+x"(a21), [a30] "+x"(a30), [a31] "+x"(a31),            \
+                  [a40] "+x"(a40), [a41] "+x"(a41), [a50] "+x"(a50), [a51] "+x"(a51),            \
                   [b] "=&x"(b_), [t] "=&x"(t_)                                                    \
-                : [w0] "x"(w0), [w1] "x"(w1), [p0] "r"(x0), [p1] "r"(x1), [p2] "r"(x2),          \
-                  [p3] "r"(x3), [s] "r"(s)                                                        \
+                : [w0] "x"(w0), [w1] "x"(w1), [x] "r"(xt + (S_) * 4 * MR)                         \
                 : "memory");                                                                      \
     } while (0)
 #else
 #define STEP_AVX2 STEP_INTRIN
 #endif
-#define DEFINE_MICRO(NAME, ATTR, MUL, ADD, FLUSH16, STEP)                                               \
+#define DEFINE_MICRO(NAME, ATTR, MUL, ADD, FLUSH16, STEP)                                         \
     INLINE ATTR void flush_##NAME(int32_t *c, __m256i lo, __m256i hi) {                          \
         __m256i c0 = _mm256_loadu_si256((const __m256i *)c);                                      \
         __m256i c1 = _mm256_loadu_si256((const __m256i *)(c + 8));                                \
@@ -326,22 +323,24 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
         _mm256_storeu_si256((__m256i *)c, c0);                                                    \
         _mm256_storeu_si256((__m256i *)(c + 8), c1);                                              \
     }                                                                                             \
-    INLINE ATTR void NAME(const int8_t *panel, int64_t steps, const int8_t *x0, const int8_t *x1,  \
-                          const int8_t *x2, const int8_t *x3, int32_t *c0, int32_t *c1,           \
-                          int32_t *c2, int32_t *c3) {                                             \
+    INLINE ATTR void NAME(const int8_t *panel, int64_t steps, const int8_t *xt, int32_t *c,       \
+                          int64_t ldc) {                                                          \
         for (int64_t s0 = 0; s0 < steps; s0 += KSTEPS) {                                          \
             int64_t s1 = s0 + KSTEPS < steps ? s0 + KSTEPS : steps;                               \
             __m256i a00 = _mm256_setzero_si256(), a01 = a00, a10 = a00, a11 = a00;                \
-            __m256i a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                   \
+            __m256i a20 = a00, a21 = a00, a30 = a00, a31 = a00, a40 = a00, a41 = a00;             \
+            __m256i a50 = a00, a51 = a00;                                                         \
             for (int64_t s = s0; s < s1; s++) {                                                   \
                 __m256i w0 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4));            \
                 __m256i w1 = _mm256_load_si256((const __m256i *)(panel + s * NR * 4 + 32));       \
-                STEP(MUL, ADD);                                                                   \
+                STEP(MUL, ADD, s);                                                                \
             }                                                                                     \
-            flush_##NAME(c0, a00, a01);                                                           \
-            flush_##NAME(c1, a10, a11);                                                           \
-            flush_##NAME(c2, a20, a21);                                                           \
-            flush_##NAME(c3, a30, a31);                                                           \
+            flush_##NAME(c, a00, a01);                                                            \
+            flush_##NAME(c + ldc, a10, a11);                                                      \
+            flush_##NAME(c + 2 * ldc, a20, a21);                                                  \
+            flush_##NAME(c + 3 * ldc, a30, a31);                                                  \
+            flush_##NAME(c + 4 * ldc, a40, a41);                                                  \
+            flush_##NAME(c + 5 * ldc, a50, a51);                                                  \
         }                                                                                         \
     }
 
@@ -384,8 +383,7 @@ static inline int32_t load_i32(const int8_t *p) {
             }                                                                                     \
         } else {                                                                                  \
             _Alignas(64) int8_t panel[KC_BLOCKS * BLOCK * NR];                                    \
-            _Alignas(64) int8_t zeros[KC_BLOCKS * BLOCK] = {0}; /* stands in for missing rows */  \
-            _Alignas(64) int32_t cbuf[MR * NR];                 /* edge tiles work in here */     \
+            _Alignas(64) int32_t cbuf[MR * NR]; /* edge tiles work in here */                    \
             for (int64_t jp = j0; jp < j1; jp += NR) {                                            \
                 int nc = (int)(j1 - jp < NR ? j1 - jp : NR);                                      \
                 for (int64_t r = 0; r < m; r++)                                                   \
@@ -396,21 +394,18 @@ static inline int32_t load_i32(const int8_t *p) {
                     int64_t steps = (b1 - b0) * BLOCK / 4;                                        \
                     for (int64_t r0 = 0; r0 < m; r0 += MR) {                                      \
                         int R = (int)(m - r0 < MR ? m - r0 : MR);                                 \
-                        const int8_t *xr[MR];                                                     \
-                        int32_t *cr[MR];                                                          \
-                        int edge = R < MR || nc < NR;                                             \
-                        for (int r = 0; r < MR; r++) {                                            \
-                            xr[r] = r < R ? a->xp + (r0 + r) * a->ldxp + b0 * BLOCK : zeros;      \
-                            cr[r] = edge ? cbuf + r * NR : a->acc + (r0 + r) * a->ldc + jp;       \
-                            if (edge)                                                             \
-                                for (int q = 0; q < NR; q++)                                      \
-                                    cbuf[r * NR + q] = r < R && q < nc ? a->acc[(r0 + r) * a->ldc + jp + q] : 0; \
+                        const int8_t *xt = a->xt + r0 * a->kp + b0 * BLOCK * MR;                  \
+                        if (R == MR && nc == NR) {                                                \
+                            MICRO(panel, steps, xt, a->acc + r0 * a->ldc + jp, a->ldc);           \
+                            continue;                                                             \
                         }                                                                         \
-                        MICRO(panel, steps, xr[0], xr[1], xr[2], xr[3], cr[0], cr[1], cr[2], cr[3]); \
-                        if (edge)                                                                 \
-                            for (int r = 0; r < R; r++)                                           \
-                                for (int q = 0; q < nc; q++)                                      \
-                                    a->acc[(r0 + r) * a->ldc + jp + q] = cbuf[r * NR + q];        \
+                        for (int r = 0; r < MR; r++) /* rows past m: zero activations */         \
+                            for (int q = 0; q < NR; q++)                                          \
+                                cbuf[r * NR + q] = r < R && q < nc ? a->acc[(r0 + r) * a->ldc + jp + q] : 0; \
+                        MICRO(panel, steps, xt, cbuf, NR);                                        \
+                        for (int r = 0; r < R; r++)                                               \
+                            for (int q = 0; q < nc; q++)                                          \
+                                a->acc[(r0 + r) * a->ldc + jp + q] = cbuf[r * NR + q];            \
                     }                                                                             \
                 }                                                                                 \
             }                                                                                     \
