@@ -129,7 +129,8 @@ def test_generate_kv_bits_needs_the_engine(trained, capsys):
     assert "--kv-bits" in capsys.readouterr().err
 
 
-def test_generate_kv_bits_on_the_engine(capsys, monkeypatch):
+@pytest.mark.parametrize("bits", [3, 16])
+def test_generate_kv_bits_on_the_engine(capsys, monkeypatch, bits):
     import onebit
     loaded = []
     real = onebit.load
@@ -139,8 +140,8 @@ def test_generate_kv_bits_on_the_engine(capsys, monkeypatch):
         return loaded[-1]
 
     monkeypatch.setattr(onebit, "load", spy)
-    assert main(["generate", "Once upon", "--kv-bits", "3", "--max-new-tokens", "8",
+    assert main(["generate", "Once upon", "--kv-bits", str(bits), "--max-new-tokens", "8",
                  "--temperature", "0", "--quiet"]) == 0
     assert capsys.readouterr().out.startswith("Once upon")
-    assert [m.runtime.kv_bits for m in loaded] == [3]
-    assert loaded[0].runtime.cache_k[0].dtype == np.uint8  # the 3-bit block, not float32
+    assert [m.runtime.kv_bits for m in loaded] == [bits]
+    assert loaded[0].runtime.cache_k[0].dtype == np.uint8  # the compact block, not float32

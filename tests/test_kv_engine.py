@@ -1,7 +1,8 @@
-"""The engine's quantized KV cache (docs/formats.md §10): the C row quantizer byte for byte against
-onebit.quant, the cache the attention kernel writes (layout of onebit_kernels.h, BOS rule), its
-attention against a float64 oracle over the dequantized rows, and the whole engine against the
-PyTorch model with the same kv_bits (logits as tests/test_engine.py, greedy tokens identical)."""
+"""The engine's compact KV caches (docs/formats.md §10): the C row quantizer byte for byte against
+onebit.quant (8/4/3 bits) and numpy's float16 (16 bits), the cache the attention kernel writes
+(layout of onebit_kernels.h, BOS rule), its attention against a float64 oracle over the
+dequantized rows, and the whole engine against the PyTorch model with the same kv_bits (logits as
+tests/test_engine.py, greedy tokens identical)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,26 @@ def test_kv_quantize_matches_quant(bits, hd, isa):
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def f16(x: np.ndarray) -> np.ndarray:
+    """The 16-bit cache's values: IEEE float16, round to nearest even, saturating at +-65504."""
+    return np.clip(x, -65504, 65504).astype(np.float16)
+
+
+@pytest.mark.parametrize("isa", ["reference", None])
+@pytest.mark.parametrize("hd", [8, 128, 5, 24])
+def test_kv_f16_rows_match_numpy(hd, isa):
+    x = awkward_rows(np.random.default_rng(hd), hd)             # 1e-7 .. 1e9: subnormals, saturation
+    x[30, :3] = [65519.0, 65520.0, -7e4]                        # rounds to 65504; saturates; saturates
+    x[31, :2] = [2.0**-25, 3 * 2.0**-26]                        # half the smallest subnormal: ties
+    packed, step = kernels.kv_quantize(x, 16)
+    assert packed.shape == (len(x), 2 * hd) and (step == 1.0).all()
+    np.testing.assert_array_equal(packed.view(np.uint16), f16(x).view(np.uint16))
+    assert np.isfinite(f16(x)).all() and f16(x)[30, 2] == -65504
+    with kernels.use(isa or kernels.isa()):
+        got = kernels.kv_dequantize(packed, step, 16, hd)
+    np.testing.assert_array_equal(got, f16(x).astype(np.float32))
+
+
 def test_kv_quantize_worked_example():
     x = np.array([[1.0, -1.0, 0.0, 0.3, -0.3, 0.6, -0.8, 0.25]], np.float32)
     for bits, want, step in ((3, "072ba3", 0x3400), (4, "0fa8c5a1", 0x3000),
@@ -65,8 +86,9 @@ def test_kv_quantize_worked_example():
 def test_kv_quantize_errors():
     with pytest.raises(ValueError, match="bits=5"):
         kernels.kv_quantize(np.zeros((1, 8), np.float32), 5)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        kernels.kv_quantize(np.array([[0.0, np.inf]], np.float32), 4)
+    for bits in (4, 16):
+        with pytest.raises(ValueError, match="NaN or inf"):
+            kernels.kv_quantize(np.array([[0.0, np.inf]], np.float32), bits)
     with pytest.raises(ValueError, match="head_dim=8"):
         kernels.kv_dequantize(np.zeros((1, 4), np.uint8), np.zeros(1, np.float16), 3, 8)
 
@@ -81,6 +103,9 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def cache_rows(block: np.ndarray, Hkv: int, L: int, hd: int, bits: int, n: int):
     """(packed rows, steps) of positions 0..n-1 read from one cache block by the documented layout."""
+    if bits == 16:  # float16 rows only, no steps
+        assert block.size == Hkv * L * hd * 2
+        return block.view(np.float16).reshape(Hkv, L, hd)[:, :n], None, None
     rb, rb4 = -(-hd * bits // 8), hd // 2
     steps = block[:Hkv * L * 2].view(np.float16).reshape(Hkv, L)[:, :n]
     codes = block[Hkv * L * 2:Hkv * L * (2 + rb)].reshape(Hkv, L, rb)[:, :n]
@@ -89,7 +114,7 @@ def cache_rows(block: np.ndarray, Hkv: int, L: int, hd: int, bits: int, n: int):
     return codes, steps, bos
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits", BITS + (16,))
 @pytest.mark.parametrize("isa", ["reference", None])
 @pytest.mark.parametrize("H,Hkv,hd,L,chunks", [(4, 2, 32, 40, (7, 1, 5)),
                                                # long: blocks of 64 rows, grouped heads, tails
@@ -100,8 +125,8 @@ def cache_rows(block: np.ndarray, Hkv: int, L: int, hd: int, bits: int, n: int):
                                                (6, 2, 40, 560, (530, 1, 2))])
 def test_attention_over_quantized_cache(bits, isa, H, Hkv, hd, L, chunks):
     """Prefill, then 1 token, then a few more: the cache holds quant.quantize_kv's bytes of the
-    rotated K and of V (position 0 at 4 bits when bits == 3), and y is softmax attention over the
-    dequantized rows (float64 oracle)."""
+    rotated K and of V (position 0 at 4 bits when bits == 3; float16 values at 16 bits), and y is
+    softmax attention over the dequantized rows (float64 oracle)."""
     rng = np.random.default_rng(bits)
     lib = kernels._lib()
     nbytes = lib.ob_kv_cache_bytes(Hkv, L, hd, bits)
@@ -130,6 +155,11 @@ def test_attention_over_quantized_cache(bits, isa, H, Hkv, hd, L, chunks):
             deq = {}
             for name, block, X in (("k", ck, K), ("v", cv, Vv)):
                 codes, steps, bos = cache_rows(block, Hkv, L, hd, bits, n)
+                if bits == 16:
+                    want16 = f16(X.transpose(1, 0, 2))                  # [Hkv, n, hd]
+                    np.testing.assert_array_equal(codes.view(np.uint16), want16.view(np.uint16))
+                    deq[name] = want16.astype(np.float64)
+                    continue
                 X = torch.from_numpy(X.transpose(1, 0, 2).copy())       # [Hkv, n, hd]
                 wp, ws = quant.quantize_kv(X, bits)
                 if bits == 3:
@@ -156,6 +186,7 @@ def test_kv_cache_bytes_layout():
     lib = kernels._lib()
     Hkv, L, hd = 5, 4096, 128
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 32) == Hkv * L * hd * 4
+    assert lib.ob_kv_cache_bytes(Hkv, L, hd, 16) == Hkv * L * hd * 2       # llama.cpp's f16 cache
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 8) == Hkv * L * (128 + 2)
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 4) == Hkv * L * (64 + 2)
     assert lib.ob_kv_cache_bytes(Hkv, L, hd, 3) == Hkv * L * (48 + 2) + Hkv * 64
@@ -268,8 +299,8 @@ def test_load_kv_bits_overrides_the_config(tmp_path, tokenizer):
     assert m.runtime.config.kv_bits == 16 and m.runtime.kv_bits == 3
     m.runtime.reset(32)
     assert_logits_close(m.runtime.forward(ids, 0, last_only=False), want)
-    assert Runtime(folder, kv_bits=16).kv_bits == 32  # float32 cache
-    for bad in (5, "8", True, 0):
+    assert Runtime(folder).kv_bits == Runtime(folder, kv_bits=32).kv_bits == 32  # float32 cache
+    for bad in (5, "8", True, 0, 64):
         with pytest.raises(ValueError, match="kv_bits"):
             Runtime(folder, kv_bits=bad)
 
@@ -284,3 +315,32 @@ def test_bench_model_decodes_at_depth(tmp_path):
     assert list(r["tg_depth"]) == ["0", "20"] and min(r["tg_depth"].values()) > 0
     with pytest.raises(ValueError, match="context"):
         bench_model(folder, [8], 4, 1, 1, depths=[10**6])
+
+
+@pytest.mark.parametrize("placement", ["subln", "inner"])
+def test_engine_f16_cache(tmp_path, tokenizer, placement, monkeypatch):
+    """kv_bits=16 (llama.cpp's f16 cache): half the float32 cache's bytes, and the logits of the
+    PyTorch model whose K/V (after RoPE) are rounded to float16 as the cache stores them, to
+    test_engine's tolerance, for a prefill and for prefill + decode in a second slot. (Against the
+    float32 cache they differ by ~1% of the largest logit on this tiny model, as much as the 8-bit
+    cache: per-token INT8 activations carry the rounding on.)"""
+    cfg = small_config(norm_placement=placement, hidden_act="relu2" if placement == "subln" else "silu")
+    model, folder = make_packed(tmp_path, tokenizer, cfg)
+    ids = np.random.default_rng(16).integers(0, cfg.vocab_size, 40)
+    fake = quant.fake_kv
+    monkeypatch.setattr(quant, "fake_kv", lambda x, bits, pos=0: x.clamp(-65504, 65504).half().float()
+                        if bits == 16 else fake(x, bits, pos))
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None])[0][0].numpy()                     # [T, V]
+    r32, r16 = Runtime(folder), Runtime(folder, kv_bits=16)
+    assert (r32.kv_bits, r16.kv_bits) == (32, 16)
+    r32.reset(64)
+    r16.reset(64)
+    assert 2 * r16.cache_bytes == r32.cache_bytes == kv_cache_bytes(cfg, 32, 64)
+    assert r16.cache_bytes == kv_cache_bytes(cfg, 16, 64)
+    assert_logits_close(r16.forward(ids, 0, last_only=False), want)
+    r16.reset(64, slots=2)
+    r16.forward(ids[:25], 0, slot=1)
+    got = [r16.forward(ids[t:t + 1], t, slot=1) for t in range(25, 40)]
+    assert_logits_close(np.stack(got), want[25:])
+    assert not np.array_equal(r32.forward(ids, 0, last_only=False), r16.forward(ids, 0, last_only=False))

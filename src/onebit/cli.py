@@ -204,8 +204,8 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         model, tok, folder = load_model(args.model)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
-        if args.kv_bits is not None:
-            model.set_kv_bits(args.kv_bits)
+        if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
+            model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
         encode = lambda text: tok.encode(text).ids  # noqa: E731
         run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
@@ -272,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
 
     def kv_bits_arg(a: argparse.ArgumentParser, what: str) -> None:
-        a.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
-                       help=f"{what} with the KV cache at 16 (unquantized), 8, 4 or 3 bits "
-                            f"(default: the model's)")
+        a.add_argument("--kv-bits", type=int, choices=[32, 16, 8, 4, 3], default=None,
+                       help=f"{what} with the KV cache at 32 (float32), 16 (float16), 8, 4 or 3 "
+                            f"bits per value (default: the model's; unquantized models: float32; "
+                            f"PyTorch keeps 32 and 16 unquantized)")
 
     def sampling_args(a: argparse.ArgumentParser, max_new: int) -> None:
         a.add_argument("--max-new-tokens", type=int, default=max_new)

@@ -16,7 +16,8 @@ Measures, for a packed model folder (``--model``) or a random-ternary model of a
   context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
 Every figure states the embedding/head format, which moves decode speed as much as the kernels.
-``--kv-bits`` runs the cache at 16 (float32), 8, 4 or 3 bits whatever the model's config says.
+``--kv-bits`` runs the cache at 32 (float32), 16 (float16), 8, 4 or 3 bits whatever the model's
+config says.
 ``--json`` prints one object: {"pp_tok_s", "pp512_tok_s", "tg_tok_s", "ttft_s", "peak_rss_mb",
 "bytes_per_token", "read_gb_s", "bw_frac", "tg_depth": {depth: tok/s}, ...}.
 """
@@ -129,7 +130,7 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
-        "kv_bits": 16 if rt.kv_bits == 32 else rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
+        "kv_bits": rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
         "kv_context": need,
         "kv_bytes": {str(n): kv_cache_bytes(cfg, rt.kv_bits, n)
                      for n in sorted({need, 4096, 16384, *depths})},
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", default="",
                     help="also decode --tg tokens after this many cached positions, comma-separated "
                          "(llama-bench -d), e.g. --depth 1024,4000")
-    ap.add_argument("--kv-bits", type=int, choices=[16, 8, 4, 3], default=None,
-                    help="KV cache storage (16 = float32) instead of the model config's")
+    ap.add_argument("--kv-bits", type=int, choices=[32, 16, 8, 4, 3], default=None,
+                    help="KV cache storage, bits per value (32 float32, 16 float16, 8/4/3 "
+                         "quantized) instead of the model's")
     args = ap.parse_args(argv)
     try:
         pp = [int(v) for v in args.pp.split(",") if v.strip()]
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['read_gb_s']:.1f} GB/s"
           f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB)")
     kv = r["kv_bytes"]
-    store = "float32" if r["kv_bits"] == 16 else f"{r['kv_bits']}-bit"
+    store = {32: "float32", 16: "float16"}.get(r["kv_bits"], f"{r['kv_bits']}-bit")
     print(f"  KV cache ({store}, kv_bits={r['kv_bits']}): {r['kv_alloc_bytes'] / 2**20:.2f} MiB "
           f"allocated for {r['kv_context']} positions; "
           + ", ".join(f"{int(n) // 1024}k: {b / 2**20:.1f} MiB" if int(n) >= 1024 and int(n) % 1024 == 0

@@ -11,9 +11,9 @@ One forward pass, per layer (``B`` = 1 sequence, ``T`` new tokens at positions p
 
 For the b1.58 "inner" placement every projection normalises its own input (its own norm weight,
 so one quantize call per projection). Weights are memory-mapped from model.safetensors;
-activations are float32; the KV cache is float32, or with the config's ``kv_bits`` 8/4/3 packed
-codes + fp16 steps (docs/formats.md §10, written quantized and read dequantized by the C
-attention); buffers are preallocated so a decode step allocates little. The logits equal the PyTorch fake-quant forward up to float summation order
+activations are float32; the KV cache is float32 by default, float16 with ``kv_bits=16``, or with
+``kv_bits`` 8/4/3 packed codes + fp16 steps (docs/formats.md §10, written quantized and read
+dequantized by the C attention); buffers are preallocated so a decode step allocates little. The logits equal the PyTorch fake-quant forward up to float summation order
 (tests/test_engine.py pins it, and greedy generations token for token).
 """
 
@@ -34,6 +34,9 @@ from ..formats.packing import (META_TENSORS, QWEIGHT_SUFFIX, SCALE_SUFFIX, Packe
 from ..formats.safetensors_mmap import read_safetensors
 
 __all__ = ["Runtime", "EngineError"]
+
+
+KV_CACHE_BITS = (32, 16, 8, 4, 3)  # bits per cached value: float32, float16, quantized
 
 
 class EngineError(ValueError):
@@ -127,9 +130,11 @@ class Runtime:
         "a4.8" activations instead of the trained one (warns: a quality cost).
         ``sparse_min_zeros``: percent of zero inputs (or of up_proj rows off) from which a decode
         step uses the sparse kernels (below it the dense kernel is faster; 0 forces them).
-        ``kv_bits``: store the KV cache at 16 (float32), 8, 4 or 3 bits instead of the config's
-        (docs/formats.md §10; like llama.cpp's quantized cache types: a model trained without
-        KV quantization loses a little quality, measured in docs/results.md)."""
+        ``kv_bits``: bits per cached K/V value instead of the config's: 32 (float32), 16 (IEEE
+        float16, llama.cpp's default cache type), 8, 4 or 3 (quantized, docs/formats.md §10; like
+        llama.cpp's quantized cache types: a model trained without KV quantization loses a little
+        quality, measured in docs/results.md). Default: the config's ``kv_bits``, where 16 (the
+        training default: not quantized) runs the float32 cache, the engine's lossless one."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -160,11 +165,12 @@ class Runtime:
         self.H, self.Hkv, self.hd = H, Hkv, hd
         eps, inner = cfg.rms_norm_eps, cfg.norm_placement == "inner"
         self.eps, self.inner, self.relu2 = eps, inner, cfg.hidden_act == "relu2"
-        if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in (16, 8, 4, 3)):
-            raise EngineError(f"kv_bits={kv_bits!r} is not valid: use 16 (float32 cache), 8, 4 or 3")
-        kvb = cfg.kv_bits if kv_bits is None else int(kv_bits)
-        # the C cache width: 32 = float32 (kv_bits 16, not quantized), else 8/4/3 (formats.md §10)
-        self.kv_bits = 32 if kvb == 16 else kvb
+        if kv_bits is not None and (isinstance(kv_bits, bool) or kv_bits not in KV_CACHE_BITS):
+            raise EngineError(f"kv_bits={kv_bits!r} is not valid: use 32 (float32 cache), 16 (float16), "
+                              f"8, 4 or 3")
+        # the C cache width: 32 float32, 16 float16, 8/4/3 quantized (formats.md §10); the
+        # config's 16 (trained without KV quantization) runs float32
+        self.kv_bits = (32 if cfg.kv_bits == 16 else cfg.kv_bits) if kv_bits is None else int(kv_bits)
 
         def vec(name: str, n: int) -> np.ndarray:
             t = tensors.get(name)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from .runtime import Runtime
+from .runtime import KV_CACHE_BITS, Runtime
 
 __all__ = ["kv_cache_bytes", "kv_row_bytes", "model_sizes"]
 
-KV_STORAGE_BITS = (32, 16, 8, 4, 3)  # 32 = float32 (the engine today), 16 = fp16, 8/4/3 = quant.fake_kv
+KV_STORAGE_BITS = KV_CACHE_BITS  # 32 float32, 16 float16, 8/4/3 quantized (quant.fake_kv)
 
 
 def kv_row_bytes(head_dim: int, bits: int) -> int:

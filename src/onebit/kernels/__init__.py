@@ -597,14 +597,16 @@ def linear_i4(w_packed, k: int, w_scale, x_codes, x_scale) -> np.ndarray:
 
 
 def _kv_bits(bits) -> int:
-    if isinstance(bits, bool) or bits not in (8, 4, 3):
-        raise ValueError(f"bits={bits!r} is not a KV cache width: use 8, 4 or 3")
+    if isinstance(bits, bool) or bits not in (16, 8, 4, 3):
+        raise ValueError(f"bits={bits!r} is not a KV cache width: use 16 (float16), 8, 4 or 3")
     return int(bits)
 
 
 def kv_quantize(x, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """K/V rows float32 ``[..., hd]`` -> (packed codes uint8 ``[..., ceil(hd*bits/8)]``, step
-    float16 ``[...]``), byte-identical to ``onebit.quant.quantize_kv`` (docs/formats.md §10)."""
+    float16 ``[...]``), byte-identical to ``onebit.quant.quantize_kv`` (docs/formats.md §10).
+    ``bits=16``: the row as little-endian IEEE float16 (``np.clip(x, -65504, 65504)
+    .astype(np.float16)``), step 1.0."""
     bits = _kv_bits(bits)
     x = np.ascontiguousarray(_array(x, "x", np.float32, tuple(range(1, 9))))
     hd = x.shape[-1]
@@ -622,7 +624,8 @@ def kv_quantize(x, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def kv_dequantize(packed, step, bits: int, head_dim: int) -> np.ndarray:
-    """Inverse of ``kv_quantize``: float32 ``[..., head_dim]`` = (codes - (2^(bits-1) - 1/2)) * step."""
+    """Inverse of ``kv_quantize``: float32 ``[..., head_dim]`` = (codes - (2^(bits-1) - 1/2)) * step
+    (``bits=16``: the float16 values)."""
     bits = _kv_bits(bits)
     rb = _lib().ob_kv_row_bytes(int(head_dim), bits)
     packed = np.ascontiguousarray(_array(packed, "packed", np.uint8, tuple(range(1, 9))))

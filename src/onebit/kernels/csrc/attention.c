@@ -193,7 +193,7 @@ FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) 
 typedef struct {
     const float *q;          /* [T, H, hd], rotated */
     const float *ck, *cv;    /* [Hkv, cache_len, hd] (bits 32) */
-    ob_kv_view qk, qv;       /* the quantized caches (bits 8/4/3) */
+    ob_kv_view qk, qv;       /* the compact caches (bits 16/8/4/3) */
     int bits;                /* 32: float32 caches */
     int64_t T, pos, H, Hkv, hd, cache_len;
     float *y;                /* [T, H * hd] */
@@ -366,7 +366,7 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
     if (T < 1 || pos < 0 || H < 1 || Hkv < 1 || H % Hkv || hd < 2 || hd % 2) return OB_ERR_SIZE;
     if (pos + T > cache_len || pos + T > rope_len) return OB_ERR_SIZE;
     int bits = kv_bits == 0 ? 32 : kv_bits;
-    if (bits != 32 && bits != 8 && bits != 4 && bits != 3) return OB_ERR_SIZE;
+    if (bits != 32 && bits != 16 && bits != 8 && bits != 4 && bits != 3) return OB_ERR_SIZE;
     ob_kv_view qk = {0}, qv = {0};
     if (bits != 32) {
         qk = ob_kv_view_of(cache_k, Hkv, cache_len, hd, bits);

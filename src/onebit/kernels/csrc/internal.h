@@ -150,10 +150,11 @@ int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, cons
 typedef void (*ob_task_fn)(void *ctx, int t, int nt);
 int ob_parallel(ob_task_fn fn, void *ctx, int nthreads);
 
-/* ---- the quantized KV cache (kv.c; rows: docs/formats.md §10) ------------------------------ */
+/* ---- the compact KV cache (kv.c; rows: docs/formats.md §10) -------------------------------- */
 /* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block:
  *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][rb(bits)] | bits 3 only:
- *   bos uint8 [Hkv][rb(4)], the 4-bit position-0 rows (their 3-bit slots in codes stay unused). */
+ *   bos uint8 [Hkv][rb(4)], the 4-bit position-0 rows (their 3-bit slots in codes stay unused).
+ * kv_bits 16: codes only, float16 [Hkv][cache_len][hd] (steps NULL: 1.0). */
 typedef struct {
     uint16_t *steps;
     uint8_t *codes, *bos;

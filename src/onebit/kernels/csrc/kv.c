@@ -1,4 +1,4 @@
-/* The quantized KV cache (kv_bits 8/4/3): its rows (docs/formats.md §10), written and read by
+/* The compact KV cache (kv_bits 16 = IEEE float16, 8/4/3 quantized): its rows (docs/formats.md §10), written and read by
  * ob_attention_kv, and the AVX2 loops that read them inside attention (scores and weighted sums
  * straight from the codes, bit widths as compile-time constants). The scalar row functions are
  * the spec; tests/test_kv_engine.py pins them against onebit.quant byte for byte and the
@@ -17,7 +17,11 @@
  * One row = hd values of one kv head at one position; b bits, h = 2^(b-1):
  *   m = max(max|x|, 1e-5); step = fp16(min(m / h, 65504)); r = 1 / (float)step;
  *   c = clamp(floor(x * r) + h, 0, 2h - 1), packed as an LSB-first bit string (ceil(hd*b/8) B);
- *   value = (c - (h - 1/2)) * step.  All float32, as onebit.quant.kv_quant_codes. */
+ *   value = (c - (h - 1/2)) * step.  All float32, as onebit.quant.kv_quant_codes.
+ * kv_bits 16: the hd values as IEEE float16 (round to nearest even, saturating at +-65504: a
+ * finite value stays finite), 2*hd bytes, little-endian; the step is 1.0 and there is no zero
+ * point, so that every width shares the readers below. A 16-bit cache block holds no steps
+ * (ob_kv_view_of): it is exactly the float16 cache of llama.cpp, 2 bytes per value. */
 
 /* IEEE binary32 -> binary16, round to nearest even (numpy's / torch's .half()), incl. subnormals,
  * overflow to inf, NaN kept NaN. */
@@ -47,12 +51,21 @@ uint16_t ob_float_to_half(float f) {
 }
 
 int64_t ob_kv_row_bytes(int64_t hd, int bits) {
-    if (hd < 1 || (bits != 8 && bits != 4 && bits != 3)) return 0;
+    if (hd < 1 || (bits != 16 && bits != 8 && bits != 4 && bits != 3)) return 0;
     return (hd * bits + 7) / 8;
 }
 
 static void kv_quantize_row(const float *x, int64_t hd, int bits, float m, uint8_t *out,
                             uint16_t *step_out) {
+    if (bits == 16) {
+        for (int64_t i = 0; i < hd; i++) {
+            float v = x[i] > 65504.0f ? 65504.0f : (x[i] < -65504.0f ? -65504.0f : x[i]);
+            uint16_t h = ob_float_to_half(v);
+            out[2 * i] = (uint8_t)h, out[2 * i + 1] = (uint8_t)(h >> 8);
+        }
+        *step_out = 0x3C00u; /* 1.0 */
+        return;
+    }
     float hf = (float)(1 << (bits - 1)), top = 2.0f * hf - 1.0f;
     m = m > 1e-5f ? m : 1e-5f;
     float s = m / hf;
@@ -72,6 +85,10 @@ static void kv_quantize_row(const float *x, int64_t hd, int bits, float m, uint8
 }
 
 static void kv_dequantize_row(const uint8_t *in, uint16_t hs, int64_t hd, int bits, float *out) {
+    if (bits == 16) { /* the step is 1.0 */
+        for (int64_t i = 0; i < hd; i++) out[i] = ob_half_to_float((uint16_t)(in[2 * i] | in[2 * i + 1] << 8));
+        return;
+    }
     float st = ob_half_to_float(hs), zero = (float)(1 << (bits - 1)) - 0.5f;
     uint32_t acc = 0, mask = (1u << bits) - 1;
     int nb = 0;
@@ -110,8 +127,8 @@ int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t
 /* the block layout: ob_kv_view in internal.h (also onebit_kernels.h) */
 ob_kv_view ob_kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd, int bits) {
     ob_kv_view c;
-    c.steps = (uint16_t *)block;
-    c.codes = (uint8_t *)block + Hkv * cache_len * 2;
+    c.steps = bits == 16 ? NULL : (uint16_t *)block;
+    c.codes = (uint8_t *)block + (bits == 16 ? 0 : Hkv * cache_len * 2);
     c.rb = ob_kv_row_bytes(hd, bits);
     c.rb_bos = ob_kv_row_bytes(hd, 4);
     c.bos = c.codes + Hkv * cache_len * c.rb;
@@ -123,6 +140,7 @@ ob_kv_view ob_kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd
 int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int bits) {
     if (Hkv < 1 || cache_len < 1 || hd < 1) return 0;
     if (bits == 0 || bits == 32) return Hkv * cache_len * hd * 4;
+    if (bits == 16) return Hkv * cache_len * hd * 2;
     int64_t rb = ob_kv_row_bytes(hd, bits);
     if (!rb) return 0;
     return Hkv * cache_len * (2 + rb) + (bits == 3 ? Hkv * ob_kv_row_bytes(hd, 4) : 0);
@@ -130,7 +148,7 @@ int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int bits) 
 
 /* row (h, p) of a quantized cache: write x (ob_kv_get reads it) */
 void ob_kv_put(const ob_kv_view *c, int64_t h, int64_t p, const float *x, float m, int64_t hd) {
-    uint16_t *st = c->steps + h * c->cache_len + p;
+    uint16_t one, *st = c->steps ? c->steps + h * c->cache_len + p : &one; /* 16-bit: no steps */
     if (p == 0 && c->bits == 3) kv_quantize_row(x, hd, 4, m, c->bos + h * c->rb_bos, st);
     else kv_quantize_row(x, hd, c->bits, m, c->codes + (h * c->cache_len + p) * c->rb, st);
 }
@@ -140,10 +158,12 @@ void ob_kv_put(const ob_kv_view *c, int64_t h, int64_t p, const float *x, float 
 /* the 8 codes of values i..i+7 of a row (hd % 8 == 0) minus the zero point z = 2^(bits-1) - 1/2,
  * as floats (exact: small integers minus a half), not yet times the row's step. 8 codes are 8
  * bytes (8-bit), one 32-bit word (4-bit) or 3 bytes (3-bit, LSB first), broadcast and shifted
- * lane by lane (vpsrlvd). */
+ * lane by lane (vpsrlvd); at 16 bits, 8 float16 values converted exactly (vcvtph2ps). */
 FMA_ATTR static inline __attribute__((always_inline)) __m256 kv_codes8_avx2(const uint8_t *in, int64_t i, int64_t hd, int bits) {
     __m256i c;
-    if (bits == 8) {
+    if (bits == 16) {
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + 2 * i)));
+    } else if (bits == 8) {
         c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(in + i)));
     } else if (bits == 4) {
         uint32_t w;
@@ -194,11 +214,12 @@ scores_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, const
                   int64_t hd, float scale, float *sc, int64_t S, const int bits) {
     const int64_t rb = c->rb;
     const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
-    const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
+    const uint16_t *steps = c->steps ? c->steps + kvh * c->cache_len + p0 : NULL; /* 16-bit: none */
     for (int64_t j = 0; j < n; j += 2) {
         int two = j + 1 < n;
         const uint8_t *r0 = rows + j * rb, *r1 = two ? r0 + rb : r0;
-        float st0 = _cvtsh_ss(steps[j]) * scale, st1 = two ? _cvtsh_ss(steps[j + 1]) * scale : 0.0f;
+        float st0 = bits == 16 ? scale : _cvtsh_ss(steps[j]) * scale;
+        float st1 = !two ? 0.0f : (bits == 16 ? scale : _cvtsh_ss(steps[j + 1]) * scale);
         for (int64_t h0 = 0; h0 < gs; h0 += 4) {
             int64_t nh = gs - h0 < 4 ? gs - h0 : 4;
             __m256 a[4][2];
@@ -253,7 +274,8 @@ scores_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n, const
 FMA_ATTR void ob_kv_scores_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
                                        const float *q, int64_t gs, int64_t hd, float scale,
                                        float *sc, int64_t S) {
-    if (c->bits == 8) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 8);
+    if (c->bits == 16) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 16);
+    else if (c->bits == 8) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 8);
     else if (c->bits == 4) scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 4);
     else scores_quant_bits(c, kvh, p0, n, q, gs, hd, scale, sc, S, 3);
 }
@@ -268,8 +290,8 @@ weighted_sum_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
                         int64_t S, int64_t hd, float *y, const int bits) {
     const int64_t rb = c->rb;
     const uint8_t *rows = c->codes + (kvh * c->cache_len + p0) * rb;
-    const uint16_t *steps = c->steps + kvh * c->cache_len + p0;
-    int64_t j = 0;
+    const uint16_t *steps = c->steps ? c->steps + kvh * c->cache_len + p0 : NULL; /* 16-bit: none */
+    int64_t j = bits == 16 ? n : 0; /* 16-bit rows: no steps (1.0) */
     for (; j + 8 <= n; j += 8) { /* 8 fp16 steps at a time (exact conversion) */
         __m256 st = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(steps + j)));
         for (int64_t h = 0; h < gs; h++)
@@ -328,7 +350,8 @@ weighted_sum_quant_bits(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
 /* weighted_sum_quant_bits with the bit width a constant */
 FMA_ATTR void ob_kv_weighted_sum_avx2(const ob_kv_view *c, int64_t kvh, int64_t p0, int64_t n,
                                              float *p, int64_t gs, int64_t S, int64_t hd, float *y) {
-    if (c->bits == 8) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 8);
+    if (c->bits == 16) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 16);
+    else if (c->bits == 8) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 8);
     else if (c->bits == 4) weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 4);
     else weighted_sum_quant_bits(c, kvh, p0, n, p, gs, S, hd, y, 3);
 }
@@ -361,7 +384,7 @@ static void kv_dequantize_row_any(const uint8_t *in, uint16_t hs, int64_t hd, in
 
 /* row (h, p) of a quantized cache, dequantized into out (the AVX2 unpacking where simd) */
 void ob_kv_get(const ob_kv_view *c, int64_t h, int64_t p, int64_t hd, float *out, int simd) {
-    uint16_t st = c->steps[h * c->cache_len + p];
+    uint16_t st = c->steps ? c->steps[h * c->cache_len + p] : 0x3C00u; /* 16-bit: 1.0 */
     if (p == 0 && c->bits == 3) kv_dequantize_row_any(c->bos + h * c->rb_bos, st, hd, 4, out, simd);
     else kv_dequantize_row_any(c->codes + (h * c->cache_len + p) * c->rb, st, hd, c->bits, out, simd);
 }

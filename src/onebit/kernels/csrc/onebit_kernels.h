@@ -113,10 +113,12 @@ OB_API int ob_attention(float *q, float *k, const float *v, int64_t T, int64_t p
                         int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
                         int64_t rope_len, float *cache_k, float *cache_v, int64_t cache_len, float *y);
 
-/* Quantized KV rows (docs/formats.md §10; kv_bits 8, 4, 3): a row is hd float32 values, stored as
- * ob_kv_row_bytes(hd, bits) = ceil(hd*bits/8) bytes of LSB-first packed unsigned codes plus one
- * IEEE float16 step (uint16 bits), byte-identical to onebit.quant.quantize_kv. The quantizer
- * returns OB_ERR_VALUE for a NaN/inf value, OB_ERR_SIZE for bits not in {8, 4, 3}. */
+/* Compact KV rows (docs/formats.md §10; kv_bits 16, 8, 4, 3): a row is hd float32 values, stored as
+ * ob_kv_row_bytes(hd, bits) = ceil(hd*bits/8) bytes plus one IEEE float16 step (uint16 bits).
+ * 8/4/3: LSB-first packed unsigned codes, byte-identical to onebit.quant.quantize_kv. 16: the
+ * values as IEEE float16 (round to nearest even, saturating at +-65504, as numpy's
+ * np.clip(x, -65504, 65504).astype(np.float16)), step 1.0. The quantizer returns OB_ERR_VALUE for
+ * a NaN/inf value, OB_ERR_SIZE for bits not in {16, 8, 4, 3}. */
 OB_API int64_t ob_kv_row_bytes(int64_t hd, int bits);
 OB_API int ob_kv_quantize_rows(const float *x, int64_t n, int64_t hd, int bits, uint8_t *out,
                                uint16_t *step);
@@ -124,12 +126,13 @@ OB_API int ob_kv_dequantize_rows(const uint8_t *in, const uint16_t *step, int64_
                                  int bits, float *out);
 
 /* ob_attention over a cache of kv_bits (0 or 32: float32 [Hkv, cache_len, hd] as ob_attention;
- * 8, 4, 3: quantized). A quantized cache (one sequence, K or V, one layer) is one block of
+ * 16: float16, 8, 4, 3: quantized). A compact cache (one sequence, K or V, one layer) is one block of
  * ob_kv_cache_bytes(Hkv, cache_len, hd, kv_bits) bytes (2-byte aligned):
  *   steps uint16 [Hkv][cache_len] | codes uint8 [Hkv][cache_len][row_bytes(kv_bits)]
- *   | kv_bits 3 only: uint8 [Hkv][row_bytes(4)], the position-0 rows at 4 bits (BOS rule).
+ *   | kv_bits 3 only: uint8 [Hkv][row_bytes(4)], the position-0 rows at 4 bits (BOS rule);
+ * kv_bits 16: float16 [Hkv][cache_len][hd] only (no steps), 2 bytes per value.
  * New rows are quantized when written; attention reads them dequantized. OB_ERR_VALUE: NaN/inf
- * in k or v (quantized caches only). */
+ * in k or v (compact caches only). */
 OB_API int64_t ob_kv_cache_bytes(int64_t Hkv, int64_t cache_len, int64_t hd, int kv_bits);
 OB_API int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
                            int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
@@ -147,7 +150,7 @@ typedef struct {
     int32_t relu2;   /* 1: ReLU^2-GLU, 0: SwiGLU */
     int32_t inner;   /* 1: b1.58 norms inside every projection, 0: SubLN */
     float eps;       /* RMSNorm epsilon */
-    int32_t kv_bits; /* KV cache: 0 (or 32) float32, 8/4/3 quantized (ob_attention_kv) */
+    int32_t kv_bits; /* KV cache: 0 (or 32) float32, 16 float16, 8/4/3 quantized (ob_attention_kv) */
     const uint8_t *w[7];
     float w_scale[7];
     const float *norm[7];
