@@ -518,3 +518,67 @@ def test_c_status_codes():
     out, sc = np.empty((1, 2), np.int8), np.empty(1, np.float32)
     assert lib.ob_quantize_act_i8(xf.ctypes.data, 1, 2, 2, None, 1e-5, out.ctypes.data,
                                   sc.ctypes.data) == -7               # OB_ERR_VALUE
+
+
+# ---------------------------------------------------------------------------------------------
+# glu: the decoder layer's gated activation, every path the same floats as a numpy spec
+# ---------------------------------------------------------------------------------------------
+
+def _expf_nonpos_spec(x: np.ndarray) -> np.ndarray:
+    """ob_expf_nonpos in numpy float32, op for op (IEEE float32 mul/add/sub, no FMA)."""
+    f = np.float32
+    x = x.astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        n = np.floor(x * f(1.44269504088896341) + f(0.5))
+        r = x - n * f(0.693359375)
+        r = r - n * f(-2.12194440e-4)
+        p = np.full_like(x, f(1.9875691500e-4))
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = p * r + f(c)
+        p = p * r * r + r + f(1.0)
+        ni = np.nan_to_num(n, nan=0.0).astype(np.int32)
+        y = (p.view(np.int32) + (ni << 23)).view(np.float32)
+    return np.where(x < f(-87.0), f(0.0), y)
+
+
+def _glu_spec(g: np.ndarray, u: np.ndarray, act: str) -> np.ndarray:
+    f = np.float32
+    with np.errstate(invalid="ignore", over="ignore"):
+        if act == "relu2":
+            r = np.where(g > 0, g, f(0.0)).astype(np.float32)
+            return r * r * u
+        e = _expf_nonpos_spec(-np.abs(g))
+        sg = np.where(g >= 0, f(1.0) / (f(1.0) + e), e / (f(1.0) + e)).astype(np.float32)
+        return g * sg * u
+
+
+@pytest.mark.parametrize("isa", ["reference", None])
+@pytest.mark.parametrize("act", ["silu", "relu2"])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 4096, 3 * 2**15 + 5])  # the last one on threads
+def test_glu_matches_spec(isa, act, n):
+    rng = np.random.default_rng(n)
+    g = (rng.standard_normal(n) * np.exp(rng.uniform(-3, 4, n))).astype(np.float32)
+    u = rng.standard_normal(n).astype(np.float32)
+    specials = np.array([0.0, -0.0, 1e-30, -1e-30, 86.9, -86.9, 87.5, -87.5, 1e30, -1e30, np.inf,
+                         -np.inf, np.nan], np.float32)
+    g[:min(n, len(specials))] = specials[:n]
+    with K.use(isa or K.isa()), np.errstate(invalid="ignore", over="ignore"):
+        got = K.glu(g, u, act)
+    want = _glu_spec(g, u, act)
+    nan = np.isnan(want)
+    assert np.isnan(got[nan]).all()
+    np.testing.assert_array_equal(np.where(nan, 0, got).view(np.uint32), np.where(nan, 0, want).view(np.uint32))
+    if act == "silu":  # and it is silu: within a few float32 ulps of float64 math where finite
+        ok = np.isfinite(g) & (np.abs(g) < 80)
+        g64 = g[ok].astype(np.float64)
+        exact = g64 / (1 + np.exp(-g64)) * u[ok]
+        np.testing.assert_allclose(got[ok], exact, rtol=3e-6, atol=1e-37)
+
+
+def test_glu_errors():
+    with pytest.raises(ValueError, match="act='gelu'"):
+        K.glu(np.zeros(3, np.float32), np.zeros(3, np.float32), "gelu")
+    with pytest.raises(ValueError, match="same shape"):
+        K.glu(np.zeros(3, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        K.glu(np.zeros(3), np.zeros(3, np.float32))

@@ -35,7 +35,7 @@ from ..formats.packed_model import pack_i4
 from ..formats.packing import _check_codes
 
 __all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "kv_quantize", "kv_dequantize", "validate", "pack", "unpack", "isa", "available_isas", "use",
-           "set_num_threads", "get_num_threads", "threads", "read_probe", "VARIANTS"]
+           "set_num_threads", "get_num_threads", "threads", "read_probe", "glu", "VARIANTS"]
 
 VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
 _LAYOUT_ID = {"i2": 0, "t1_6": 1}
@@ -98,6 +98,7 @@ def _lib() -> ctypes.CDLL:
         "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_unpack": (i32, [p, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
+        "ob_glu": (i32, [p, p, i64, i32]),
         "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
         "ob_linear_f16": (i32, [p, i64, i64, p, i64, i64, p]),
         "ob_linear_i4": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
@@ -201,6 +202,19 @@ def read_probe(buf: np.ndarray, nthreads: int | None = None) -> int:
     if not buf.flags.c_contiguous:
         raise ValueError("buf must be contiguous; pass np.ascontiguousarray(buf)")
     return int(_lib().ob_read_probe(buf.ctypes.data, buf.size, nthreads or get_num_threads()))
+
+
+def glu(g, u, act: str = "silu") -> np.ndarray:
+    """The engine's gated activation: ``silu(g) * u`` (``act="silu"``, SwiGLU) or
+    ``relu(g)**2 * u`` (``"relu2"``), float32 of any shape, as a new array (ob_glu)."""
+    if act not in ("silu", "relu2"):
+        raise ValueError(f"act={act!r} is not valid: use 'silu' or 'relu2'")
+    g = np.array(_array(g, "g", np.float32, tuple(range(0, 9))), dtype=np.float32, order="C")
+    u = np.ascontiguousarray(_array(u, "u", np.float32, tuple(range(0, 9))))
+    if g.shape != u.shape:
+        raise ValueError(f"g {g.shape} and u {u.shape} must have the same shape")
+    _check_status(_lib().ob_glu(g.ctypes.data, u.ctypes.data, g.size, int(act == "relu2")), "glu")
+    return g
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,24 +26,6 @@
 
 #define OB_ATTN_MAX_GROUP 64 /* query heads sharing one kv head in a work item, at most */
 
-/* expf for x <= 0 (softmax after max subtraction); exp(-inf) = 0. Range reduction by ln 2. */
-static inline float ob_expf_nonpos(float x) {
-    if (x < -87.0f) return 0.0f;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } u = {p};
-    u.i += (int32_t)n << 23;
-    return u.f;
-}
-
 OB_CLONES static void rope_rows(float *x, int64_t rows, int64_t hd, const float *cs, const float *sn) {
     int64_t half = hd / 2;
     for (int64_t r = 0; r < rows; r++) {
@@ -144,25 +126,6 @@ FMA_ATTR static void weighted_sum_group_avx2(const float *p, int64_t g, int64_t 
 }
 
 
-/* ob_expf_nonpos on 8 lanes: the same operations in the same order (mul, then add: no FMA), so
- * every value equals the scalar one; lanes below -87 give 0. */
-FMA_ATTR static __m256 expf_nonpos_avx2(__m256 x) {
-    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                             _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-    __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
-}
-
 /* the numerators of a softmax (softmax_partial) with 8 lanes: max and exp as the scalar loop
  * (the same values), the sum in 8 partial sums (equal within float rounding) */
 FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) {
@@ -176,7 +139,7 @@ FMA_ATTR static float softmax_partial_avx2(float *sc, int64_t n, float *mx_out) 
     for (; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
     __m256 mxv = _mm256_set1_ps(mx), sv = _mm256_setzero_ps();
     for (j = 0; j < n8; j += 8) {
-        __m256 e = expf_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mxv));
+        __m256 e = ob_expf_nonpos_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + j), mxv));
         _mm256_storeu_ps(sc + j, e);
         sv = _mm256_add_ps(sv, e);
     }

@@ -169,9 +169,48 @@ void ob_kv_get(const ob_kv_view *c, int64_t h, int64_t p, int64_t hd, float *out
 float ob_kv_row_absmax(const float *x, int64_t hd); /* max |x|, or -1 on NaN/inf */
 int ob_kv_simd(void); /* the AVX2/FMA/F16C loops apply (CPU has them, variant not "reference") */
 
+#include <math.h>
+/* expf for x <= 0 (softmax after max subtraction, sigmoid of -|g|); exp(-inf) = 0; max rel. error
+ * ~2 ulp. Range reduction by ln 2, Cephes-style polynomial. */
+static inline float ob_expf_nonpos(float x) {
+    if (x < -87.0f) return 0.0f;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } u = {p};
+    u.i += (int32_t)n << 23;
+    return u.f;
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
-#define OB_ATTN_AVX2 1 /* kv.c / attention.c: explicit AVX2 loops under this target attribute */
+#define OB_ATTN_AVX2 1 /* kv.c / attention.c / layer.c: explicit AVX2 loops under this target attribute */
 #define OB_ATTN_TARGET __attribute__((target("avx2,fma,f16c")))
+#include <immintrin.h>
+/* ob_expf_nonpos on 8 lanes: the same operations in the same order (mul, then add: no FMA), so
+ * every value equals the scalar one; lanes below -87 give 0. */
+OB_ATTN_TARGET static inline __m256 ob_expf_nonpos_avx2(__m256 x) {
+    __m256 n = _mm256_floor_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                             _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+    __m256 y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), y);
+}
 /* hd % 8 == 0, keys/values at cache positions p0..p0+n-1 of kv head kvh (not a 3-bit row 0),
  * query heads h < gs: sc[h * S + j] = (q_h . k_j) * scale, and y[h * hd:] += sum_j p[h * S + j]
  * v_j (p is overwritten) */

@@ -18,12 +18,6 @@
 
 enum { Q = 0, K = 1, V = 2, O = 3, GATE = 4, UP = 5, DOWN = 6 };
 
-/* silu(g) * u and relu(g)^2 * u in place in g; exp of a non-positive argument only. */
-static float sigmoid(float g) {
-    float e = expf(-fabsf(g));
-    return g >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
-}
-
 /* The sparse kernels pay from ~65% zeros (column-sparse) or skipped up_proj rows on (2B4T
  * shapes, cold weights, 2 threads: they read scattered rows, the dense kernel streams): with
  * fewer than min_pct percent the dense kernel runs (ob_layer.sparse_min_zeros; 0 = always
@@ -40,14 +34,78 @@ static void add_bias(float *o, int64_t T, int64_t n, const float *b) {
             for (int64_t j = 0; j < n; j++) o[r * n + j] += b[j];
 }
 
-static void glu(float *g, const float *u, int64_t n, int relu2) {
+/* silu(g) * u and relu(g)^2 * u in place in g. The sigmoid takes the exp of a non-positive
+ * argument only (ob_expf_nonpos, the softmax's exp): 1 / (1 + e) for g >= 0, e / (1 + e) below. */
+static void glu_scalar(float *g, const float *u, int64_t n, int relu2) {
     if (relu2)
         for (int64_t i = 0; i < n; i++) {
             float r = g[i] > 0.0f ? g[i] : 0.0f;
             g[i] = r * r * u[i];
         }
     else
-        for (int64_t i = 0; i < n; i++) g[i] = g[i] * sigmoid(g[i]) * u[i];
+        for (int64_t i = 0; i < n; i++) {
+            float e = ob_expf_nonpos(-fabsf(g[i]));
+            float sg = g[i] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+            g[i] = g[i] * sg * u[i];
+        }
+}
+
+#ifdef OB_ATTN_AVX2
+/* glu_scalar 8 values at a time: the same operations in the same order (no FMA), the same floats */
+OB_ATTN_TARGET static void glu_avx2(float *g, const float *u, int64_t n, int relu2) {
+    int64_t n8 = n / 8 * 8;
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t i = 0; i < n8; i += 8) {
+        __m256 gv = _mm256_loadu_ps(g + i), uv = _mm256_loadu_ps(u + i), y;
+        if (relu2) {
+            __m256 r = _mm256_and_ps(gv, _mm256_cmp_ps(gv, zero, _CMP_GT_OQ));
+            y = _mm256_mul_ps(_mm256_mul_ps(r, r), uv);
+        } else {
+            __m256 e = ob_expf_nonpos_avx2(_mm256_or_ps(gv, sign)); /* -|g| */
+            __m256 d = _mm256_add_ps(one, e);
+            __m256 sg = _mm256_blendv_ps(_mm256_div_ps(e, d), _mm256_div_ps(one, d),
+                                         _mm256_cmp_ps(gv, zero, _CMP_GE_OQ));
+            y = _mm256_mul_ps(_mm256_mul_ps(gv, sg), uv);
+        }
+        _mm256_storeu_ps(g + i, y);
+    }
+    glu_scalar(g + n8, u + n8, n - n8, relu2);
+}
+#endif
+
+typedef struct {
+    float *g;
+    const float *u;
+    int64_t n;
+    int relu2, simd;
+} glu_job_t;
+
+static void glu_range(float *g, const float *u, int64_t n, int relu2, int simd) {
+#ifdef OB_ATTN_AVX2
+    if (simd) {
+        glu_avx2(g, u, n, relu2);
+        return;
+    }
+#endif
+    (void)simd;
+    glu_scalar(g, u, n, relu2);
+}
+
+static void glu_task(void *ctx, int t, int nt) {
+    glu_job_t *J = (glu_job_t *)ctx;
+    int64_t i0 = J->n * t / nt / 8 * 8, i1 = t + 1 == nt ? J->n : J->n * (t + 1) / nt / 8 * 8;
+    glu_range(J->g + i0, J->u + i0, i1 - i0, J->relu2, J->simd);
+}
+
+int ob_glu(float *g, const float *u, int64_t n, int relu2) {
+    if (!g || !u) return OB_ERR_NULL;
+    if (n < 0) return OB_ERR_SIZE;
+    glu_job_t J = {g, u, n, relu2, ob_kv_simd()};
+    int64_t want = n / (1 << 15); /* a prefill's rows; a decode step's row stays on one thread */
+    if (want < 2) glu_range(g, u, n, relu2, J.simd);
+    else ob_parallel(glu_task, &J, want > 256 ? 256 : (int)want);
+    return OB_OK;
 }
 
 int ob_decoder_layer(const ob_layer *L, float *x, int64_t T, int64_t pos, const float *rope_cos,
@@ -177,7 +235,7 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
                 goto done;
         }
     }
-    glu(g, u, T * F, L->relu2);
+    ob_glu(g, u, T * F, L->relu2); /* arguments valid: returns OB_OK */
     QUANT(DOWN, g, F, L->inner ? L->norm[DOWN] : L->norm[3]); /* ffn_sub_norm */
     LIN(DOWN, D, F, o);
     for (int64_t i = 0; i < T * D; i++) x[i] += o[i];

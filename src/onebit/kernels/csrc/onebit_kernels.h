@@ -235,6 +235,13 @@ OB_API int ob_get_num_threads(void);
 /* Reads `bytes` of buf on up to nthreads threads (the bench's bandwidth probe); returns a checksum. */
 OB_API uint64_t ob_read_probe(const uint8_t *buf, int64_t bytes, int nthreads);
 
+/* The gated activation of ob_decoder_layer, in place: g[i] = silu(g[i]) * u[i] (relu2 = 0,
+ * SwiGLU) or relu(g[i])^2 * u[i] (relu2 = 1, ReLU^2-GLU). silu(g) = g * sigmoid(g), the sigmoid
+ * 1 / (1 + e) for g >= 0 and e / (1 + e) below, e = exp(-|g|) by the softmax's polynomial (max rel.
+ * error ~2 ulp); float32, no FMA, so every variant (AVX2 8 lanes, threads for long rows, scalar)
+ * gives the same floats. OB_ERR_NULL / OB_ERR_SIZE (n < 0). */
+OB_API int ob_glu(float *g, const float *u, int64_t n, int relu2);
+
 /* The variant in use ("reference", "avx2", "avx512vnni"); static string. */
 OB_API const char *ob_isa(void);
 /* 1 if this build has variant `name` and the CPU runs it, else 0. */
