@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = json.loads(Path(args.src).read_text())
     else:
         rows = []
-        for shape, emb in ((None, None), ("700m", "i8"), ("2b4t", "i8"), ("2b4t", "i4")):
+        for shape, emb in ((None, None), ("700m", "i8"), ("700m", "i4"), ("2b4t", "i8"), ("2b4t", "i4")):
             extra = ["--pp", "128" if shape is None else "128,512"]
             if shape:
                 extra += ["--shape", shape, "--embedding", emb]
