@@ -149,6 +149,9 @@ int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, cons
  * thread) the tasks run one after another on the caller. Returns nt. */
 typedef void (*ob_task_fn)(void *ctx, int t, int nt);
 int ob_parallel(ob_task_fn fn, void *ctx, int nthreads);
+/* scratch memory that may be a kept block (threads.c): pass *kept back to ob_scratch_put */
+void *ob_scratch_get(size_t bytes, int *kept);
+void ob_scratch_put(void *p, int kept);
 
 /* ---- the compact KV cache (kv.c; rows: docs/formats.md §10) -------------------------------- */
 /* One sequence's K (or V) cache of one layer at kv_bits 8/4/3, one block:

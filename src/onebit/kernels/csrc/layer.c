@@ -139,7 +139,8 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     /* one scratch block: codes, scales, q, k, v, y, o, gate, up */
     size_t bytes = (size_t)(T * maxk) + (size_t)T * 4 * (size_t)(1 + QD + 2 * KD + QD + D + 2 * F) + 64 +
                    (size_t)F * sizeof(int64_t);
-    char *buf = (char *)malloc(bytes);
+    int kept;
+    char *buf = (char *)ob_scratch_get(bytes, &kept);
     if (!buf) return OB_ERR_NOMEM;
     int64_t *rows = (int64_t *)buf; /* up rows to compute (sparse decode) */
     float *xs = (float *)(rows + F), *q = xs + T, *k = q + T * QD, *v = k + T * KD, *y = v + T * KD;
@@ -243,6 +244,6 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
 #undef LIN
 #undef LIN3
 done:
-    free(buf);
+    ob_scratch_put(buf, kept);
     return st;
 }
