@@ -217,7 +217,10 @@ def _attention_reference(q, k, v, pos, cos, sin, ck, cv):
                                             (7, 20, 20, 5, 128), (3, 9, 3, 3, 6), (2, 3, 2, 1, 72),
                                             (1, 300, 8, 2, 64),  # long context: grouped heads
                                             # few work items: the keys split over the threads
-                                            (1, 700, 4, 1, 64), (1, 1500, 20, 5, 128), (2, 1000, 4, 1, 32)])
+                                            (1, 700, 4, 1, 64), (1, 1500, 20, 5, 128), (2, 1000, 4, 1, 32),
+                                            # prefill: blocks of 4 query tokens (AVX2), partial last
+                                            # block, MHA and GQA, hd % 16 == 8
+                                            (37, 20, 4, 4, 48), (66, 0, 8, 2, 64), (9, 100, 6, 2, 40)])
 def test_attention_matches_reference(impl, T, pos, H, Hkv, hd):
     rng = np.random.default_rng(T * 100 + pos)
     L = max(64, pos + T + 8)

@@ -162,6 +162,7 @@ typedef struct {
     float *y;                /* [T, H * hd] */
     int simd;                /* explicit AVX2/FMA loops (not with ONEBIT_KERNELS=reference) */
     int64_t group;           /* query heads per work item: H/Hkv (share the KV reads), or 1 */
+    int64_t rows;            /* query tokens per work item: 1, or ATTN_QB (float32 prefill) */
     int64_t nchunk;          /* key ranges per (token, head group): > 1 splits a decode step's
                               * few items so every thread gets work (split-K) */
     float *part;             /* nchunk > 1: [items][group][hd + 2] partial y, max, sum */
@@ -228,6 +229,37 @@ static void attn_quantized(const attn_job_t *J, const float *q, int64_t kvh, int
     }
 }
 
+#define ATTN_QB 4 /* query tokens per work item of a float32 prefill (attn_float_block) */
+
+#ifdef OB_ATTN_AVX2
+/* A prefill over float32 caches (AVX2): the R query tokens t0..t0+R-1 with the gs heads of kv
+ * head kvh in one work item, so each 4 K rows and each 32 V rows are read once from memory for
+ * all R * gs queries and reused from L1 (one token per item re-read the whole cache for every
+ * token: the prefill's attention was bound by those reads). Query row i = r * gs + h, gathered
+ * into qb; row i scores keys 0..nmax-1 with the others, then keeps its causal 0..pos+t0+r (the
+ * 0-3 keys past it get weight 0). The output rows are scaled by 1/sum as attn_task does. */
+FMA_ATTR static void attn_float_block(const attn_job_t *J, int64_t t0, int64_t R, int64_t h0,
+                                      int64_t kvh, float *sc, float scale) {
+    int64_t gs = J->group, hd = J->hd, S = J->pos + J->T, G = R * gs, nmax = J->pos + t0 + R;
+    float *qb = sc + ATTN_QB * gs * S, *yb = qb + ATTN_QB * gs * hd, sum[ATTN_QB * OB_ATTN_MAX_GROUP];
+    for (int64_t r = 0; r < R; r++)
+        memcpy(qb + r * gs * hd, J->q + ((t0 + r) * J->H + h0) * hd, (size_t)(gs * hd) * sizeof(float));
+    const float *K = J->ck + kvh * J->cache_len * hd, *V = J->cv + kvh * J->cache_len * hd;
+    scores_group_avx2(qb, G, K, nmax, hd, scale, sc, S);
+    for (int64_t i = 0; i < G; i++) {
+        int64_t n = J->pos + t0 + i / gs + 1;
+        float mx;
+        sum[i] = softmax_partial_avx2(sc + i * S, n, &mx);
+        for (int64_t j = n; j < nmax; j++) sc[i * S + j] = 0.0f;
+    }
+    weighted_sum_group_avx2(sc, G, S, V, nmax, hd, yb);
+    for (int64_t i = 0; i < G; i++) {
+        float *y = J->y + ((t0 + i / gs) * J->H + h0 + i % gs) * hd, inv = 1.0f / sum[i];
+        for (int64_t d = 0; d < hd; d++) y[d] = yb[i * hd + d] * inv;
+    }
+}
+#endif
+
 /* keys [j0, j1) of one work item over float32 caches (K, V: this kv head's rows), as above */
 static void attn_float(const attn_job_t *J, const float *q, const float *K, const float *V,
                        int64_t j0, int64_t j1, float *sc, float *y, float *mx, float *sum,
@@ -258,6 +290,15 @@ static void attn_task(void *ctx, int t, int nt) {
     int64_t NC = J->nchunk;
     float *sc = J->scratch + (int64_t)t * J->stride; /* [gs][S] */
     float scale = 1.0f / sqrtf((float)hd);
+#ifdef OB_ATTN_AVX2
+    if (J->rows > 1) { /* work item = (ATTN_QB tokens, gs heads of one kv head) */
+        for (int64_t w = t; w < (J->T + ATTN_QB - 1) / ATTN_QB * nb; w += nt) {
+            int64_t t0 = w / nb * ATTN_QB, h0 = w % nb * gs;
+            attn_float_block(J, t0, J->T - t0 < ATTN_QB ? J->T - t0 : ATTN_QB, h0, h0 / g, sc, scale);
+        }
+        return;
+    }
+#endif
     /* work item = (token, gs heads of one kv head, key range c of NC) */
     for (int64_t w = t; w < J->T * nb * NC; w += nt) {
         int64_t c = w % NC, tok = w / NC / nb, h0 = (w / NC % nb) * gs, kvh = h0 / g;
@@ -362,23 +403,28 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
      * cache H/Hkv times costs more than an uneven split */
     int64_t group = (T * Hkv >= 4 * (int64_t)nt || pos + T >= 256) && H / Hkv <= OB_ATTN_MAX_GROUP
                         ? H / Hkv : 1;
+    int simd = ob_kv_simd();
+    /* a float32 prefill with enough (token block, head group) items: blocks of ATTN_QB tokens */
+    int64_t rows = bits == 32 && simd && hd % 8 == 0 && T > 1 &&
+                           (T + ATTN_QB - 1) / ATTN_QB * (H / group) >= 4 * (int64_t)nt
+                       ? ATTN_QB : 1;
     /* split the keys when there are too few work items for the threads (decode with few kv
      * heads), keeping >= 256 keys per range */
     int64_t items = T * (H / group), nchunk = 1;
-    if (items < 4 * (int64_t)nt) {
+    if (rows == 1 && items < 4 * (int64_t)nt) {
         nchunk = (4 * (int64_t)nt + items - 1) / items;
         int64_t most = (pos + 1) / 256;
         nchunk = nchunk < most ? nchunk : most;
         nchunk = nchunk < OB_ATTN_MAX_CHUNK ? nchunk : OB_ATTN_MAX_CHUNK;
         nchunk = nchunk > 1 ? nchunk : 1;
     }
-    int64_t stride = group * (pos + T) + (bits == 32 ? 0 : 2 * KV_BLOCK * hd);
+    int64_t stride = rows > 1 ? ATTN_QB * group * (pos + T + 2 * hd) /* scores, qb, yb */
+                              : group * (pos + T) + (bits == 32 ? 0 : 2 * KV_BLOCK * hd);
     size_t part = nchunk > 1 ? (size_t)(items * nchunk * group * (hd + 2)) : 0;
     float *scratch = (float *)malloc(((size_t)nt * (size_t)stride + part) * sizeof(float));
     if (!scratch) return OB_ERR_NOMEM;
-    int simd = ob_kv_simd();
-    attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, nchunk,
-                    scratch + (size_t)nt * (size_t)stride, scratch, stride};
+    attn_job_t J = {q, ck, cv, qk, qv, bits, T, pos, H, Hkv, hd, cache_len, y, simd, group, rows,
+                    nchunk, scratch + (size_t)nt * (size_t)stride, scratch, stride};
     ob_parallel(attn_task, &J, nt);
     if (nchunk > 1) attn_combine(&J);
     free(scratch);
