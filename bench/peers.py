@@ -124,8 +124,8 @@ def write_doc(rows: list[dict], threads: int, tg: int) -> None:
         sp = "—" if r is eng else f"{eng['pp_tok_s'] / r['pp_tok_s']:.1f}× / {eng['tg_tok_s'] / r['tg_tok_s']:.1f}×"
         lines.append(f"| {r['shape']} | {r['runner']} | {r['pp_tok_s']:,.1f} | {r['tg_tok_s']:,.2f} | "
                      f"{r['peak_rss_mb']:,.0f} MB | {sp} |")
-    lines += ["", "llama.cpp (TQ2_0 / TQ1_0 via llama-cpp-python) is not in this table yet: it needs "
-              "the GGUF export of the engine issue. ![peers](peers.png)"]
+    lines += ["", "llama.cpp (TQ2_0 / TQ1_0 via llama-cpp-python, our GGUF export of the same weights): "
+              "its own section below (bench/peers_llamacpp.py). ![peers](peers.png)"]
     replace_section("results_peers", "\n".join(lines),
                     "## Peers: onebit engine vs PyTorch on the same weights")
     import matplotlib
