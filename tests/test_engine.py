@@ -237,3 +237,37 @@ def test_batched_generation_equals_one_by_one(tmp_path, tokenizer):
     np.testing.assert_array_equal(rows, np.stack(singles))
     texts = m.generate(["Once upon a time", "The fox"], max_new_tokens=20, temperature=0)
     assert texts == [m.generate(t, max_new_tokens=20, temperature=0) for t in ("Once upon a time", "The fox")]
+
+
+def test_concurrent_forwards_equal_serial(tmp_path, tokenizer):
+    """Two Python threads prefill through the C layer at once (ctypes drops the GIL): the caller
+    that finds the kept layer scratch and the thread pool busy takes a malloc'd block and runs its
+    tasks serially, and both get the floats of a call made alone."""
+    import threading
+    cfg = small_config()
+    _, folder = make_packed(tmp_path, tokenizer, cfg)
+    ids = [np.random.default_rng(s).integers(0, cfg.vocab_size, 48) for s in (1, 2)]
+    rts = [Runtime(folder), Runtime(folder)]
+    want = []
+    for rt, x in zip(rts, ids):
+        rt.reset(64)
+        want.append(rt.forward(x, 0, last_only=False))
+    got, errors = [[], []], []
+
+    def run(i):
+        try:
+            for _ in range(20):
+                got[i].append(rts[i].forward(ids[i], 0, last_only=False))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+    for i in (0, 1):
+        assert len(got[i]) == 20
+        for g in got[i]:
+            np.testing.assert_array_equal(g, want[i])

@@ -196,16 +196,11 @@ static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const i
             free(xbuf);
             return OB_ERR_NOMEM;
         }
-        for (int64_t t = 0; t < tiles; t++)
-            for (int r = 0; r < OB_XT_ROWS; r++) {
-                int8_t *dst = xt + t * tb + r * 4;
-                if (t * OB_XT_ROWS + r >= m) {
-                    for (int64_t s = 0; s < kp / 4; s++) memset(dst + s * 4 * OB_XT_ROWS, 0, 4);
-                    continue;
-                }
-                const int8_t *src = xp + (t * OB_XT_ROWS + r) * ldxp;
-                for (int64_t s = 0; s < kp / 4; s++) memcpy(dst + s * 4 * OB_XT_ROWS, src + 4 * s, 4);
-            }
+        memset(xt + (tiles - 1) * tb, 0, (size_t)tb); /* the last tile's rows past m stay zero */
+        for (int64_t r = 0; r < m; r++) {
+            int8_t *dst = xt + r / OB_XT_ROWS * tb + r % OB_XT_ROWS * 4;
+            for (int64_t s = 0; s < kp / 4; s++) memcpy(dst + s * 4 * OB_XT_ROWS, xp + r * ldxp + 4 * s, 4);
+        }
     }
     job_t J;
     memset(&J, 0, offsetof(job_t, status));

@@ -233,7 +233,8 @@ int ob_parallel(ob_task_fn fn, void *ctx, int nthreads) {
 
 /* One kept scratch block (ob_scratch_get): a prefill chunk's layer scratch is tens of MB, above
  * glibc's mmap threshold, so a malloc/free pair per layer call mapped and zeroed fresh pages every
- * time (~3% of a 512-token prefill). The block is kept and grown up to OB_SCRATCH_KEEP; a larger
+ * time: ~3% of a 512-token prefill in guest perf, but 700M pp512 went 176-205 -> 237-244 tok/s
+ * when the block was kept (the VM's page-fault cost is mostly invisible to the guest). The block is kept and grown up to OB_SCRATCH_KEEP; a larger
  * request, or one while the block is in use (a concurrent caller, or a forked child whose parent
  * held it), gets a plain malloc. */
 #define OB_SCRATCH_KEEP ((size_t)64 << 20)
