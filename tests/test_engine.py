@@ -243,7 +243,7 @@ def test_concurrent_forwards_equal_serial(tmp_path, tokenizer):
     """Two Python threads prefill through the C layer at once (ctypes drops the GIL): the caller
     that finds the kept layer scratch and the thread pool busy takes a malloc'd block and runs its
     tasks serially, and both get the floats of a call made alone."""
-    import threading
+    from concurrent.futures import ThreadPoolExecutor
     cfg = small_config()
     _, folder = make_packed(tmp_path, tokenizer, cfg)
     ids = [np.random.default_rng(s).integers(0, cfg.vocab_size, 48) for s in (1, 2)]
@@ -252,21 +252,12 @@ def test_concurrent_forwards_equal_serial(tmp_path, tokenizer):
     for rt, x in zip(rts, ids):
         rt.reset(64)
         want.append(rt.forward(x, 0, last_only=False))
-    got, errors = [[], []], []
 
     def run(i):
-        try:
-            for _ in range(20):
-                got[i].append(rts[i].forward(ids[i], 0, last_only=False))
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
+        return [rts[i].forward(ids[i], 0, last_only=False) for _ in range(20)]
 
-    ts = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(2) as ex:  # .result() re-raises a thread's exception
+        got = [f.result() for f in [ex.submit(run, i) for i in (0, 1)]]
     for i in (0, 1):
         assert len(got[i]) == 20
         for g in got[i]:
