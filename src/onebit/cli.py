@@ -50,11 +50,8 @@ def _is_packed(path) -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+def _rate(n: float, seconds: float) -> str:
+    return f"{n / seconds:,.1f} tok/s" if n > 0 and seconds > 0 else "- tok/s"
 
 
 def _engine_stats(m, n_prompt: int, times: list[float], t0: float) -> str:
@@ -63,15 +60,17 @@ def _engine_stats(m, n_prompt: int, times: list[float], t0: float) -> str:
 
     from .engine.stats import model_sizes
 
+    from .engine.stats import peak_rss_text
+
     sizes = model_sizes(m.runtime)
-    n = len(times)
-    pp = n_prompt / (times[0] - t0) if n else float("nan")
-    tg = (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan")
+    n = len(times)  # speeds need a measured span: "-" for none (e.g. --max-new-tokens 0)
+    pp = _rate(n_prompt, times[0] - t0) if n else "- tok/s"
+    tg = _rate(n - 1, times[-1] - times[0]) if n > 1 else "- tok/s"
     disk = sum(f.stat().st_size for f in Path(m.runtime.folder).iterdir() if f.is_file())
-    return (f"[onebit] {n_prompt} prompt tokens, prefill {pp:,.1f} tok/s; {n} generated, decode "
-            f"{tg:,.1f} tok/s | model {disk / 1e6:.2f} MB on disk ({sizes['params'] / 1e6:.2f}M "
+    return (f"[onebit] {n_prompt} prompt tokens, prefill {pp}; {n} generated, decode "
+            f"{tg} | model {disk / 1e6:.2f} MB on disk ({sizes['params'] / 1e6:.2f}M "
             f"params; fp16 weights would be {sizes['fp16_bytes'] / 1e6:.2f} MB, "
-            f"{sizes['fp16_bytes'] / disk:.1f}x more) | peak RSS {_peak_rss_mb():.0f} MB")
+            f"{sizes['fp16_bytes'] / disk:.1f}x more) | {peak_rss_text()}")
 
 
 def _timed(tokens, times: list[float]):
@@ -90,14 +89,14 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
     from .streaming import stream_text
 
     m = onebit.load(path, kv_bits=args.kv_bits)
-    ids = m.encode(args.prompt)
+    ids = m.encode(args.prompt)  # raises on non-UTF-8 prompt bytes
     times: list[float] = []
     t0 = time.perf_counter()
     gen = m.generate_ids(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                          seed=args.seed)
     sys.stdout.write(args.prompt)
-    for piece in stream_text(m.tokenizer, _timed(gen, times)):
+    for piece in stream_text(m.tokenizer, _timed(gen, times), context=ids):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -113,6 +112,9 @@ def _default_model():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.api import check_text
+
+    check_text(args.prompt)  # argv bytes that are not UTF-8 arrive as lone surrogates
     path = args.model or _default_model()
     if _is_packed(path):
         return _cmd_generate_engine(args, path)
@@ -126,6 +128,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
                          f"trained with next to model.safetensors")
+    _set_torch_threads(model)
     cfg = model.config
     pieces = generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -138,9 +141,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_chat_line() -> str | None:
+    """One line of chat input; None at end of input. Bytes that are not UTF-8 arrive as lone
+    surrogates (stdin decodes with surrogateescape), which the caller reports."""
+    if hasattr(sys.stdin, "reconfigure") and sys.stdin.errors != "surrogateescape":
+        sys.stdin.reconfigure(errors="surrogateescape")
+    try:
+        return input("> ")
+    except EOFError:
+        return None
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     import onebit
 
+    from .engine.api import check_text
+    from .sampling import validate_sampling
+
+    if args.system:
+        check_text(args.system, "--system")
+    validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a reply needs at least 1 token")
     m = onebit.load(args.model or _default_model(), kv_bits=args.kv_bits)
     messages: list[dict] = []
     if args.system:
@@ -148,9 +170,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     print("onebit chat: type a message; /reset clears the history, /exit or Ctrl-D quits.",
           file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        line = _read_chat_line()
+        if line is None:
             print(file=sys.stderr)
             return 0
         if line.strip() in ("/exit", "/quit"):
@@ -160,11 +181,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        try:  # a bad message is reported and dropped; the conversation goes on
+            check_text(line, "the message")
+            fit = m.fit_chat(messages + [{"role": "user", "content": line}], args.max_new_tokens)
+        except ValueError as e:
+            print(f"onebit chat: error: {e}", file=sys.stderr)
+            continue
+        if fit.dropped:
+            print(f"onebit chat: the conversation outgrew the model's "
+                  f"{m.config.max_position_embeddings}-token context: dropped the oldest "
+                  f"{fit.dropped} message(s)" + (" (kept the system message)" if args.system else ""),
+                  file=sys.stderr)
+        messages = fit.messages
         reply = []
-        for piece in m.stream_chat(messages, args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                   repetition_penalty=args.repetition_penalty, seed=args.seed):
+        for piece in m.stream(fit.ids, fit.max_new_tokens, heal=True, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -348,6 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels: the C ternary GEMV/GEMM vs torch fp32/bf16 and the read bandwidth; "
                         "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
     b.set_defaults(bench_help=b.format_help)
+    for a in (*sub.choices.values(), ep):  # an unknown flag is reported with its command's usage
+        a.set_defaults(cmd_parser=a)
     return p
 
 
@@ -382,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "bench":
             return _cmd_bench(args, rest)
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            getattr(args, "cmd_parser", parser).error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "generate":
             return _cmd_generate(args)
         if args.cmd == "chat":

@@ -153,4 +153,4 @@ def generate_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int,
     stop = {cfg.eos_token_id if eos_id is None else eos_id, *stop_ids}
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, stop_ids=stop)
-    return stream_text(tokenizer, tokens)
+    return stream_text(tokenizer, tokens, context=ids)  # decoded behind the prompt's tail
