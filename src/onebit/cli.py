@@ -213,40 +213,76 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """``[onebit] eval: 2,048/8,192 tokens, 1,530 tok/s`` on stderr: rewritten in place on a
+    terminal (at most 4 times a second), a line every 10 s into a log; the final line always."""
+
+    def __init__(self, what: str):
+        import time
+
+        self.what, self.clock = what, time.perf_counter
+        self.t0 = self.last = self.clock()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        final = done >= total
+        if not final and now - self.last < (0.25 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = done / (now - self.t0) if now > self.t0 else 0.0
+        line = f"[onebit] {self.what}: {done:,}/{total:,} tokens, {rate:,.0f} tok/s"
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count is refused, never replaced)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .data import corpus_tokens
 
-    from .data import read_documents
-
-    if _is_packed(args.model):  # packed / HF / GGUF: the torch-free engine
+    path = args.model or _default_model()
+    if _is_packed(path):  # packed / HF / GGUF: the torch-free engine
         import onebit
         from .engine.evaluate import perplexity as engine_ppl
 
-        m = onebit.load(args.model, kv_bits=args.kv_bits)
+        m = onebit.load(path, kv_bits=args.kv_bits)
         if m.tokenizer is None:
-            raise ValueError(f"model '{args.model}' has no tokenizer.json; copy the model's tokenizer "
+            raise ValueError(f"model '{path}' has no tokenizer.json; copy the model's tokenizer "
                              f"beside it")
-        cfg, folder = m.config, args.model
-        encode = lambda text: m.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-        run = lambda ids, L: engine_ppl(m, ids, L, max_tokens=args.max_tokens)  # noqa: E731
+        cfg, folder, tok = m.config, path, m.tokenizer
+        run = lambda ids, L, progress: engine_ppl(m, ids, L, max_tokens=args.max_tokens,  # noqa: E731
+                                                  progress=progress)
     else:  # a training run / checkpoint folder: PyTorch
         from .checkpoint import load_model
         from .evaluate import perplexity
 
-        model, tok, folder = load_model(args.model)
+        model, tok, folder = load_model(path)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
         if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
             model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
-        encode = lambda text: tok.encode(text).ids  # noqa: E731
-        run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
-                                        max_tokens=args.max_tokens)
-    ids: list[int] = []
-    for doc in read_documents(args.files):
-        ids += [cfg.bos_token_id] + encode(doc.text) + [cfg.eos_token_id]
+        run = lambda ids, L, progress: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
+                                                  max_tokens=args.max_tokens, progress=progress)
     seq_len = args.seq_len or min(cfg.max_position_embeddings, 256)
-    res = run(np.asarray(ids, dtype=np.int64), seq_len)
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the context of '{folder}' "
+                         f"({cfg.max_position_embeddings} tokens): use --seq-len "
+                         f"{cfg.max_position_embeddings} or less")
+    # with --max-tokens only the windows scored are read and tokenized (+1: the last target)
+    need = None if args.max_tokens is None else max(1, args.max_tokens // seq_len) * seq_len + 1
+    ids = corpus_tokens(args.files, tok, cfg.bos_token_id, cfg.eos_token_id, max_tokens=need)
+    res = run(ids, seq_len, None if args.json and not sys.stderr.isatty() else _Progress("eval"))
     if args.json:
         print(json.dumps({**res, "model": str(folder), "seq_len": seq_len}))
     else:
@@ -364,11 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ep = esub.add_parser("ppl", help="perplexity on text files or folders")
-    ep.add_argument("files", nargs="+")
-    ep.add_argument("--model", required=True)
-    ep.add_argument("--seq-len", type=int, default=None)
-    ep.add_argument("--batch-size", type=int, default=8)
-    ep.add_argument("--max-tokens", type=int, default=None)
+    ep.add_argument("files", nargs="+", help="UTF-8 text files or folders of *.txt files")
+    ep.add_argument("--model", default=None, help="packed model folder (engine, torch-free), HF "
+                                                  "folder, GGUF file, or a run / checkpoint folder "
+                                                  "(PyTorch); default: the built-in model")
+    ep.add_argument("--seq-len", type=_positive_int, default=None,
+                    help="tokens per window (default: the model's context, at most 256)")
+    ep.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (PyTorch)")
+    ep.add_argument("--max-tokens", type=_positive_int, default=None,
+                    help="score only the first N tokens (reads and tokenizes only those)")
     kv_bits_arg(ep, "evaluate (the quality cost of a quantized cache)")
     ep.add_argument("--json", action="store_true")
 

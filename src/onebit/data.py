@@ -22,14 +22,16 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tokenizers
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # torch only for the batch helpers: reading and tokenizing text stay torch-free
+    import torch
 
 CACHE_FORMAT_VERSION = 1
 BOS_TOKEN = "<|begin_of_text|>"
@@ -127,13 +129,25 @@ def strip_gutenberg(text: str) -> str:
     return text
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: pathlib.Path, strict: bool = False) -> str:
     # utf-8-sig: UTF-8 that also drops a leading byte-order mark (common in Gutenberg files).
-    return path.read_bytes().decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+    data = path.read_bytes()
+    if not strict:
+        return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"'{path}' is a binary file (a NUL byte at offset {nul}), not text: pass "
+                        f"plain UTF-8 text files")
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offsets after the BOM
+        raise DataError(f"'{path}' is not UTF-8 text (byte 0x{data[at]:02x} at offset {at} "
+                        f"is invalid): convert it (iconv -t UTF-8) or pass a plain-text file") from None
 
 
-def _file_documents(path: pathlib.Path, name: str) -> list[Document]:
-    text = strip_gutenberg(_read_text(path))
+def _file_documents(path: pathlib.Path, name: str, strict: bool = False) -> list[Document]:
+    text = strip_gutenberg(_read_text(path, strict))
     if DOC_SEPARATOR not in text:
         text = text.strip()
         return [Document(name, text)] if text else []
@@ -150,23 +164,43 @@ def _list_folder(folder: pathlib.Path, exclude: Sequence[str]) -> list[tuple[pat
 
 
 def read_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
-                   exclude: Sequence[str] = DataConfig.exclude) -> list[Document]:
+                   exclude: Sequence[str] = DataConfig.exclude, strict: bool = False) -> list[Document]:
     """Documents of ``paths`` in order: a file is one document (or one per ``<|endoftext|>`` piece,
     named ``file.txt#i``); a folder gives every ``*.txt`` under it, recursively, sorted by relative
     path (the document name), skipping file names matching an ``exclude`` pattern.
 
     Gutenberg headers/footers and surrounding whitespace are stripped; empty documents are skipped.
+    Bytes that are not UTF-8 become U+FFFD, unless ``strict``: then a file with NUL bytes or
+    invalid UTF-8 raises DataError naming it.
     Raises DataError for a missing path, a folder without text files, or no text at all."""
+    paths = _as_paths(paths)
+    docs = list(iter_documents(paths, exclude, strict))
+    if not docs:
+        raise DataError(f"corpus paths {[str(p) for p in paths]} contain no text: expected "
+                        f"UTF-8 plain text (Gutenberg header/footer and whitespace-only files are "
+                        f"dropped)")
+    return docs
+
+
+def _as_paths(paths) -> list[pathlib.Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [pathlib.Path(p) for p in paths]
+    return [pathlib.Path(p) for p in paths]
+
+
+def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                   exclude: Sequence[str] = DataConfig.exclude, strict: bool = False
+                   ) -> Iterator[Document]:
+    """``read_documents`` one file at a time (a consumer that stops early reads no further file);
+    yields nothing for paths without text. Every path is checked to exist before the first read."""
+    paths = _as_paths(paths)
     if not paths:
         raise DataError("no corpus paths given: set DataConfig.paths to files or folders of plain text")
-    docs: list[Document] = []
     for path in paths:
         if not path.exists():
             raise DataError(f"corpus path '{path}' does not exist; fix DataConfig.paths (files or "
                             f"folders of plain-text .txt files)")
+    for path in paths:
         if path.is_dir():
             files = _list_folder(path, exclude)
             if not files:
@@ -176,11 +210,59 @@ def read_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
         else:
             files = [(path, path.name)]
         for file, name in files:
-            docs.extend(_file_documents(file, name))
-    if not docs:
-        raise DataError(f"corpus paths {[str(p) for p in paths]} contain no text: expected UTF-8 plain "
+            yield from _file_documents(file, name, strict)
+
+
+ENCODE_MARGIN = 1024  # characters before a cut whose tokens may still change with the text after it
+
+
+def _encode_start(tok: Tokenizer, text: str, need: int) -> list[int]:
+    """The first ``need`` (or more) token ids of ``tok.encode(text)`` without encoding all of a long
+    ``text``: encode a prefix, keep the tokens that end ``ENCODE_MARGIN`` characters before its cut
+    (the pre-tokenizers split text into words and runs far shorter than that, so those tokens are
+    the whole text's), and double the prefix until enough are kept."""
+    n_chars = 8 * need + 4 * ENCODE_MARGIN
+    while n_chars < len(text):
+        enc = tok.encode(text[:n_chars], add_special_tokens=False)
+        ends = [b for _, b in enc.offsets]
+        keep = bisect.bisect_right(ends, n_chars - ENCODE_MARGIN)
+        while keep and ends[keep - 1] > n_chars - ENCODE_MARGIN:  # offsets may repeat (byte tokens)
+            keep -= 1
+        if keep >= need:
+            return enc.ids[:keep]
+        n_chars *= 2
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def corpus_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tok: Tokenizer,
+                  bos_id: int | None, eos_id: int | None, max_tokens: int | None = None,
+                  strict: bool = True, exclude: Sequence[str] = DataConfig.exclude) -> np.ndarray:
+    """int64 ids of the documents of ``paths`` (``iter_documents``), each ``[bos] + ids + [eos]``
+    (a None special is skipped), for evaluation. With ``max_tokens`` it stops reading files and
+    tokenizing text once it has that many: the result is the first ``max_tokens`` ids of the
+    whole corpus's. ``strict`` (default) refuses binary / non-UTF-8 files naming them.
+    Raises DataError for missing paths or no text."""
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens={max_tokens} must be >= 1 (or None for the whole corpus)")
+    head = [] if bos_id is None else [bos_id]
+    tail = [] if eos_id is None else [eos_id]
+    paths = _as_paths(paths)
+    ids: list[int] = []
+    found = False
+    for doc in iter_documents(paths, exclude, strict):
+        found = True
+        if max_tokens is None:
+            ids += head + tok.encode(doc.text, add_special_tokens=False).ids + tail
+            continue
+        need = max_tokens - len(ids) - len(head)
+        ids += head + _encode_start(tok, doc.text, max(need, 1)) + tail
+        if len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    if not found:
+        raise DataError(f"{[str(p) for p in paths]} contain no text: expected UTF-8 plain "
                         f"text (Gutenberg header/footer and whitespace-only files are dropped)")
-    return docs
+    return np.asarray(ids, dtype=np.int64)
 
 
 def _sha256(s: str) -> str:
@@ -430,6 +512,8 @@ def sample_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, s
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows, a pure function of (seed, step): x, y int64 [batch_size, seq_len], y = x shifted
     by one token. Offsets are uniform in [0, len(tokens) - seq_len - 1]."""
+    import torch
+
     _check_length(tokens, seq_len)
     rng = np.random.default_rng([seed, step])
     offsets = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size, endpoint=True)
@@ -442,6 +526,8 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """All non-overlapping windows from the start, at most ``max(1, max_tokens // seq_len)`` of them:
     x, y int64 [n, seq_len], y = x shifted by one token."""
+    import torch
+
     _check_length(tokens, seq_len)
     n = (len(tokens) - 1) // seq_len
     if max_tokens is not None:
