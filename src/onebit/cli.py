@@ -88,6 +88,10 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
 
     from .streaming import stream_text
 
+    if args.threads:
+        from . import kernels
+
+        kernels.set_num_threads(args.threads)
     m = onebit.load(path, kv_bits=args.kv_bits)
     ids = m.encode(args.prompt)  # raises on non-UTF-8 prompt bytes
     times: list[float] = []
@@ -128,7 +132,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
                          f"trained with next to model.safetensors")
-    _set_torch_threads(model)
+    import torch
+
+    from .generate import decode_threads
+
+    torch.set_num_threads(args.threads or decode_threads(model))
     cfg = model.config
     pieces = generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -362,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(g, 100)
     kv_bits_arg(g, "engine only: generate")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads (engine default: the physical cores; PyTorch default: 1 for "
+                        "models under 200M parameters, where more threads only add overhead, "
+                        "torch's default above)")
 
     c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
     c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
