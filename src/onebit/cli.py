@@ -21,6 +21,31 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+class _OptionsHelp(argparse.Action):
+    """-h/--help of train and finetune: the usual help, then every --section.key=value option
+    listed from the config dataclasses (imported only here: they need torch)."""
+
+    def __init__(self, option_strings, dest, sections=(), defaults=None, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help and every --section.key=value option", **kw)
+        self.sections, self.defaults = sections, defaults
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import PRESETS, options_help
+        from .train import SECTIONS
+
+        notes = {"model": f"--model.preset=NAME first sets one of {', '.join(PRESETS)}"}
+        try:
+            parser.print_help()
+            print("\n" + options_help({k: SECTIONS[k] for k in self.sections}, self.defaults, notes))
+        except BrokenPipeError:  # `onebit train --help | head`
+            pass
+        parser.exit()
+
+
+FINETUNE_DEFAULTS = {"train": {"lr": 1e-4, "schedule": "constant", "out_dir": "runs/finetune"}}
+
+
 def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     from .finetune import finetune
     from .train import load_run_config
@@ -30,8 +55,7 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     extra = [f"--finetune.source={args.source}"]
     if args.tokenizer:
         extra.append(f"--finetune.tokenizer={args.tokenizer}")
-    defaults = {"train": {"lr": 1e-4, "schedule": "constant", "out_dir": "runs/finetune"}}
-    rc = load_run_config(args.config, extra + rest, defaults=defaults)
+    rc = load_run_config(args.config, extra + rest, defaults=FINETUNE_DEFAULTS)
     summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout)
     if summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
@@ -328,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a BitNet b1.58 model (or its fp twin) from scratch",
                        description="Train from a TOML config ([model], [data], [train] tables; a path or "
                                    "a built-in name such as 'demo') plus --section.key=value overrides, "
-                                   "e.g. --model.linear=fp --train.steps=200. Ctrl-C saves a checkpoint.")
+                                   "e.g. --model.linear=fp --train.steps=200. Ctrl-C saves a checkpoint.",
+                       add_help=False)
+    t.add_argument("-h", "--help", action=_OptionsHelp, sections=("model", "data", "train"))
     t.add_argument("--config", default=None, help="TOML file or built-in config name")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
@@ -338,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the λ warm-up of the HF blog (default: linear over 1000 steps, lr 1e-4), "
                                    "with every option of `onebit train` as --section.key=value, e.g. "
                                    "--data.paths=DIR --train.steps=2000 --finetune.lambda_schedule=sigmoid "
-                                   "--finetune.distill_weight=1.")
+                                   "--finetune.distill_weight=1.", add_help=False)
+    f.add_argument("-h", "--help", action=_OptionsHelp, sections=("data", "train", "finetune"),
+                   defaults=FINETUNE_DEFAULTS)
     f.add_argument("--from", dest="source", required=True, help="HF folder, onebit run folder or llama2.c .bin")
     f.add_argument("--tokenizer", default=None, help="tokenizer.json or llama2.c tok*.bin (default: "
                                                      "found beside the source)")

@@ -307,9 +307,10 @@ def split_documents(docs: Sequence[Document], val_fraction: float
 # Tokenizers
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE of (at most) ``vocab_size`` tokens trained on ``texts``; BOS_TOKEN is id 0 and
-    EOS_TOKEN id 1. Deterministic for the same texts; ``decode(encode(s).ids) == s``."""
+    EOS_TOKEN id 1. Deterministic for the same texts; ``decode(encode(s).ids) == s``.
+    ``show_progress``: the tokenizers library's progress bars on stderr."""
     if vocab_size < MIN_BPE_VOCAB:
         raise DataError(f"BPE vocab_size={vocab_size} must be >= {MIN_BPE_VOCAB} (256 bytes + BOS + EOS)")
     tok = Tokenizer(models.BPE())
@@ -317,7 +318,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=show_progress)
     tok.train_from_iterator(texts, trainer=trainer)
     assert tok.token_to_id(BOS_TOKEN) == 0 and tok.token_to_id(EOS_TOKEN) == 1
     return tok
@@ -388,9 +389,11 @@ def cache_key(cfg: DataConfig, docs: Sequence[Document]) -> str:
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[Document], bos_id: int | None, eos_id: int | None,
-                     dtype: np.dtype, out, batch_chars: int = 1 << 23) -> int:
+                     dtype: np.dtype, out, batch_chars: int = 1 << 23,
+                     progress: Callable[[int, int], None] | None = None) -> int:
     """Write ``[bos] + ids + [eos]`` for every document to the binary file ``out``; returns the token
-    count. Documents are encoded in batches of about ``batch_chars`` characters to bound memory."""
+    count. Documents are encoded in batches of about ``batch_chars`` characters to bound memory;
+    ``progress(documents done, documents)`` is called after each batch."""
     head = np.array([] if bos_id is None else [bos_id], dtype=dtype)
     tail = np.array([] if eos_id is None else [eos_id], dtype=dtype)
     n = 0
@@ -406,23 +409,39 @@ def encode_documents(tok: Tokenizer, docs: Sequence[Document], bos_id: int | Non
             out.write(arr.tobytes())
             n += len(arr)
         i = j
+        if progress is not None:
+            progress(i, len(docs))
     return n
 
 
-def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence[Document]) -> None:
+def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence[Document],
+                 log: Callable[[str], None] | None = None) -> None:
     """Split, get the tokenizer, encode and write the full cache into ``folder`` (a fresh temp dir)."""
+    import sys
+    import time
+
+    say = log or (lambda msg: None)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     vocab = bpe_vocab_size(cfg.tokenizer)
+    t0 = time.perf_counter()
     if vocab is not None:
-        tok = train_tokenizer((d.text for d in train_docs), vocab)
+        mb = sum(len(d.text) for d in train_docs) / 1e6
+        say(f"training a byte-level BPE tokenizer ({vocab:,} tokens) on the {len(train_docs)} "
+            f"training documents ({mb:,.1f}M characters); once, then cached")
+        tok = train_tokenizer((d.text for d in train_docs), vocab,
+                              show_progress=log is not None and sys.stderr.isatty())
+        say(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
     else:
         tok = load_tokenizer(cfg.tokenizer)
+    say(f"tokenizing {len(train_docs)} training and {len(val_docs)} validation documents")
     bos_id, eos_id = special_ids(tok)
     dtype = token_dtype(tok.get_vocab_size())
     counts = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         with open(folder / f"{split}.bin", "wb") as f:
-            counts[split] = encode_documents(tok, split_docs, bos_id, eos_id, dtype, f)
+            counts[split] = encode_documents(
+                tok, split_docs, bos_id, eos_id, dtype, f,
+                progress=lambda i, n, split=split: say(f"tokenized {i}/{n} {split} documents"))
     tok.save(str(folder / "tokenizer.json"))
     meta = {"format_version": CACHE_FORMAT_VERSION, "key": key, "tokenizer": cfg.tokenizer,
             "vocab_size": tok.get_vocab_size(), "dtype": dtype.name, "bos_id": bos_id,
@@ -430,6 +449,8 @@ def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence
             "train_documents": len(train_docs), "val_documents": len(val_docs),
             "val_names": [d.name for d in val_docs]}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    say(f"token cache written: {counts['train']:,} training and {counts['val']:,} validation tokens "
+        f"({time.perf_counter() - t0:.1f} s)")
 
 
 def _read_meta(folder: pathlib.Path, key: str) -> dict[str, Any] | None:
@@ -462,22 +483,28 @@ def _install(tmp: pathlib.Path, final: pathlib.Path, key: str) -> None:
             raise
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
+def prepare_data(cfg: DataConfig, log: Callable[[str], None] | None = None) -> PreparedData:
     """Read, split, tokenize and cache the corpus of ``cfg`` (see the module docstring for the layout);
-    a cache with the same key is reused without re-tokenizing.
+    a cache with the same key is reused without re-tokenizing. ``log(message)`` hears what it is
+    doing (reading, training the tokenizer, tokenizing, or reusing the cache).
 
     Raises DataError for unusable corpora/tokenizers and when a split has fewer than seq_len + 1
     tokens."""
+    say = log or (lambda msg: None)
+    say(f"reading the corpus {list(cfg.paths)}")
     docs = read_documents(cfg.paths, cfg.exclude)
     key = cache_key(cfg, docs)
     root = pathlib.Path(cfg.cache_dir)
     final = root / key
     meta = _read_meta(final, key)
+    if meta is not None:
+        say(f"{len(docs)} documents; reusing the token cache {final}")
     if meta is None:
+        say(f"{len(docs)} documents; no token cache for them yet in {root}")
         root.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=root))
         try:
-            _write_cache(tmp, key, cfg, docs)
+            _write_cache(tmp, key, cfg, docs, log)
             _install(tmp, final, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful install
