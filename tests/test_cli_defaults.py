@@ -353,3 +353,16 @@ def test_train_says_what_it_does_before_the_first_step(tmp_path, capsys):
         assert needle in err, needle
     assert main(argv + [f"--train.out_dir={tmp_path / 'b'}"]) == 0
     assert "reusing the token cache" in capsys.readouterr().err
+
+
+def test_random_model_writer_reports_its_peak(tmp_path, monkeypatch):
+    """`bench model --shape` writes the model in a child (~6 GB for 2B4T): its peak is reported
+    beside the process's, not lost (here on the tiny preset)."""
+    from onebit.benchmarks import model as bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", "tiny")
+    info: dict = {}
+    folder = bench.model_for_shape("tiny", "i2", "i8", tmp_path, info)
+    assert (folder / "model.safetensors").is_file() and info["writer_peak_rss_mb"] > 10
+    again: dict = {}
+    assert bench.model_for_shape("tiny", "i2", "i8", tmp_path, again) == folder and again == {}
