@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -44,8 +43,9 @@ SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m"}
 
 def peak_rss_mb() -> float:
     """This process's peak RSS from its start, in MB."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    from ..engine.stats import peak_rss_mb as peaks
+
+    return peaks()["self"]
 
 
 def _child(code: str, *argv: str) -> dict:
