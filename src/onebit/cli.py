@@ -21,6 +21,31 @@ def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+class _OptionsHelp(argparse.Action):
+    """-h/--help of train and finetune: the usual help, then every --section.key=value option
+    listed from the config dataclasses (imported only here: they need torch)."""
+
+    def __init__(self, option_strings, dest, sections=(), defaults=None, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show this help and every --section.key=value option", **kw)
+        self.sections, self.defaults = sections, defaults
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import PRESETS, options_help
+        from .train import SECTIONS
+
+        notes = {"model": f"--model.preset=NAME first sets one of {', '.join(PRESETS)}"}
+        try:
+            parser.print_help()
+            print("\n" + options_help({k: SECTIONS[k] for k in self.sections}, self.defaults, notes))
+        except BrokenPipeError:  # `onebit train --help | head`
+            pass
+        parser.exit()
+
+
+FINETUNE_DEFAULTS = {"train": {"lr": 1e-4, "schedule": "constant", "out_dir": "runs/finetune"}}
+
+
 def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     from .finetune import finetune
     from .train import load_run_config
@@ -30,8 +55,7 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     extra = [f"--finetune.source={args.source}"]
     if args.tokenizer:
         extra.append(f"--finetune.tokenizer={args.tokenizer}")
-    defaults = {"train": {"lr": 1e-4, "schedule": "constant", "out_dir": "runs/finetune"}}
-    rc = load_run_config(args.config, extra + rest, defaults=defaults)
+    rc = load_run_config(args.config, extra + rest, defaults=FINETUNE_DEFAULTS)
     summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout)
     if summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
@@ -50,11 +74,8 @@ def _is_packed(path) -> bool:
         return False
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+def _rate(n: float, seconds: float) -> str:
+    return f"{n / seconds:,.1f} tok/s" if n > 0 and seconds > 0 else "- tok/s"
 
 
 def _engine_stats(m, n_prompt: int, times: list[float], t0: float) -> str:
@@ -63,15 +84,17 @@ def _engine_stats(m, n_prompt: int, times: list[float], t0: float) -> str:
 
     from .engine.stats import model_sizes
 
+    from .engine.stats import peak_rss_text
+
     sizes = model_sizes(m.runtime)
-    n = len(times)
-    pp = n_prompt / (times[0] - t0) if n else float("nan")
-    tg = (n - 1) / (times[-1] - times[0]) if n > 1 else float("nan")
+    n = len(times)  # speeds need a measured span: "-" for none (e.g. --max-new-tokens 0)
+    pp = _rate(n_prompt, times[0] - t0) if n else "- tok/s"
+    tg = _rate(n - 1, times[-1] - times[0]) if n > 1 else "- tok/s"
     disk = sum(f.stat().st_size for f in Path(m.runtime.folder).iterdir() if f.is_file())
-    return (f"[onebit] {n_prompt} prompt tokens, prefill {pp:,.1f} tok/s; {n} generated, decode "
-            f"{tg:,.1f} tok/s | model {disk / 1e6:.2f} MB on disk ({sizes['params'] / 1e6:.2f}M "
+    return (f"[onebit] {n_prompt} prompt tokens, prefill {pp}; {n} generated, decode "
+            f"{tg} | model {disk / 1e6:.2f} MB on disk ({sizes['params'] / 1e6:.2f}M "
             f"params; fp16 weights would be {sizes['fp16_bytes'] / 1e6:.2f} MB, "
-            f"{sizes['fp16_bytes'] / disk:.1f}x more) | peak RSS {_peak_rss_mb():.0f} MB")
+            f"{sizes['fp16_bytes'] / disk:.1f}x more) | {peak_rss_text()}")
 
 
 def _timed(tokens, times: list[float]):
@@ -89,15 +112,19 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
 
     from .streaming import stream_text
 
+    if args.threads:
+        from . import kernels
+
+        kernels.set_num_threads(args.threads)
     m = onebit.load(path, kv_bits=args.kv_bits)
-    ids = m.encode(args.prompt)
+    ids = m.encode(args.prompt)  # raises on non-UTF-8 prompt bytes
     times: list[float] = []
     t0 = time.perf_counter()
     gen = m.generate_ids(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                          seed=args.seed)
     sys.stdout.write(args.prompt)
-    for piece in stream_text(m.tokenizer, _timed(gen, times)):
+    for piece in stream_text(m.tokenizer, _timed(gen, times), context=ids):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -113,6 +140,9 @@ def _default_model():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.api import check_text
+
+    check_text(args.prompt)  # argv bytes that are not UTF-8 arrive as lone surrogates
     path = args.model or _default_model()
     if _is_packed(path):
         return _cmd_generate_engine(args, path)
@@ -126,6 +156,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if tok is None:
         raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
                          f"trained with next to model.safetensors")
+    import torch
+
+    from .generate import decode_threads
+
+    torch.set_num_threads(args.threads or decode_threads(model))
     cfg = model.config
     pieces = generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -138,9 +173,28 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_chat_line() -> str | None:
+    """One line of chat input; None at end of input. Bytes that are not UTF-8 arrive as lone
+    surrogates (stdin decodes with surrogateescape), which the caller reports."""
+    if hasattr(sys.stdin, "reconfigure") and sys.stdin.errors != "surrogateescape":
+        sys.stdin.reconfigure(errors="surrogateescape")
+    try:
+        return input("> ")
+    except EOFError:
+        return None
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     import onebit
 
+    from .engine.api import check_text
+    from .sampling import validate_sampling
+
+    if args.system:
+        check_text(args.system, "--system")
+    validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a reply needs at least 1 token")
     m = onebit.load(args.model or _default_model(), kv_bits=args.kv_bits)
     messages: list[dict] = []
     if args.system:
@@ -148,9 +202,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     print("onebit chat: type a message; /reset clears the history, /exit or Ctrl-D quits.",
           file=sys.stderr)
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        line = _read_chat_line()
+        if line is None:
             print(file=sys.stderr)
             return 0
         if line.strip() in ("/exit", "/quit"):
@@ -160,11 +213,22 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        try:  # a bad message is reported and dropped; the conversation goes on
+            check_text(line, "the message")
+            fit = m.fit_chat(messages + [{"role": "user", "content": line}], args.max_new_tokens)
+        except ValueError as e:
+            print(f"onebit chat: error: {e}", file=sys.stderr)
+            continue
+        if fit.dropped:
+            print(f"onebit chat: the conversation outgrew the model's "
+                  f"{m.config.max_position_embeddings}-token context: dropped the oldest "
+                  f"{fit.dropped} message(s)" + (" (kept the system message)" if args.system else ""),
+                  file=sys.stderr)
+        messages = fit.messages
         reply = []
-        for piece in m.stream_chat(messages, args.max_new_tokens, temperature=args.temperature,
-                                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                   repetition_penalty=args.repetition_penalty, seed=args.seed):
+        for piece in m.stream(fit.ids, fit.max_new_tokens, heal=True, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed):
             reply.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -181,40 +245,76 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """``[onebit] eval: 2,048/8,192 tokens, 1,530 tok/s`` on stderr: rewritten in place on a
+    terminal (at most 4 times a second), a line every 10 s into a log; the final line always."""
+
+    def __init__(self, what: str):
+        import time
+
+        self.what, self.clock = what, time.perf_counter
+        self.t0 = self.last = self.clock()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self.clock()
+        final = done >= total
+        if not final and now - self.last < (0.25 if self.tty else 10.0):
+            return
+        self.last = now
+        rate = done / (now - self.t0) if now > self.t0 else 0.0
+        line = f"[onebit] {self.what}: {done:,}/{total:,} tokens, {rate:,.0f} tok/s"
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative count is refused, never replaced)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .data import corpus_tokens
 
-    from .data import read_documents
-
-    if _is_packed(args.model):  # packed / HF / GGUF: the torch-free engine
+    path = args.model or _default_model()
+    if _is_packed(path):  # packed / HF / GGUF: the torch-free engine
         import onebit
         from .engine.evaluate import perplexity as engine_ppl
 
-        m = onebit.load(args.model, kv_bits=args.kv_bits)
+        m = onebit.load(path, kv_bits=args.kv_bits)
         if m.tokenizer is None:
-            raise ValueError(f"model '{args.model}' has no tokenizer.json; copy the model's tokenizer "
+            raise ValueError(f"model '{path}' has no tokenizer.json; copy the model's tokenizer "
                              f"beside it")
-        cfg, folder = m.config, args.model
-        encode = lambda text: m.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-        run = lambda ids, L: engine_ppl(m, ids, L, max_tokens=args.max_tokens)  # noqa: E731
+        cfg, folder, tok = m.config, path, m.tokenizer
+        run = lambda ids, L, progress: engine_ppl(m, ids, L, max_tokens=args.max_tokens,  # noqa: E731
+                                                  progress=progress)
     else:  # a training run / checkpoint folder: PyTorch
         from .checkpoint import load_model
         from .evaluate import perplexity
 
-        model, tok, folder = load_model(args.model)
+        model, tok, folder = load_model(path)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
         if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
             model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
-        encode = lambda text: tok.encode(text).ids  # noqa: E731
-        run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
-                                        max_tokens=args.max_tokens)
-    ids: list[int] = []
-    for doc in read_documents(args.files):
-        ids += [cfg.bos_token_id] + encode(doc.text) + [cfg.eos_token_id]
+        run = lambda ids, L, progress: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
+                                                  max_tokens=args.max_tokens, progress=progress)
     seq_len = args.seq_len or min(cfg.max_position_embeddings, 256)
-    res = run(np.asarray(ids, dtype=np.int64), seq_len)
+    if seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the context of '{folder}' "
+                         f"({cfg.max_position_embeddings} tokens): use --seq-len "
+                         f"{cfg.max_position_embeddings} or less")
+    # with --max-tokens only the windows scored are read and tokenized (+1: the last target)
+    need = None if args.max_tokens is None else max(1, args.max_tokens // seq_len) * seq_len + 1
+    ids = corpus_tokens(args.files, tok, cfg.bos_token_id, cfg.eos_token_id, max_tokens=need)
+    res = run(ids, seq_len, None if args.json and not sys.stderr.isatty() else _Progress("eval"))
     if args.json:
         print(json.dumps({**res, "model": str(folder), "seq_len": seq_len}))
     else:
@@ -252,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a BitNet b1.58 model (or its fp twin) from scratch",
                        description="Train from a TOML config ([model], [data], [train] tables; a path or "
                                    "a built-in name such as 'demo') plus --section.key=value overrides, "
-                                   "e.g. --model.linear=fp --train.steps=200. Ctrl-C saves a checkpoint.")
+                                   "e.g. --model.linear=fp --train.steps=200. Ctrl-C saves a checkpoint.",
+                       add_help=False)
+    t.add_argument("-h", "--help", action=_OptionsHelp, sections=("model", "data", "train"))
     t.add_argument("--config", default=None, help="TOML file or built-in config name")
     t.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
 
@@ -262,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the λ warm-up of the HF blog (default: linear over 1000 steps, lr 1e-4), "
                                    "with every option of `onebit train` as --section.key=value, e.g. "
                                    "--data.paths=DIR --train.steps=2000 --finetune.lambda_schedule=sigmoid "
-                                   "--finetune.distill_weight=1.")
+                                   "--finetune.distill_weight=1.", add_help=False)
+    f.add_argument("-h", "--help", action=_OptionsHelp, sections=("data", "train", "finetune"),
+                   defaults=FINETUNE_DEFAULTS)
     f.add_argument("--from", dest="source", required=True, help="HF folder, onebit run folder or llama2.c .bin")
     f.add_argument("--tokenizer", default=None, help="tokenizer.json or llama2.c tok*.bin (default: "
                                                      "found beside the source)")
@@ -294,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     sampling_args(g, 100)
     kv_bits_arg(g, "engine only: generate")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads (engine default: the physical cores; PyTorch default: 1 for "
+                        "models under 200M parameters, where more threads only add overhead, "
+                        "torch's default above)")
 
     c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
     c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
@@ -332,11 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ep = esub.add_parser("ppl", help="perplexity on text files or folders")
-    ep.add_argument("files", nargs="+")
-    ep.add_argument("--model", required=True)
-    ep.add_argument("--seq-len", type=int, default=None)
-    ep.add_argument("--batch-size", type=int, default=8)
-    ep.add_argument("--max-tokens", type=int, default=None)
+    ep.add_argument("files", nargs="+", help="UTF-8 text files or folders of *.txt files")
+    ep.add_argument("--model", default=None, help="packed model folder (engine, torch-free), HF "
+                                                  "folder, GGUF file, or a run / checkpoint folder "
+                                                  "(PyTorch); default: the built-in model")
+    ep.add_argument("--seq-len", type=_positive_int, default=None,
+                    help="tokens per window (default: the model's context, at most 256)")
+    ep.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (PyTorch)")
+    ep.add_argument("--max-tokens", type=_positive_int, default=None,
+                    help="score only the first N tokens (reads and tokenizes only those)")
     kv_bits_arg(ep, "evaluate (the quality cost of a quantized cache)")
     ep.add_argument("--json", action="store_true")
 
@@ -348,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels: the C ternary GEMV/GEMM vs torch fp32/bf16 and the read bandwidth; "
                         "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
     b.set_defaults(bench_help=b.format_help)
+    for a in (*sub.choices.values(), ep):  # an unknown flag is reported with its command's usage
+        a.set_defaults(cmd_parser=a)
     return p
 
 
@@ -382,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "bench":
             return _cmd_bench(args, rest)
         if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            getattr(args, "cmd_parser", parser).error(f"unrecognized arguments: {' '.join(rest)}")
         if args.cmd == "generate":
             return _cmd_generate(args)
         if args.cmd == "chat":

@@ -7,12 +7,14 @@ real checkpoint's ``config.json`` maps onto it key for key; the onebit-only fiel
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import numbers
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 FORMAT_VERSION = 1
 
@@ -23,6 +25,12 @@ class ConfigError(ValueError):
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
+
+
+def override_flag(cls_name: str, name: str) -> str:
+    """The command-line spelling of a field: ``TrainConfig``, ``steps`` -> ``--train.steps=``."""
+    section = cls_name[:-len("Config")].lower() if cls_name.endswith("Config") else ""
+    return f"--{section}.{name}=" if section else f"--{name}="
 
 
 def coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
@@ -50,7 +58,8 @@ def coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
         elem = args[0] if args else str
         return tuple(coerce(cls_name, name, elem, v) for v in value)
     bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {value!r} "
-                      f"({type(value).__name__}): fix the value in the config or the --{name}= override")
+                      f"({type(value).__name__}): fix the value in the config or the "
+                      f"{override_flag(cls_name, name)} override")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -124,6 +133,73 @@ def to_dict(obj) -> dict[str, Any]:
     return out
 
 
+def _type_label(tp: Any) -> str:
+    """``INT``, ``FLOAT|none``, ``LIST`` (comma-separated) for the option listing."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_type_label(a) for a in args if a is not type(None)]
+        return "|".join(inner) + ("|none" if type(None) in args else "")
+    if origin in (tuple, list):
+        return "A,B,..."
+    return _type_name(tp).upper()
+
+
+def field_comments(cls) -> dict[str, str]:
+    """The ``# comment`` after each field of dataclass ``cls`` in its source (and the comment lines
+    right below it), or {} when the source is not available."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in fields(cls)}
+    out: dict[str, str] = {}
+    last = None
+    for line in lines:
+        m = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+        if m and m.group(1) in names:
+            last = m.group(1)
+            out[last] = (m.group(2) or "").strip()
+            continue
+        c = re.match(r"\s+#\s*(.*)$", line)
+        if c and last is not None and out.get(last):
+            out[last] += " " + c.group(1).strip()
+        else:
+            last = None
+    return out
+
+
+def options_help(sections: dict[str, type], defaults: dict[str, dict[str, Any]] | None = None,
+                 notes: dict[str, str] | None = None) -> str:
+    """The ``--section.key=value`` options of the config dataclasses ``sections`` ({"train":
+    TrainConfig, ...}), one a line: flag, type, default (``defaults`` override the dataclass's),
+    choices (a class's ``CHOICES``) and the field's source comment. ``notes``: a first line per
+    section (e.g. the model presets)."""
+    out = ["options: --section.key=value, over the --config file's values (defaults shown are those "
+           "without --config)"]
+    for section, cls in sections.items():
+        hints = typing.get_type_hints(cls)
+        docs, choices = field_comments(cls), getattr(cls, "CHOICES", {})
+        out.append(f"  [{section}]" + (f"  {notes[section]}" if notes and section in notes else ""))
+        for f in fields(cls):
+            if not f.init or f.name == "format_version":
+                continue
+            if f.name in (defaults or {}).get(section, {}):
+                default = defaults[section][f.name]
+            elif f.default is not dataclasses.MISSING:
+                default = f.default
+            else:
+                default = f.default_factory()  # type: ignore[misc]
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default)) or "(empty)"
+            label = ("{" + ",".join(map(str, choices[f.name])) + "}" if f.name in choices
+                     else _type_label(hints[f.name]))
+            text = f"    --{section}.{f.name}={label}  default {default}"
+            if docs.get(f.name):
+                text += f"  - {docs[f.name]}"
+            out.append(text)
+    return "\n".join(out)
+
+
 def _choice(cls: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise ConfigError(f"{cls}.{name}={value!r} is not valid: use one of {list(choices)}")
@@ -154,7 +230,7 @@ def check_types(obj) -> None:
         if not ok:
             raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {v!r} "
                               f"({type(v).__name__}): fix the value in the config or the "
-                              f"--{f.name}= override")
+                              f"{override_flag(cls.__name__, f.name)} override")
         if v is not getattr(obj, f.name):
             object.__setattr__(obj, f.name, v)  # normalise numpy scalars (frozen dataclass)
 
@@ -205,6 +281,10 @@ class ModelConfig:
     kv_bits: int = 16  # KV cache: 16 (not quantized), 8, 4 or 3 bits (a4.8 §KV)
     qkv_bias: bool = False  # q/k/v projections carry a full-precision bias (Qwen2)
     format_version: int = FORMAT_VERSION
+    CHOICES: ClassVar[dict[str, tuple]] = {
+        "hidden_act": ("relu2", "silu"), "linear": ("bitnet", "fp"),
+        "norm_placement": ("subln", "inner", "pre"), "activation_scheme": ("a8", "a4.8"),
+        "kv_bits": (16, 8, 4, 3)}
 
     def __post_init__(self) -> None:
         c = "ModelConfig"
@@ -214,11 +294,8 @@ class ModelConfig:
             _positive(c, name, getattr(self, name))
         _positive(c, "rms_norm_eps", self.rms_norm_eps)
         _positive(c, "rope_theta", self.rope_theta)
-        _choice(c, "hidden_act", self.hidden_act, ("relu2", "silu"))
-        _choice(c, "linear", self.linear, ("bitnet", "fp"))
-        _choice(c, "norm_placement", self.norm_placement, ("subln", "inner", "pre"))
-        _choice(c, "activation_scheme", self.activation_scheme, ("a8", "a4.8"))
-        _choice(c, "kv_bits", self.kv_bits, (16, 8, 4, 3))
+        for name, choices in self.CHOICES.items():
+            _choice(c, name, getattr(self, name), choices)
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{c}: num_attention_heads={self.num_attention_heads} does not divide "
                               f"hidden_size={self.hidden_size}; pick a head count that divides it "

@@ -22,14 +22,16 @@ import pathlib
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import tokenizers
-import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+if TYPE_CHECKING:  # torch only for the batch helpers: reading and tokenizing text stay torch-free
+    import torch
 
 CACHE_FORMAT_VERSION = 1
 BOS_TOKEN = "<|begin_of_text|>"
@@ -127,13 +129,25 @@ def strip_gutenberg(text: str) -> str:
     return text
 
 
-def _read_text(path: pathlib.Path) -> str:
+def _read_text(path: pathlib.Path, strict: bool = False) -> str:
     # utf-8-sig: UTF-8 that also drops a leading byte-order mark (common in Gutenberg files).
-    return path.read_bytes().decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+    data = path.read_bytes()
+    if not strict:
+        return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise DataError(f"'{path}' is a binary file (a NUL byte at offset {nul}), not text: pass "
+                        f"plain UTF-8 text files")
+    try:
+        return data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        at = e.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)  # offsets after the BOM
+        raise DataError(f"'{path}' is not UTF-8 text (byte 0x{data[at]:02x} at offset {at} "
+                        f"is invalid): convert it (iconv -t UTF-8) or pass a plain-text file") from None
 
 
-def _file_documents(path: pathlib.Path, name: str) -> list[Document]:
-    text = strip_gutenberg(_read_text(path))
+def _file_documents(path: pathlib.Path, name: str, strict: bool = False) -> list[Document]:
+    text = strip_gutenberg(_read_text(path, strict))
     if DOC_SEPARATOR not in text:
         text = text.strip()
         return [Document(name, text)] if text else []
@@ -150,23 +164,43 @@ def _list_folder(folder: pathlib.Path, exclude: Sequence[str]) -> list[tuple[pat
 
 
 def read_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
-                   exclude: Sequence[str] = DataConfig.exclude) -> list[Document]:
+                   exclude: Sequence[str] = DataConfig.exclude, strict: bool = False) -> list[Document]:
     """Documents of ``paths`` in order: a file is one document (or one per ``<|endoftext|>`` piece,
     named ``file.txt#i``); a folder gives every ``*.txt`` under it, recursively, sorted by relative
     path (the document name), skipping file names matching an ``exclude`` pattern.
 
     Gutenberg headers/footers and surrounding whitespace are stripped; empty documents are skipped.
+    Bytes that are not UTF-8 become U+FFFD, unless ``strict``: then a file with NUL bytes or
+    invalid UTF-8 raises DataError naming it.
     Raises DataError for a missing path, a folder without text files, or no text at all."""
+    paths = _as_paths(paths)
+    docs = list(iter_documents(paths, exclude, strict))
+    if not docs:
+        raise DataError(f"corpus paths {[str(p) for p in paths]} contain no text: expected "
+                        f"UTF-8 plain text (Gutenberg header/footer and whitespace-only files are "
+                        f"dropped)")
+    return docs
+
+
+def _as_paths(paths) -> list[pathlib.Path]:
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [pathlib.Path(p) for p in paths]
+    return [pathlib.Path(p) for p in paths]
+
+
+def iter_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
+                   exclude: Sequence[str] = DataConfig.exclude, strict: bool = False
+                   ) -> Iterator[Document]:
+    """``read_documents`` one file at a time (a consumer that stops early reads no further file);
+    yields nothing for paths without text. Every path is checked to exist before the first read."""
+    paths = _as_paths(paths)
     if not paths:
         raise DataError("no corpus paths given: set DataConfig.paths to files or folders of plain text")
-    docs: list[Document] = []
     for path in paths:
         if not path.exists():
             raise DataError(f"corpus path '{path}' does not exist; fix DataConfig.paths (files or "
                             f"folders of plain-text .txt files)")
+    for path in paths:
         if path.is_dir():
             files = _list_folder(path, exclude)
             if not files:
@@ -176,11 +210,59 @@ def read_documents(paths: str | os.PathLike | Iterable[str | os.PathLike],
         else:
             files = [(path, path.name)]
         for file, name in files:
-            docs.extend(_file_documents(file, name))
-    if not docs:
-        raise DataError(f"corpus paths {[str(p) for p in paths]} contain no text: expected UTF-8 plain "
+            yield from _file_documents(file, name, strict)
+
+
+ENCODE_MARGIN = 1024  # characters before a cut whose tokens may still change with the text after it
+
+
+def _encode_start(tok: Tokenizer, text: str, need: int) -> list[int]:
+    """The first ``need`` (or more) token ids of ``tok.encode(text)`` without encoding all of a long
+    ``text``: encode a prefix, keep the tokens that end ``ENCODE_MARGIN`` characters before its cut
+    (the pre-tokenizers split text into words and runs far shorter than that, so those tokens are
+    the whole text's), and double the prefix until enough are kept."""
+    n_chars = 8 * need + 4 * ENCODE_MARGIN
+    while n_chars < len(text):
+        enc = tok.encode(text[:n_chars], add_special_tokens=False)
+        ends = [b for _, b in enc.offsets]
+        keep = bisect.bisect_right(ends, n_chars - ENCODE_MARGIN)
+        while keep and ends[keep - 1] > n_chars - ENCODE_MARGIN:  # offsets may repeat (byte tokens)
+            keep -= 1
+        if keep >= need:
+            return enc.ids[:keep]
+        n_chars *= 2
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def corpus_tokens(paths: str | os.PathLike | Iterable[str | os.PathLike], tok: Tokenizer,
+                  bos_id: int | None, eos_id: int | None, max_tokens: int | None = None,
+                  strict: bool = True, exclude: Sequence[str] = DataConfig.exclude) -> np.ndarray:
+    """int64 ids of the documents of ``paths`` (``iter_documents``), each ``[bos] + ids + [eos]``
+    (a None special is skipped), for evaluation. With ``max_tokens`` it stops reading files and
+    tokenizing text once it has that many: the result is the first ``max_tokens`` ids of the
+    whole corpus's. ``strict`` (default) refuses binary / non-UTF-8 files naming them.
+    Raises DataError for missing paths or no text."""
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"max_tokens={max_tokens} must be >= 1 (or None for the whole corpus)")
+    head = [] if bos_id is None else [bos_id]
+    tail = [] if eos_id is None else [eos_id]
+    paths = _as_paths(paths)
+    ids: list[int] = []
+    found = False
+    for doc in iter_documents(paths, exclude, strict):
+        found = True
+        if max_tokens is None:
+            ids += head + tok.encode(doc.text, add_special_tokens=False).ids + tail
+            continue
+        need = max_tokens - len(ids) - len(head)
+        ids += head + _encode_start(tok, doc.text, max(need, 1)) + tail
+        if len(ids) >= max_tokens:
+            ids = ids[:max_tokens]
+            break
+    if not found:
+        raise DataError(f"{[str(p) for p in paths]} contain no text: expected UTF-8 plain "
                         f"text (Gutenberg header/footer and whitespace-only files are dropped)")
-    return docs
+    return np.asarray(ids, dtype=np.int64)
 
 
 def _sha256(s: str) -> str:
@@ -225,9 +307,10 @@ def split_documents(docs: Sequence[Document], val_fraction: float
 # Tokenizers
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE of (at most) ``vocab_size`` tokens trained on ``texts``; BOS_TOKEN is id 0 and
-    EOS_TOKEN id 1. Deterministic for the same texts; ``decode(encode(s).ids) == s``."""
+    EOS_TOKEN id 1. Deterministic for the same texts; ``decode(encode(s).ids) == s``.
+    ``show_progress``: the tokenizers library's progress bars on stderr."""
     if vocab_size < MIN_BPE_VOCAB:
         raise DataError(f"BPE vocab_size={vocab_size} must be >= {MIN_BPE_VOCAB} (256 bytes + BOS + EOS)")
     tok = Tokenizer(models.BPE())
@@ -235,7 +318,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=show_progress)
     tok.train_from_iterator(texts, trainer=trainer)
     assert tok.token_to_id(BOS_TOKEN) == 0 and tok.token_to_id(EOS_TOKEN) == 1
     return tok
@@ -306,9 +389,11 @@ def cache_key(cfg: DataConfig, docs: Sequence[Document]) -> str:
 
 
 def encode_documents(tok: Tokenizer, docs: Sequence[Document], bos_id: int | None, eos_id: int | None,
-                     dtype: np.dtype, out, batch_chars: int = 1 << 23) -> int:
+                     dtype: np.dtype, out, batch_chars: int = 1 << 23,
+                     progress: Callable[[int, int], None] | None = None) -> int:
     """Write ``[bos] + ids + [eos]`` for every document to the binary file ``out``; returns the token
-    count. Documents are encoded in batches of about ``batch_chars`` characters to bound memory."""
+    count. Documents are encoded in batches of about ``batch_chars`` characters to bound memory;
+    ``progress(documents done, documents)`` is called after each batch."""
     head = np.array([] if bos_id is None else [bos_id], dtype=dtype)
     tail = np.array([] if eos_id is None else [eos_id], dtype=dtype)
     n = 0
@@ -324,23 +409,39 @@ def encode_documents(tok: Tokenizer, docs: Sequence[Document], bos_id: int | Non
             out.write(arr.tobytes())
             n += len(arr)
         i = j
+        if progress is not None:
+            progress(i, len(docs))
     return n
 
 
-def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence[Document]) -> None:
+def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence[Document],
+                 log: Callable[[str], None] | None = None) -> None:
     """Split, get the tokenizer, encode and write the full cache into ``folder`` (a fresh temp dir)."""
+    import sys
+    import time
+
+    say = log or (lambda msg: None)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction)
     vocab = bpe_vocab_size(cfg.tokenizer)
+    t0 = time.perf_counter()
     if vocab is not None:
-        tok = train_tokenizer((d.text for d in train_docs), vocab)
+        mb = sum(len(d.text) for d in train_docs) / 1e6
+        say(f"training a byte-level BPE tokenizer ({vocab:,} tokens) on the {len(train_docs)} "
+            f"training documents ({mb:,.1f}M characters); once, then cached")
+        tok = train_tokenizer((d.text for d in train_docs), vocab,
+                              show_progress=log is not None and sys.stderr.isatty())
+        say(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
     else:
         tok = load_tokenizer(cfg.tokenizer)
+    say(f"tokenizing {len(train_docs)} training and {len(val_docs)} validation documents")
     bos_id, eos_id = special_ids(tok)
     dtype = token_dtype(tok.get_vocab_size())
     counts = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):
         with open(folder / f"{split}.bin", "wb") as f:
-            counts[split] = encode_documents(tok, split_docs, bos_id, eos_id, dtype, f)
+            counts[split] = encode_documents(
+                tok, split_docs, bos_id, eos_id, dtype, f,
+                progress=lambda i, n, split=split: say(f"tokenized {i}/{n} {split} documents"))
     tok.save(str(folder / "tokenizer.json"))
     meta = {"format_version": CACHE_FORMAT_VERSION, "key": key, "tokenizer": cfg.tokenizer,
             "vocab_size": tok.get_vocab_size(), "dtype": dtype.name, "bos_id": bos_id,
@@ -348,6 +449,8 @@ def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence
             "train_documents": len(train_docs), "val_documents": len(val_docs),
             "val_names": [d.name for d in val_docs]}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    say(f"token cache written: {counts['train']:,} training and {counts['val']:,} validation tokens "
+        f"({time.perf_counter() - t0:.1f} s)")
 
 
 def _read_meta(folder: pathlib.Path, key: str) -> dict[str, Any] | None:
@@ -380,22 +483,28 @@ def _install(tmp: pathlib.Path, final: pathlib.Path, key: str) -> None:
             raise
 
 
-def prepare_data(cfg: DataConfig) -> PreparedData:
+def prepare_data(cfg: DataConfig, log: Callable[[str], None] | None = None) -> PreparedData:
     """Read, split, tokenize and cache the corpus of ``cfg`` (see the module docstring for the layout);
-    a cache with the same key is reused without re-tokenizing.
+    a cache with the same key is reused without re-tokenizing. ``log(message)`` hears what it is
+    doing (reading, training the tokenizer, tokenizing, or reusing the cache).
 
     Raises DataError for unusable corpora/tokenizers and when a split has fewer than seq_len + 1
     tokens."""
+    say = log or (lambda msg: None)
+    say(f"reading the corpus {list(cfg.paths)}")
     docs = read_documents(cfg.paths, cfg.exclude)
     key = cache_key(cfg, docs)
     root = pathlib.Path(cfg.cache_dir)
     final = root / key
     meta = _read_meta(final, key)
+    if meta is not None:
+        say(f"{len(docs)} documents; reusing the token cache {final}")
     if meta is None:
+        say(f"{len(docs)} documents; no token cache for them yet in {root}")
         root.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-", dir=root))
         try:
-            _write_cache(tmp, key, cfg, docs)
+            _write_cache(tmp, key, cfg, docs, log)
             _install(tmp, final, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful install
@@ -430,6 +539,8 @@ def sample_batch(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, s
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows, a pure function of (seed, step): x, y int64 [batch_size, seq_len], y = x shifted
     by one token. Offsets are uniform in [0, len(tokens) - seq_len - 1]."""
+    import torch
+
     _check_length(tokens, seq_len)
     rng = np.random.default_rng([seed, step])
     offsets = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size, endpoint=True)
@@ -442,6 +553,8 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """All non-overlapping windows from the start, at most ``max(1, max_tokens // seq_len)`` of them:
     x, y int64 [n, seq_len], y = x shifted by one token."""
+    import torch
+
     _check_length(tokens, seq_len)
     n = (len(tokens) - 1) // seq_len
     if max_tokens is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -15,7 +16,8 @@ __all__ = ["perplexity"]
 
 @torch.no_grad()
 def perplexity(model: CausalLM, tokens, seq_len: int, batch_size: int = 8,
-               max_tokens: int | None = None) -> dict:
+               max_tokens: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Mean next-token cross-entropy of ``model`` on ``tokens`` and its exponential.
 
     ``tokens``: 1-D integer array of ids (a ``np.memmap`` is read window by window). Window ``i``
@@ -25,6 +27,7 @@ def perplexity(model: CausalLM, tokens, seq_len: int, batch_size: int = 8,
     from the start are used, at most ``max_tokens // seq_len`` of them.
 
     Returns ``{"loss": float (nats/token), "ppl": exp(loss), "tokens": scored token count}``.
+    ``progress(scored, total)`` is called after every batch.
     Runs under ``no_grad`` and ``eval()`` (the training flag is restored). Raises ``ValueError``
     for fewer than ``seq_len + 1`` tokens, ids outside the vocabulary, ``seq_len`` beyond
     ``max_position_embeddings``, or non-positive ``seq_len``/``batch_size``/``max_tokens``.
@@ -66,6 +69,8 @@ def perplexity(model: CausalLM, tokens, seq_len: int, batch_size: int = 8,
             logits, _ = model(batch[:, :-1])                              # [b, seq_len, V]
             total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                      batch[:, 1:].reshape(-1), reduction="sum").item()
+            if progress is not None:
+                progress(rows.stop * seq_len, n_windows * seq_len)
     finally:
         model.train(was_training)
     n = n_windows * seq_len

@@ -30,7 +30,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -69,6 +69,7 @@ class FinetuneConfig:
     lambda_k: float | None = None
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    CHOICES: ClassVar[dict[str, tuple]] = {"lambda_schedule": LAMBDA_SCHEDULES}
 
     def __post_init__(self) -> None:
         from .config import check_types

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,8 @@ class TrainConfig:
     threads: int | None = None        # torch intra-op threads per process; None = torch default
     a48_switch: float | None = None   # a4.8 two-stage: fraction of steps run with A8 activations
                                       # before switching to model.activation_scheme="a4.8" (paper: 0.95)
+    CHOICES: ClassVar[dict[str, tuple]] = {"schedule": ("auto", "two_stage", "cosine", "constant"),
+                                           "dtype": ("fp32", "bf16")}
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -79,9 +81,9 @@ class TrainConfig:
                 raise ConfigError(f"{c}.{name}={getattr(self, name)} must be > 0")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError(f"{c}.micro_batch_size={self.micro_batch_size} must be > 0 (or unset)")
-        if self.schedule not in ("auto", "two_stage", "cosine", "constant"):
+        if self.schedule not in self.CHOICES["schedule"]:
             raise ConfigError(f"{c}.schedule={self.schedule!r}: use auto, two_stage, cosine or constant")
-        if self.dtype not in ("fp32", "bf16"):
+        if self.dtype not in self.CHOICES["dtype"]:
             raise ConfigError(f"{c}.dtype={self.dtype!r}: use fp32 or bf16")
         for name in ("lr", "lr_stage2"):
             v = getattr(self, name)
@@ -362,8 +364,9 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         raise ConfigError(f"--resume given but '{ckpt_root}' has no checkpoint to resume from")
 
     # Data (rank 0 builds the token cache first; the others then reuse it).
-    if d.main:
-        data = prepare_data(rc.data)
+    if d.main:  # the first run on a corpus trains the tokenizer (a minute on Gutenberg): say so
+        data = prepare_data(rc.data, log=lambda msg: print(f"onebit train: {msg}", file=sys.stderr,
+                                                               flush=True))
     if d.world > 1:
         dist.barrier()
     if not d.main:

@@ -3,15 +3,20 @@
 Measures, for a packed model folder (``--model``) or a random-ternary model of a named shape
 (``--shape 2b4t|700m``, written once into ``.cache/onebit/bench-models``):
 
-- prefill tokens/s for each ``--pp`` prompt length (default 128 and 512), from an empty cache;
-- decode tokens/s over ``--tg`` tokens (default 128), one token per step from position 0, and
+- prefill tokens/s for each ``--pp`` prompt length (default 128 and 512, those that fit the
+  model's context), from an empty cache;
+- decode tokens/s over ``--tg`` tokens (default 128, or what the context holds), one token per
+  step from position 0, and
   with ``--depth`` from deeper positions too (llama-bench's ``-d``): the cache is filled by a
   prefill of random tokens up to each depth, then ``--tg`` tokens are decoded from there (the
   attention then reads ``depth`` cached positions per layer and step);
 - time to first token for the first prompt length (prefill + the first sampled token);
-- peak RSS of the process, the bytes one decode step reads (packed weights + LM head as the
-  engine reads it + norms; the KV cache read is listed separately at the --tg context) and that
-  traffic as a fraction of the read bandwidth measured in the same run;
+- peak RSS of the process from its start (interpreter, loading, setup and the runs: what
+  /usr/bin/time reports), and separately that of the child processes: the read-bandwidth probe
+  (its 512 MiB buffer) and, the first time, the writer of a random ``--shape`` model;
+- the bytes one decode step reads (packed weights + LM head as the engine reads it + norms; the
+  KV cache read is listed separately at the --tg context) and that traffic as a fraction of the
+  read bandwidth measured in the same run;
 - the KV cache at the model's ``kv_bits`` (docs/formats.md §10): bytes allocated for the run's
   context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
@@ -27,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,8 +42,23 @@ SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m"}
 
 
 def peak_rss_mb() -> float:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+    """This process's peak RSS from its start, in MB."""
+    from ..engine.stats import peak_rss_mb as peaks
+
+    return peaks()["self"]
+
+
+def _child(code: str, *argv: str) -> dict:
+    """Run ``code`` in a child Python (its memory never counts in this process's peak) and return
+    the JSON object it prints last, with its own ``peak_rss_mb`` added."""
+    import subprocess
+
+    tail = ("\nimport json as _j, resource as _r, sys as _s\n_k = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
+            "print(_j.dumps({**(_out or {}), 'peak_rss_mb': _k / (1024 if _s.platform != 'darwin' "
+            "else 2**20)}))")
+    r = subprocess.run([sys.executable, "-c", "_out = None\n" + code + tail, *argv], check=True,
+                       stdout=subprocess.PIPE, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def read_bandwidth_gb_s(nthreads: int, mib: int = 512, reps: int = 5) -> float:
@@ -61,7 +80,39 @@ def prefill(rt, ids, pos: int, chunk: int = 512) -> None:
         rt.forward(ids[i:i + chunk], pos + i)
 
 
-def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
+def read_bandwidth_child(nthreads: int) -> dict:
+    """``{"read_gb_s", "peak_rss_mb"}``: ``read_bandwidth_gb_s`` measured in a child process."""
+    code = ("import sys\nfrom onebit.benchmarks.model import read_bandwidth_gb_s\n"
+            "_out = {'read_gb_s': read_bandwidth_gb_s(int(sys.argv[1]))}")
+    return _child(code, str(nthreads))
+
+
+def fit_lengths(ctx: int, pp: list[int] | None, tg: int | None, depths: list[int]
+                ) -> tuple[list[int], int]:
+    """The prompt lengths and decode count to run in a ``ctx``-token context: given ones are
+    checked (ValueError naming the option and the largest that fits), missing ones default to
+    128 and 512 prompt tokens and 128 decoded, cut to what fits (a prompt needs one more position
+    for its sampled token; decoding at depth d needs d + tg + 1)."""
+    deepest = max(depths, default=0)
+    if pp is None:
+        pp = [n for n in (128, 512) if n + 1 <= ctx] or [max(1, (ctx - 1) // 2)]
+    if tg is None:
+        tg = max(1, min(128, ctx - 1 - deepest))
+    for n in pp:
+        if n + 1 > ctx:
+            raise ValueError(f"--pp {n} needs {n + 1} positions but the model's context is {ctx}: "
+                             f"use prompt lengths up to {ctx - 1}")
+    if tg + 1 > ctx:
+        raise ValueError(f"--tg {tg} needs {tg + 1} positions but the model's context is {ctx}: use "
+                         f"--tg {ctx - 1} or less")
+    if deepest + tg + 1 > ctx:
+        raise ValueError(f"--depth {deepest} with --tg {tg} needs {deepest + tg + 1} positions but "
+                         f"the model's context is {ctx}: use --depth {max(ctx - 1 - tg, 0)} or less "
+                         f"(or a smaller --tg)")
+    return pp, tg
+
+
+def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, threads: int,
                 sparse: bool | None = None, activation_scheme: str | None = None,
                 depths: list[int] | None = None, kv_bits: int | None = None) -> dict:
     import onebit
@@ -75,10 +126,8 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
     load_s = time.perf_counter() - t0
     rt, cfg = m.runtime, m.config
     depths = sorted(set(depths or []))
+    pp, tg = fit_lengths(cfg.max_position_embeddings, pp, tg, depths)
     need = max(max(pp), tg, max(depths, default=0) + tg) + 1
-    if need > cfg.max_position_embeddings:
-        raise ValueError(f"--pp/--tg/--depth need {need} positions but the model's context is "
-                         f"{cfg.max_position_embeddings}: use smaller lengths")
     rt.reset(need)
     rng = np.random.default_rng(0)
     res: dict = {"model": str(folder), "threads": threads, "isa": kernels.isa(),
@@ -120,12 +169,13 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
         filled = d  # decoding overwrote positions d.. with its own rows
     sizes = model_sizes(rt)
     kv_bytes = kv_cache_bytes(cfg, rt.kv_bits, tg // 2)  # the mean cache read of a decode step
-    rss = peak_rss_mb()  # before the bandwidth probe allocates its buffer
-    read = read_bandwidth_gb_s(threads)
+    probe = read_bandwidth_child(threads)  # a child: its 512 MiB buffer is not the model's memory
+    read, rss = probe["read_gb_s"], peak_rss_mb()  # this process's real peak, from its start
     per_tok = sizes["weight_bytes_per_token"]
     res.update({
         "pp_tok_s": pp_res[pp[0]], "pp": {str(k): v for k, v in pp_res.items()},
         "tg_tok_s": tg_tok_s, "tg": tg, "ttft_s": ttft, "peak_rss_mb": rss,
+        "probe_peak_rss_mb": probe["peak_rss_mb"],
         "bytes_per_token": per_tok, "kv_bytes_per_token_avg": kv_bytes,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
@@ -141,18 +191,19 @@ def bench_model(folder: Path, pp: list[int], tg: int, reps: int, threads: int,
     return res
 
 
-def model_for_shape(shape: str, layout: str, embedding: str, cache: Path) -> Path:
+def model_for_shape(shape: str, layout: str, embedding: str, cache: Path,
+                    info: dict | None = None) -> Path:
     """The random model's folder, written once by a child process (so that its ~GB of
-    temporary arrays never count in this process's peak RSS)."""
-    import subprocess
-
+    temporary arrays never count in this process's peak RSS; that child's peak goes into
+    ``info["writer_peak_rss_mb"]`` when it runs)."""
     folder = cache / f"{shape}-{layout}-{embedding}"
     if not (folder / "model.safetensors").is_file():
         print(f"writing a random {shape} model to {folder} (once)...", file=sys.stderr)
         code = ("import sys; from onebit.engine.synth import write_random_model; "
                 "write_random_model(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])")
-        subprocess.run([sys.executable, "-c", code, str(folder), SHAPES[shape], layout, embedding],
-                       check=True)
+        r = _child(code, str(folder), SHAPES[shape], layout, embedding)
+        if info is not None:
+            info["writer_peak_rss_mb"] = r["peak_rss_mb"]
     return folder
 
 
@@ -166,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="benchmark a random-ternary model of this shape instead")
     ap.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="with --shape")
     ap.add_argument("--embedding", default="i8", choices=["f32", "f16", "i8", "i4"], help="with --shape")
-    ap.add_argument("--pp", default="128,512", help="prompt lengths, comma-separated")
-    ap.add_argument("--tg", type=int, default=128, help="tokens to decode")
+    ap.add_argument("--pp", default=None, help="prompt lengths, comma-separated (default: 128,512, "
+                                               "those that fit the model's context)")
+    ap.add_argument("--tg", type=int, default=None, help="tokens to decode (default: 128, or what "
+                                                         "fits the context)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--cache-dir", default=os.path.join(".cache", "onebit", "bench-models"))
@@ -185,13 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="KV cache storage, bits per value (32 float32, 16 float16, 8/4/3 "
                          "quantized) instead of the model's")
     args = ap.parse_args(argv)
-    try:
-        pp = [int(v) for v in args.pp.split(",") if v.strip()]
-    except ValueError:
-        pp = []
-    if not pp or min(pp) < 1:
-        ap.error(f"--pp {args.pp!r}: give positive prompt lengths, e.g. --pp 128,512")
-    if args.tg < 1 or args.reps < 1:
+    pp = None
+    if args.pp is not None:
+        try:
+            pp = [int(v) for v in args.pp.split(",") if v.strip()]
+        except ValueError:
+            pp = []
+        if not pp or min(pp) < 1:
+            ap.error(f"--pp {args.pp!r}: give positive prompt lengths, e.g. --pp 128,512")
+    if (args.tg is not None and args.tg < 1) or args.reps < 1:
         ap.error("--tg and --reps must be >= 1")
     try:
         depths = [int(v) for v in args.depth.split(",") if v.strip()]
@@ -200,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if depths and min(depths) < 0:
         ap.error(f"--depth {args.depth!r}: give cached-position counts >= 0, e.g. --depth 1024,4000")
     threads = args.threads or kernels.get_num_threads()
+    children: dict = {}
     if args.shape:
-        folder = model_for_shape(args.shape, args.layout, args.embedding, Path(args.cache_dir))
+        folder = model_for_shape(args.shape, args.layout, args.embedding, Path(args.cache_dir),
+                                 children)
     else:
         from ..engine import default_model_path
 
@@ -209,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     sparse = {"auto": None, "on": True, "off": False}[args.sparse]
     r = bench_model(folder, pp, args.tg, args.reps, threads, sparse, args.activation_scheme,
                     depths, args.kv_bits)
+    r.update(children)
     if args.json:
         print(json.dumps(r))
         return 0
@@ -223,7 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
           f"{r['read_gb_s']:.1f} GB/s"
-          f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB)")
+          f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB; child "
+          f"processes: bandwidth probe {r['probe_peak_rss_mb']:.0f} MB"
+          + (f", random model writer {r['writer_peak_rss_mb']:.0f} MB" if "writer_peak_rss_mb" in r
+             else "") + ")")
     kv = r["kv_bytes"]
     store = {32: "float32", 16: "float16"}.get(r["kv_bits"], f"{r['kv_bits']}-bit")
     print(f"  KV cache ({store}, kv_bits={r['kv_bits']}): {r['kv_alloc_bytes'] / 2**20:.2f} MiB "

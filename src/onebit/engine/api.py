@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..sampling import sample_next, validate_sampling
-from ..streaming import stream_text
+from ..streaming import CONTEXT_TOKENS, REPLACEMENT_CHAR, stream_text
 from .runtime import EngineError, Runtime
 
-__all__ = ["Model", "load", "BITNET_CHAT_TEMPLATE"]
+__all__ = ["Model", "load", "BITNET_CHAT_TEMPLATE", "ChatPrompt", "check_text"]
 
 # microsoft/bitnet-b1.58-2B-4T's format (BITNET.md §4): "Role: content<|eot_id|>" turns, the
 # first one after <|begin_of_text|>, joined by newlines; generation continues "Assistant: ".
@@ -30,6 +31,28 @@ BITNET_CHAT_TEMPLATE = (
     "{{ m['role'] | capitalize }}: {{ m['content'] }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\nAssistant: ' }}{% endif %}"
 )
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Raise ValueError if ``text`` cannot be encoded as UTF-8: lone surrogates, which is how Python
+    hands over bytes that are not UTF-8 (argv and stdin read with errors="surrogateescape")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not UTF-8 text (byte {bad!r} at character {e.start}): pass "
+                         f"UTF-8 (e.g. set LANG=C.UTF-8 in the terminal, or convert the text "
+                         f"with iconv -t UTF-8)") from None
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation fitted to the model's context by ``Model.fit_chat``."""
+
+    ids: list[int]            # the rendered prompt's token ids
+    max_new_tokens: int       # the reply's limit: the requested one, or what the context has left
+    messages: list[dict]      # the messages rendered (``messages`` less the dropped ones)
+    dropped: int              # how many of the oldest messages were dropped to make room
 
 
 def _tokenizer_config(folder: Path) -> dict:
@@ -69,6 +92,7 @@ class Model:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str (or a list of token ids), got {type(text).__name__}")
+        check_text(text)
         ids = self._need_tokenizer().encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + list(ids)
 
@@ -85,8 +109,10 @@ class Model:
     def generate_ids(self, ids: Sequence[int], max_new_tokens: int = 128, temperature: float = 0.8,
                      top_k: int | None = None, top_p: float | None = None,
                      min_p: float | None = None, repetition_penalty: float = 1.0,
-                     seed: int | None = None, stop_ids: Iterable[int] | None = None) -> Iterator[int]:
-        """Yield new token ids continuing ``ids``; stops at a stop id (not yielded)."""
+                     seed: int | None = None, stop_ids: Iterable[int] | None = None,
+                     first_allowed: np.ndarray | None = None) -> Iterator[int]:
+        """Yield new token ids continuing ``ids``; stops at a stop id (not yielded).
+        ``first_allowed``: bool [vocab_size], the ids the first token may take (token healing)."""
         ids = [int(t) for t in ids]
         V, ctx = self.config.vocab_size, self.config.max_position_embeddings
         if not ids:
@@ -100,11 +126,14 @@ class Model:
             raise ValueError(f"the prompt has {len(ids)} tokens and max_new_tokens={max_new_tokens}, "
                              f"but the model's context is {ctx}: shorten one of them")
         validate_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if first_allowed is not None and (np.shape(first_allowed) != (V,) or not np.any(first_allowed)):
+            raise ValueError(f"first_allowed must be a bool mask of {V} token ids with one True")
         stop = set(self.stop_ids if stop_ids is None else stop_ids)
         return self._generate(ids, max_new_tokens, temperature, top_k, top_p, min_p,
-                              repetition_penalty, seed, stop)
+                              repetition_penalty, seed, stop, first_allowed)
 
-    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, min_p, rep, seed, stop):
+    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, min_p, rep, seed, stop,
+                  first_allowed=None):
         if max_new_tokens == 0:
             return
         rng = np.random.default_rng(seed)
@@ -112,6 +141,8 @@ class Model:
         rt.reset(len(ids) + max_new_tokens)
         logits = rt.forward(ids, 0)
         context = list(ids)
+        if first_allowed is not None:
+            logits = np.where(first_allowed, logits, np.float32(-1e30))  # sample_next refuses inf
         for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, rng, min_p=min_p,
                                 repetition_penalty=rep, context=context)
@@ -127,15 +158,52 @@ class Model:
             return self.encode(prompt)
         return [int(t) for t in prompt]
 
+    def _vocab_mask(self, prefix: str) -> np.ndarray:
+        """bool [vocab_size]: the ids whose vocabulary string starts with ``prefix`` (cached)."""
+        masks = self.__dict__.setdefault("_prefix_masks", {})
+        if prefix not in masks:
+            if "_vocab_strings" not in self.__dict__:
+                tok = self._need_tokenizer()
+                self._vocab_strings = [tok.id_to_token(i) or "" for i in range(self.config.vocab_size)]
+            masks[prefix] = np.array([v.startswith(prefix) for v in self._vocab_strings])
+        return masks[prefix]
+
+    def heal(self, ids: Sequence[int]) -> tuple[list[int], np.ndarray | None, str]:
+        """Token healing of a prompt that ends in a whitespace-only token, as a chat template's
+        "Assistant: " does: in training text that space is the start of the next word's token
+        ("Ġword" in byte-level BPE, "▁word" in SentencePiece), so a lone space token is rare and the
+        model continues it with something odd (the built-in model: a stray UTF-8 lead byte, shown
+        as U+FFFD, or a word fragment). Returns ``(ids without that token, the first-token mask:
+        ids whose vocabulary string starts with the removed one's, its text)``; a prompt that does
+        not end in whitespace comes back unchanged with ``(ids, None, "")``."""
+        ids = [int(t) for t in ids]
+        tok = self._need_tokenizer()
+        if len(ids) < 2:
+            return ids, None, ""
+        piece = tok.id_to_token(ids[-1])
+        text = "".join(stream_text(tok, ids[-1:], context=ids[:-1]))
+        if not piece or not text or text.strip() or tok.token_to_id(piece) != ids[-1]:
+            return ids, None, ""
+        mask = self._vocab_mask(piece)
+        return ids[:-1], mask, text
+
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128,
-               stop: Sequence[str] | None = None, **sampling) -> Iterator[str]:
+               stop: Sequence[str] | None = None, heal: bool = False, **sampling) -> Iterator[str]:
         """Yield text pieces as they are generated (concatenation = the completion).
 
-        ``stop``: strings that end the generation (not included). Other keyword arguments as
+        ``stop``: strings that end the generation (not included). ``heal``: token healing of a
+        trailing whitespace token (``heal()``; chat uses it). Other keyword arguments as
         ``generate_ids`` (temperature, top_k, top_p, min_p, repetition_penalty, seed).
         """
         tok = self._need_tokenizer()
-        pieces = stream_text(tok, self.generate_ids(self._prompt_ids(prompt), max_new_tokens, **sampling))
+        ids = self._prompt_ids(prompt)
+        first_allowed, healed = None, ""
+        if heal:
+            ids, first_allowed, healed = self.heal(ids)
+        pieces = stream_text(tok, self.generate_ids(ids, max_new_tokens, first_allowed=first_allowed,
+                                                    **sampling), context=ids)
+        if healed:  # the healed text belongs to the prompt: the completion starts after it
+            pieces = _drop_prefix(pieces, healed)
         if not stop:
             yield from pieces
             return
@@ -174,10 +242,16 @@ class Model:
             outs = self.generate_ids_batch(ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                            top_p=top_p, min_p=min_p,
                                            repetition_penalty=repetition_penalty, seed=seed)
-            texts = [self.decode(o) for o in outs]
+            texts = [self._completion_text(i, o) for i, o in zip(ids, outs)]
             stops = [x for x in (stop or []) if x]
             return [t[:min((t.find(x) for x in stops if x in t), default=len(t))] for t in texts]
         return "".join(self.stream(prompt, **kw))
+
+    def _completion_text(self, prompt_ids: Sequence[int], out: Sequence[int]) -> str:
+        """What ``out`` adds to the text of ``prompt_ids`` (= "".join(stream_text(...)))."""
+        ctx = list(prompt_ids)[-CONTEXT_TOKENS:]
+        base = self.decode(ctx).rstrip(REPLACEMENT_CHAR) if ctx else ""
+        return self.decode(ctx + list(out))[len(base):] if out else ""
 
     def generate_ids_batch(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,
                            temperature: float = 0.8, top_k: int | None = None,
@@ -233,6 +307,7 @@ class Model:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str)
                     and isinstance(m.get("content"), str)):
                 raise ValueError(f"message {i} must be {{'role': str, 'content': str}}, got {m!r}")
+            check_text(m["content"], f"message {i}")
         tok = self._need_tokenizer()
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         try:
@@ -244,17 +319,78 @@ class Model:
             raise EngineError(f"the chat template of '{self.runtime.folder}' failed ({e}); fix "
                               f"chat_template in tokenizer_config.json") from None
 
+    def fit_chat(self, messages: Sequence[dict], max_new_tokens: int = 256,
+                 min_new_tokens: int | None = None) -> ChatPrompt:
+        """Render ``messages`` so that the prompt and its reply fit the model's context.
+
+        The reply gets ``max_new_tokens`` or what the context has left after the prompt. While that
+        is fewer than ``min_new_tokens`` (default: ``max_new_tokens`` up to a quarter of the
+        context), the oldest turn is dropped (a message and the replies after it; leading system
+        messages are kept). Raises ValueError when the last message alone (with the system
+        messages) leaves too little room, naming the sizes."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: use an integer >= 0")
+        ctx = self.config.max_position_embeddings
+        want = min(max_new_tokens, max(1, ctx // 4)) if min_new_tokens is None else min_new_tokens
+        want = min(want, max_new_tokens)
+        msgs = list(messages)
+        n_sys = next((i for i, m in enumerate(msgs) if not (isinstance(m, dict)
+                                                             and m.get("role") == "system")), len(msgs))
+        dropped = 0
+        while True:
+            ids = self.chat_ids(msgs)
+            room = ctx - len(ids)
+            if room >= max(want, 0) and room >= 0:
+                return ChatPrompt(ids, min(max_new_tokens, room), msgs, dropped)
+            body = msgs[n_sys:]
+            if len(body) <= 1:
+                with_sys = " with the system message" if n_sys else ""
+                raise ValueError(f"the last message{with_sys} is {len(ids)} tokens of the model's "
+                                 f"{ctx}-token context, which leaves {max(room, 0)} for the reply "
+                                 f"(fewer than {want}): shorten the message")
+            k = 1  # a turn: the oldest message and the non-user messages (replies) after it
+            while k < len(body) - 1 and body[k].get("role") != "user":
+                k += 1
+            msgs = msgs[:n_sys] + body[k:]
+            dropped += k
+
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         text = self.apply_chat_template(messages)
         # the template writes the specials as text: encode them as special tokens
         return list(self._need_tokenizer().encode(text, add_special_tokens=False).ids)
 
     def stream_chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kw) -> Iterator[str]:
-        return self.stream(self.chat_ids(messages), max_new_tokens, **kw)
+        """The reply's text pieces: ``fit_chat`` (the oldest turns dropped while the context is
+        full; call it yourself to know which), then ``stream`` with token healing of the
+        template's trailing space."""
+        fit = self.fit_chat(messages, max_new_tokens)
+        return self.stream(fit.ids, fit.max_new_tokens, heal=True, **kw)
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kw) -> str:
-        """The assistant's reply to ``messages`` (rendered with the chat template)."""
+        """The assistant's reply to ``messages`` (rendered with the chat template, fitted to the
+        context as ``stream_chat``)."""
         return "".join(self.stream_chat(messages, max_new_tokens, **kw))
+
+
+def _drop_prefix(pieces: Iterator[str], prefix: str) -> Iterator[str]:
+    """``pieces`` without ``prefix`` at the start of their concatenation (kept if it is not there)."""
+    head = ""
+    try:
+        for piece in pieces:
+            if head is None:
+                yield piece
+                continue
+            head += piece
+            if len(head) >= len(prefix) or not prefix.startswith(head):
+                rest = head[len(prefix):] if head.startswith(prefix) else head
+                head = None
+                if rest:
+                    yield rest
+        if head:
+            yield head[len(prefix):] if head.startswith(prefix) else head
+    finally:
+        pieces.close()
 
 
 def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str | None = None,

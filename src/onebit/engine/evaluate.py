@@ -4,6 +4,7 @@ is ``tokens[i*L : i*L + L + 1]``, its first L tokens are the input and its last 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -12,8 +13,10 @@ from .api import Model
 __all__ = ["perplexity"]
 
 
-def perplexity(model: Model, tokens, seq_len: int, max_tokens: int | None = None) -> dict:
-    """``{"loss": nats/token, "ppl": exp(loss), "tokens": scored count}`` of ``model`` on ``tokens``."""
+def perplexity(model: Model, tokens, seq_len: int, max_tokens: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
+    """``{"loss": nats/token, "ppl": exp(loss), "tokens": scored count}`` of ``model`` on ``tokens``.
+    ``progress(scored, total)`` is called after every window."""
     tokens = np.asarray(tokens)
     cfg = model.config
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -34,5 +37,7 @@ def perplexity(model: Model, tokens, seq_len: int, max_tokens: int | None = None
         mx = logits.max(axis=-1, keepdims=True)
         lse = (mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=-1)))
         total += float((lse - logits[np.arange(seq_len), win[1:]]).sum())
+        if progress is not None:
+            progress((i + 1) * seq_len, n * seq_len)
     loss = total / (n * seq_len)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": n * seq_len}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from .runtime import KV_CACHE_BITS, Runtime
 
-__all__ = ["kv_cache_bytes", "kv_row_bytes", "model_sizes"]
+__all__ = ["kv_cache_bytes", "kv_row_bytes", "model_sizes", "peak_rss_mb", "peak_rss_text"]
 
 KV_STORAGE_BITS = KV_CACHE_BITS  # 32 float32, 16 float16, 8/4/3 quantized (quant.fake_kv)
 
@@ -57,3 +59,23 @@ def model_sizes(rt: Runtime) -> dict[str, int]:
             "embedding_bytes": emb_stored, "head_bytes": head_stored,
             "fp16_bytes": 2 * params,
             "weight_bytes_per_token": packed + head_read + 4 * other}
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """The real memory high-water marks so far, in MB (2**20 bytes): ``self`` = this process from
+    its start (interpreter, imports, loading, setup and the work: what /usr/bin/time reports for
+    it), ``children`` = the largest child process it waited for (0 if none)."""
+    import resource
+
+    scale = 1024 if sys.platform != "darwin" else 2**20  # ru_maxrss: KiB on Linux, bytes on macOS
+    return {"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale,
+            "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / scale}
+
+
+def peak_rss_text(children: str = "a child process") -> str:
+    """``peak RSS 48 MB`` (the whole process), plus the largest child's when one ran."""
+    rss = peak_rss_mb()
+    text = f"peak RSS {rss['self']:.0f} MB"
+    if rss["children"] > 0:
+        text += f" ({children}: {rss['children']:.0f} MB)"
+    return text
