@@ -118,7 +118,8 @@ class Progress:
 
 def score_items(scorer: Scorer, items: Sequence[Item], progress: Callable[[int], None] | None = None
                 ) -> list[dict]:
-    """Per item: {"lls": [...], "is_greedy": [...], "pred", "acc", "pred_norm", "acc_norm", "gold"}."""
+    """Per item: {"gold", "lls", "choice_chars" (acc_norm's divisors), "is_greedy", "pred", "acc",
+    "pred_norm", "acc_norm"}."""
     out: list[dict] = []
     ctx_cache: dict[str, list[int]] = {}
 
@@ -148,7 +149,8 @@ def score_items(scorer: Scorer, items: Sequence[Item], progress: Callable[[int],
             lls = np.array([r[0] for r in rs])
             lens = np.array([float(len(c)) for c in it.choices])
             pred, pred_norm = int(np.argmax(lls)), int(np.argmax(lls / lens))
-            out.append({"gold": it.gold, "lls": lls.tolist(), "is_greedy": [r[1] for r in rs],
+            out.append({"gold": it.gold, "lls": lls.tolist(), "choice_chars": lens.tolist(),
+                        "is_greedy": [r[1] for r in rs],
                         "pred": pred, "acc": float(pred == it.gold),
                         "pred_norm": pred_norm, "acc_norm": float(pred_norm == it.gold)})
     return out

@@ -98,15 +98,19 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path:
                                 f"folder (arc-easy/, hellaswag/, ...) or unset it")
         return p
     looked = []
-    repo = Path(__file__).resolve().parents[3]   # src/onebit/eval/tasks.py -> the checkout
-    for p in (Path.cwd().parent / "shared" / "data" / "eval", Path.cwd() / "shared" / "data" / "eval",
-              repo.parent / "shared" / "data" / "eval"):
+    for p in _default_dirs():
         if p.is_dir():
             return p
         looked.append(str(p))
     raise EvalDataError("no eval data folder found (looked in " + ", ".join(dict.fromkeys(looked))
                         + f"); pass --data-dir DIR or set {ENV_DATA} to the folder holding "
                         f"arc-easy/, hellaswag/, ... (see its SOURCE.txt)")
+
+
+def _default_dirs() -> list[Path]:
+    repo = Path(__file__).resolve().parents[3]   # src/onebit/eval/tasks.py -> the checkout
+    return [Path.cwd().parent / "shared" / "data" / "eval", Path.cwd() / "shared" / "data" / "eval",
+            repo.parent / "shared" / "data" / "eval"]
 
 
 def resolve_tasks(names: str | list[str]) -> list[TaskSpec]:
