@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["encode_pair", "loglikelihoods", "reference_loglikelihoods", "torch_loglikelihoods",
+__all__ = ["encode_pair", "generate_until", "loglikelihoods", "reference_loglikelihoods",
+           "torch_loglikelihoods",
            "token_encoder", "KV_BUDGET_BYTES"]
 
 Request = tuple[Sequence[int], Sequence[int]]   # (context ids, continuation ids)
@@ -222,3 +223,50 @@ def torch_loglikelihoods(model, requests: Sequence[Request], batch_size: int = 1
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def generate_until(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   until: Sequence[str] = (), temperature: float = 0.0, seed: int | None = None,
+                   max_slots: int = 16) -> list[str]:
+    """lm-eval's ``generate_until`` on the engine: each prompt (ids, left-truncated to leave
+    ``max_new_tokens`` of context) continued greedily (or sampled at ``temperature``) until a
+    stop id, ``max_new_tokens``, or one of the ``until`` strings appears in the text; the text is
+    cut before the first such string. Prompts are prefilled together (``forward_seqs``) and
+    decoded together (``forward_batch``), ``max_slots`` at a time."""
+    from ..sampling import sample_next
+
+    rt, L = model.runtime, model.config.max_position_embeddings
+    if not 1 <= max_new_tokens < L:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, {L - 1}] (the context)")
+    stops = [s for s in until if s]
+    outs: list[str] = []
+    for a in range(0, len(prompts), max_slots):
+        part = [list(p)[-(L - max_new_tokens):] for p in prompts[a:a + max_slots]]
+        if any(not p for p in part):
+            raise ValueError("a prompt encoded to no tokens: give it at least a BOS id")
+        B = len(part)
+        rt.reset(max(len(p) for p in part) + max_new_tokens, slots=B)
+        logits = dict(enumerate(rt.forward_seqs(part, [0] * B, list(range(B)))))
+        rngs = [np.random.default_rng(seed) for _ in part]
+        gen: list[list[int]] = [[] for _ in part]
+        text = [""] * B
+        active = list(range(B))
+        while active:
+            still = []
+            for b in active:
+                tok = sample_next(logits[b], temperature, None, None, rngs[b])
+                if tok in model.stop_ids:
+                    continue
+                gen[b].append(tok)
+                text[b] = model.decode(gen[b])
+                if len(gen[b]) < max_new_tokens and not any(s in text[b] for s in stops):
+                    still.append(b)
+            active = still
+            if active:
+                rows = rt.forward_batch([gen[b][-1] for b in active],
+                                        [len(part[b]) + len(gen[b]) - 1 for b in active], active)
+                logits = dict(zip(active, rows))
+        for t in text:
+            cut = min((t.find(s) for s in stops if s in t), default=len(t))
+            outs.append(t[:cut])
+    return outs
