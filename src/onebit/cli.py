@@ -232,6 +232,14 @@ def _cmd_eval_tasks(args: argparse.Namespace) -> int:
     backend = args.backend
     if backend == "auto":  # packed / HF / GGUF: the engine; a training folder: PyTorch
         backend = "engine" if _is_packed(path) else "torch"
+    if args.threads is not None:
+        from . import kernels
+
+        kernels.set_num_threads(args.threads)
+        if backend == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
     scorer = load_scorer(path, backend, kv_bits=args.kv_bits, batch_size=args.batch_size)
     report = evaluate_tasks(scorer, args.tasks, limit=args.limit, data_dir=args.data_dir,
                             show_progress=not args.quiet, keep_samples=args.samples)
@@ -371,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--data-dir", default=None, help="the eval data folder (default: "
                                                      "$ONEBIT_EVAL_DATA, else ../shared/data/eval)")
     et.add_argument("--batch-size", type=int, default=16, help="torch backend: sequences per forward")
+    et.add_argument("--threads", type=int, default=None, help="CPU threads (engine and torch; "
+                                                              "default: theirs)")
     kv_bits_arg(et, "engine only: score")
     et.add_argument("--json", action="store_true", help="print the JSON report")
     et.add_argument("--samples", action="store_true", help="with --json: per-item log-likelihoods "

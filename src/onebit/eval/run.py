@@ -46,7 +46,8 @@ class Scorer:
 def load_scorer(path: str | Path, backend: str = "engine", kv_bits: int | None = None,
                 batch_size: int = 16) -> Scorer:
     """``engine``: a packed folder (or HF folder / GGUF, imported) on the C engine; ``torch``: a
-    training run, model or checkpoint folder on the PyTorch model."""
+    training run, model or checkpoint folder on the PyTorch model (or a llama2.c .bin /
+    transformers folder, read as ``onebit finetune --from`` reads them)."""
     if backend == "engine":
         from ..engine import load
         from ..engine.stats import model_sizes
@@ -61,20 +62,36 @@ def load_scorer(path: str | Path, backend: str = "engine", kv_bits: int | None =
                       {"params": model_sizes(m.runtime)["params"], "layout": m.runtime.packed.get("layout"),
                        "kv_bits": m.runtime.kv_bits, **_cfg_info(cfg)})
     if backend == "torch":
-        from ..checkpoint import load_model
-
         if kv_bits is not None:
             raise ValueError("--kv-bits applies to the engine backend only")
-        model, tok, folder = load_model(path)
-        if tok is None:
-            raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it "
-                             f"was trained with next to model.safetensors")
+        model, tok = _torch_model(Path(path))
         cfg = model.config
         return Scorer(str(path), backend, token_encoder(tok, cfg.bos_token_id), cfg.bos_token_id,
                       lambda reqs, progress=None: torch_loglikelihoods(model, reqs, batch_size,
                                                                        progress=progress),
                       {"params": sum(p.numel() for p in model.parameters()), **_cfg_info(cfg)})
     raise ValueError(f"backend {backend!r} is unknown; use one of {list(BACKENDS)}")
+
+
+def _torch_model(p: Path):
+    """(CausalLM, tokenizer): an onebit run / model / checkpoint folder, or what ``onebit
+    finetune --from`` reads (a llama2.c .bin with its tok*.bin, a transformers folder)."""
+    from ..formats.hf import is_hf_folder
+
+    if p.is_file() or (p.is_dir() and is_hf_folder(p)):
+        from tokenizers import Tokenizer
+
+        from ..finetune import load_source
+
+        model, tok_json, _ = load_source(p)
+        return model, Tokenizer.from_str(tok_json)
+    from ..checkpoint import load_model
+
+    model, tok, folder = load_model(p)
+    if tok is None:
+        raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it "
+                         f"was trained with next to model.safetensors")
+    return model, tok
 
 
 def _cfg_info(cfg) -> dict:
