@@ -157,6 +157,16 @@ def test_batched_loglikelihoods_equal_reference(tiny, budget):
         loglikelihoods(m, [([1], [])])
 
 
+def test_quantized_kv_cache_contexts_are_copied_whole(tiny):
+    """With a 4-bit KV cache a slot is copied as one block (copy_slot); scores still equal the
+    one-forward reference on the same cache type."""
+    m = onebit.load(tiny["packed"], kv_bits=4)
+    reqs = [encode_pair(m.encode, c, x, m.bos_id)
+            for it in items("hellaswag", EVAL, limit=3) for c, x in it.requests()]
+    got, want = loglikelihoods(m, reqs), reference_loglikelihoods(m, reqs)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=0, atol=2e-3)
+
+
 def test_torch_backend_gives_the_engines_numbers(tiny):
     engine = evaluate_tasks(load_scorer(tiny["packed"]), "all", limit=6, data_dir=EVAL,
                             show_progress=False, keep_samples=True)
