@@ -323,6 +323,30 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from .eval.run import evaluate_tasks, format_report, load_scorer
+    from .eval.tasks import resolve_tasks
+
+    resolve_tasks(args.tasks)  # unknown names fail before the model loads
+    path = args.model or _default_model()
+    backend = args.backend
+    if backend == "auto":  # packed / HF / GGUF: the engine; a training folder: PyTorch
+        backend = "engine" if _is_packed(path) else "torch"
+    if args.threads is not None:
+        from . import kernels
+
+        kernels.set_num_threads(args.threads)
+        if backend == "torch":
+            import torch
+
+            torch.set_num_threads(args.threads)
+    scorer = load_scorer(path, backend, kv_bits=args.kv_bits, batch_size=args.batch_size)
+    report = evaluate_tasks(scorer, args.tasks, limit=args.limit, data_dir=args.data_dir,
+                            show_progress=not args.quiet, keep_samples=args.samples)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what is None:  # `onebit bench [--help]`: the list of benchmarks
         if args.help:
@@ -451,6 +475,29 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score only the first N tokens (reads and tokenizes only those)")
     kv_bits_arg(ep, "evaluate (the quality cost of a quantized cache)")
     ep.add_argument("--json", action="store_true")
+    et = esub.add_parser("tasks", help="zero-shot tasks (ARC, HellaSwag, PIQA, WinoGrande, BoolQ, "
+                                       "OpenBookQA) with lm-eval's prompts and metrics",
+                         description="Zero-shot accuracy (acc, acc_norm with standard errors) on the "
+                                     "local eval files, prompted and scored as lm-evaluation-harness "
+                                     "does; batched log-likelihoods on the engine.")
+    et.add_argument("--model", default=None, help="packed folder (engine), training run/checkpoint "
+                                                  "(PyTorch); default: the built-in model")
+    et.add_argument("--tasks", default="all", help="comma-separated: arc_easy, arc_challenge, "
+                                                   "hellaswag, piqa, winogrande, boolq, openbookqa "
+                                                   "(default: all)")
+    et.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    et.add_argument("--backend", default="auto", choices=["auto", "engine", "torch"],
+                    help="auto: the engine for packed/HF/GGUF models, PyTorch for training folders")
+    et.add_argument("--data-dir", default=None, help="the eval data folder (default: "
+                                                     "$ONEBIT_EVAL_DATA, else ../shared/data/eval)")
+    et.add_argument("--batch-size", type=int, default=16, help="torch backend: sequences per forward")
+    et.add_argument("--threads", type=int, default=None, help="CPU threads (engine and torch; "
+                                                              "default: theirs)")
+    kv_bits_arg(et, "engine only: score")
+    et.add_argument("--json", action="store_true", help="print the JSON report")
+    et.add_argument("--samples", action="store_true", help="with --json: per-item log-likelihoods "
+                                                          "and predictions")
+    et.add_argument("--quiet", action="store_true", help="no progress line on stderr")
 
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
                        add_help=False)  # -h goes to the benchmark's own parser
@@ -504,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "export":
             return _cmd_export(args)
         if args.cmd == "eval":
-            return _cmd_eval_ppl(args)
+            return _cmd_eval_tasks(args) if args.what == "tasks" else _cmd_eval_ppl(args)
         if args.cmd == "convert":
             return _cmd_convert(args)
     except (ConfigError, ValueError) as e:  # every onebit error is a ValueError subclass

@@ -410,6 +410,57 @@ class Runtime:
             self._raise(st, li)
         return self._logits(x)
 
+    def forward_seqs(self, seqs, positions, slots, all_rows=None) -> list[np.ndarray]:
+        """Several sequences of any lengths at once: token ids ``seqs[i]`` [T_i] at positions
+        ``positions[i]``.. of sequence ``slots[i]`` (distinct slots). One ob_decoder_layer_batch
+        call per layer, so the projections run as one GEMM over all sum(T_i) rows (a prefill of
+        many prompts, or many continuations scored after a shared context). Returns per sequence
+        float32 logits: [T_i, V] where ``all_rows[i]`` is true, else [V] of its last token.
+        Bit-identical to ``forward`` of each sequence alone (per-row quantization, exact integer
+        GEMM, attention per sequence)."""
+        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+        pos = [int(p) for p in positions]
+        slots = [int(s) for s in slots]
+        B = len(seqs)
+        all_rows = [False] * B if all_rows is None else [bool(a) for a in all_rows]
+        if B < 1 or len(pos) != B or len(slots) != B or len(all_rows) != B \
+                or len(set(slots)) != B or any(len(s) < 1 for s in seqs):
+            raise ValueError("forward_seqs needs non-empty sequences with one position, one "
+                             "distinct slot and one all_rows flag each")
+        lens = [len(s) for s in seqs]
+        ids = np.concatenate(seqs)
+        self._check(ids, pos, lens, slots)
+        x = np.ascontiguousarray(self._embed(ids))                      # [sum T_i, D]
+        c_lens = (ctypes.c_int64 * B)(*lens)
+        c_pos = (ctypes.c_int64 * B)(*pos)
+        for li, sp in enumerate(self._struct_p):
+            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + s * self._slot_bytes for s in slots])
+            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + s * self._slot_bytes for s in slots])
+            st = self._batch_fn(sp, x.ctypes.data, B, c_lens, c_pos, self._cos_p, self._sin_p,
+                                self.max_len, ck, cv, self.max_len)
+            self._raise(st, li)
+        ends = np.cumsum(lens)
+        rows = np.concatenate([np.arange(e - n, e) if a else [e - 1]
+                               for e, n, a in zip(ends, lens, all_rows)])
+        logits = self._logits(np.ascontiguousarray(x[rows]))            # [rows, V]
+        out, r = [], 0
+        for n, a in zip(lens, all_rows):
+            out.append(logits[r:r + n] if a else logits[r])
+            r += n if a else 1
+        return out
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Make sequence ``dst`` hold the first ``length`` cached positions of sequence ``src``
+        (a context prefilled once, then continued several ways)."""
+        if not (0 <= src < self.slots and 0 <= dst < self.slots) or not 0 <= length <= self.max_len:
+            raise ValueError(f"copy_slot({src}, {dst}, {length}): slots are 0..{self.slots - 1} "
+                             f"and lengths 0..{self.max_len}")
+        for cache in (*self.cache_k, *self.cache_v):
+            if self.kv_bits == 32:                       # [slots, Hkv, max_len, hd]
+                cache[dst, :, :length] = cache[src, :, :length]
+            else:                                        # quantized: the slot's whole block
+                cache[dst] = cache[src]
+
     def _check(self, ids: np.ndarray, pos: list[int], lens: list[int], slots: list[int]) -> None:
         V = self.config.vocab_size
         if ids.min() < 0 or ids.max() >= V:
