@@ -3,7 +3,8 @@
 Temp files and folders sit beside their final path as ``.{name}.tmp.{pid}.{8 hex}``, so a later
 writer can tell the leftover of a killed process (``clean_stale`` removes it) from one being
 written now. They are created with ``os.open(..., 0o666)`` / ``os.mkdir(..., 0o777)``: the user's
-umask applies, as with ``open()`` / ``mkdir`` (``tempfile.mkstemp`` / ``mkdtemp`` give 0600 / 0700).
+umask applies, as with ``open()`` / ``mkdir`` (``tempfile.mkstemp`` / ``mkdtemp`` give 0600 / 0700;
+so does safetensors' writer, whose files are given the same mode before they are moved into place).
 An OSError on the destination (read-only, no permission, disk full, a file in the path) becomes a
 one-line ``DestinationError`` naming the path and the fix; nothing half-written is left behind.
 """
@@ -15,6 +16,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +40,7 @@ _FIXES = {
     errno.ENOSPC: "the disk is full: free space or choose a destination on another disk",
     errno.EDQUOT: "your disk quota is used up: free space or choose a destination on another disk",
     errno.ENOTDIR: "a part of the path is a file, not a folder: choose another destination",
+    errno.EEXIST: "a part of the path is a file, not a folder: choose another destination",
     errno.EISDIR: "it is a folder: choose another destination",
     errno.ENAMETOOLONG: "the name is too long: choose a shorter path",
 }
@@ -122,12 +125,14 @@ def atomic_file(final: Path):
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = _open_temp(final)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # 0o666 & ~umask
         os.close(fd)
     except OSError as e:
         raise write_error(final, e) from None
     try:
         try:
             yield tmp
+            os.chmod(tmp, mode)  # a writer that replaced the file may have made it 0600
             _fsync(tmp)
             os.replace(tmp, final)
         except BaseException:
@@ -160,7 +165,11 @@ def write_dir_atomic(final: Path, fill) -> Path:
     try:
         try:
             fill(tmp)
-            for f in tmp.iterdir():
+            mask = 0o777 & ~stat.S_IMODE(tmp.stat().st_mode)  # made 0o777 & ~umask
+            for f in tmp.rglob("*"):
+                if f.is_symlink():
+                    continue
+                os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)  # safetensors writes 0600
                 if f.is_file():
                     _fsync(f)
             _fsync_dir(tmp)
