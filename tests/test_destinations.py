@@ -213,6 +213,8 @@ def test_existing_files_are_refused(run, packed, tmp_path, capsys):
 @pytest.mark.parametrize("to", ["onebit", "hf", "gguf-tq2_0"])
 def test_earlier_onebit_output_needs_force(packed, tmp_path, capsys, to):
     dst = tmp_path / ("out.gguf" if to.startswith("gguf") else "out")
+    if dst.suffix != ".gguf":
+        dst.mkdir()  # an empty folder is written without --force
     assert _convert(packed, dst, to) == 0
     capsys.readouterr()
     kind = onebit_output(dst)
@@ -263,6 +265,11 @@ def test_finetune_export_is_checked_before_training(run, tmp_path, capsys):
     assert main(["finetune", "--from", str(run["run"]), f"--data.paths={run['corpus']}",
                  f"--train.out_dir={out}", "--export", str(run["run"])]) == 2
     assert "is the source" in _err(capsys)
+    # the run's own model/ (written at the end of training) is no export destination
+    assert main(["finetune", "--from", str(run["run"]), f"--data.paths={run['corpus']}",
+                 f"--train.out_dir={out}", "--export", str(out / "model" / "packed")]) == 2
+    assert f"lies in '{out / 'model'}'" in _err(capsys)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ _FIXES = {
 def write_error(final: Path, e: OSError) -> DestinationError:
     """The one-line error for an OSError met while writing ``final``."""
     final = Path(final)
-    what = e.strerror or type(e).__name__
+    what = e.strerror or str(e) or type(e).__name__
     at = ""
     if e.filename and Path(os.fsdecode(e.filename)) != final and not _is_temp_of(e.filename, final):
         at = f" (at '{os.fsdecode(e.filename)}')"

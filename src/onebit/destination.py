@@ -22,11 +22,14 @@ from pathlib import Path
 
 from .atomic import DestinationError, clean_stale, write_error
 
-__all__ = ["DestinationError", "MODEL_FILES", "check_destination", "onebit_output"]
+__all__ = ["DestinationError", "MODEL_FILES", "RUN_ENTRIES", "check_destination", "onebit_output"]
 
 # What onebit writes into a model folder (packed or transformers): weights, config, tokenizer files.
 MODEL_FILES = frozenset({"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                          "special_tokens_map.json", "generation_config.json", "tokenizer.model"})
+# What train / finetune write into train.out_dir.
+RUN_ENTRIES = ("run_config.json", "log.jsonl", "tb", "checkpoints", "model", "summary.json",
+               "source_tokenizer.json")
 KINDS = ("model", "gguf", "run")
 _WHAT = {"packed": "an onebit packed model", "hf": "a Hugging Face model written by onebit convert",
          "gguf": "a GGUF file written by onebit convert", "run": "an onebit training run",
@@ -133,7 +136,7 @@ def _check_writable(p: Path, inside: bool) -> None:
 
 
 def check_destination(dst: str | Path, kind: str, sources=(), *, force: bool = False,
-                      clean: bool = True, label: str = "destination") -> list[str]:
+                      clean: bool = True, label: str = "destination", reserved=()) -> list[str]:
     """Check that ``dst`` may be written, before any work; return the names it will replace
     (empty: nothing is replaced). Raises DestinationError naming ``dst``, the reason and the fix.
 
@@ -141,7 +144,8 @@ def check_destination(dst: str | Path, kind: str, sources=(), *, force: bool = F
     out_dir: new, empty, or an onebit run, whose checkpoints train() itself guards with --resume).
     ``sources``: paths the command reads; ``dst`` may be neither one of them nor hold one.
     ``force``: replace an earlier onebit output of the same kind. ``clean``: remove leftover temps
-    of killed writes (atomic.clean_stale). ``label``: how the messages name ``dst``."""
+    of killed writes (atomic.clean_stale). ``label``: how the messages name ``dst``.
+    ``reserved``: paths the same command writes otherwise; ``dst`` may not be one or lie in one."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is unknown; use one of {list(KINDS)}")
     p = Path(dst)
@@ -151,6 +155,10 @@ def check_destination(dst: str | Path, kind: str, sources=(), *, force: bool = F
             rel = "is" if os.path.realpath(p) == os.path.realpath(src) else "holds"
             raise DestinationError(f"{name} {rel} the source '{src}': writing there would destroy "
                                    f"it; choose another destination (nothing was written)", p)
+    for r in reserved:
+        if _holds(Path(r), p):
+            raise DestinationError(f"{name} lies in '{r}', which this command writes itself: choose "
+                                   f"a path outside it", p)
     if p.is_symlink():
         raise DestinationError(f"{name} is a symbolic link (to '{os.readlink(p)}'); onebit would "
                                f"replace the link, not what it points to: pass the real path", p)

@@ -486,7 +486,7 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
     import dataclasses
 
     from . import checkpoint as ckpt
-    from .destination import check_destination
+    from .destination import RUN_ENTRIES, check_destination
     from .train import train
 
     fc = rc.finetune
@@ -498,8 +498,9 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
                           f"or raise steps")
     out = Path(rc.train.out_dir)
     check_destination(out, "run", [fc.source], label="train.out_dir")
-    replaced = [] if export is None else check_destination(export, "model", [fc.source, out],
-                                                           force=force)
+    replaced = [] if export is None else check_destination(
+        export, "model", [fc.source, out], force=force, reserved=[out / n for n in RUN_ENTRIES],
+        label="--export")
     mc, tok_json = student_config(fc)
     tok_file = out / "source_tokenizer.json"
     if not tok_file.is_file() or tok_file.read_text(encoding="utf-8") != tok_json:
