@@ -203,9 +203,11 @@ def _remove(p: Path) -> None:
 
 
 # Leftovers of writes that never finished (process killed, power lost). Older onebit versions
-# named temps with tempfile's 8 random characters and no pid.
+# named temps with tempfile's 8 random characters and no pid: folders .X.tmp.RRRRRRRR, files
+# .X.RRRRRRRR.tmp, and (atomic_write_text, only in run folders) .X.RRRRRRRR.
 _TEMP = re.compile(r"^\.(?P<name>.+)\.tmp\.(?P<pid>\d+)\.[0-9a-f]{8}$")
-_LEGACY = re.compile(r"^\.(?P<name>.+?)(\.tmp\.[a-z0-9_]{8}|\.[a-z0-9_]{8}\.tmp|\.[a-z0-9_]{8})$")
+_LEGACY = re.compile(r"^\.(?P<name>.+?)(\.tmp\.[a-z0-9_]{8}|\.[a-z0-9_]{8}\.tmp)$")
+_LEGACY_TEXT = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")
 _OLD = re.compile(r"^\.(?P<name>.+)\.old$")
 
 
@@ -214,7 +216,7 @@ def _alive(pid: int) -> bool:
         return True  # no cheap liveness test: keep it
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -222,9 +224,10 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(folder: Path, names: set[str] | None = None) -> list[Path]:
-    """Remove the temp leftovers of killed writes in ``folder`` (only those for ``names`` if given):
-    temp files/folders of processes that are gone, and ``.X.old`` (restored to ``X`` if the
-    swap that made it died before ``X`` was back). Returns what was removed or restored."""
+    """Remove the temp leftovers of killed writes in ``folder`` (only those for ``names`` if given;
+    without ``names`` the folder must be onebit's own, e.g. a run folder): temp files/folders of
+    processes that are gone, and ``.X.old`` (restored to ``X`` if the swap that made it died before
+    ``X`` was back). Returns what was removed or restored."""
     folder = Path(folder)
     try:
         entries = list(folder.iterdir())
@@ -250,6 +253,8 @@ def clean_stale(folder: Path, names: set[str] | None = None) -> list[Path]:
         elif (m := _LEGACY.match(p.name)):
             if names is not None and m["name"] not in names:
                 continue
+        elif names is None and _LEGACY_TEXT.match(p.name):
+            pass
         else:
             continue
         _remove(p)
