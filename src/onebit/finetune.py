@@ -497,17 +497,18 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
                           f"would never reach 1 and the result would not be ternary; lower lambda_steps "
                           f"or raise steps")
     out = Path(rc.train.out_dir)
-    check_destination(out, "run", [fc.source], label="train.out_dir")
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 cleans and exports
+    check_destination(out, "run", [fc.source], clean=main, label="train.out_dir")
     replaced = [] if export is None else check_destination(
-        export, "model", [fc.source, out], force=force, reserved=[out / n for n in RUN_ENTRIES],
-        label="--export")
+        export, "model", [fc.source, out], force=force, clean=main,
+        reserved=[out / n for n in RUN_ENTRIES], label="--export")
     mc, tok_json = student_config(fc)
     tok_file = out / "source_tokenizer.json"
     if not tok_file.is_file() or tok_file.read_text(encoding="utf-8") != tok_json:
         ckpt.atomic_write_text(tok_file, tok_json)
     rc = dataclasses.replace(rc, model=mc, data=dataclasses.replace(rc.data, tokenizer=str(tok_file)))
     summary = train(rc, resume=resume)
-    if export is not None and not summary.get("interrupted"):
+    if export is not None and main and not summary.get("interrupted"):
         from .formats.packed_model import export_packed
         summary["export"] = str(export_packed(out / "model", export, layout=layout, force=force))
         summary["replaced"] = replaced
