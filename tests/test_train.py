@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from onebit import checkpoint as ckpt
+from onebit.atomic import DestinationError
 from onebit.config import ConfigError, ModelConfig
 from onebit.train import TrainConfig, load_run_config, lr_wd_at, train
 from conftest import SHARED_DATA
@@ -222,7 +223,7 @@ def test_interrupted_write_leaves_no_partial_folder(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(ckpt, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(DestinationError, match=r"cannot write '.*m': disk full"):  # one line, the path
         ckpt.save_model(tmp_path / "m", model, model.config)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before  # old model intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]            # no temp leftovers

@@ -56,11 +56,12 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     if args.tokenizer:
         extra.append(f"--finetune.tokenizer={args.tokenizer}")
     rc = load_run_config(args.config, extra + rest, defaults=FINETUNE_DEFAULTS)
-    summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout)
+    summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout, force=args.force)
     if summary.get("val_loss") is not None:
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.2f} -> {summary['out_dir']}"
               + (f", packed -> {summary['export']}" if summary.get("export") else ""))
+    _print_replaced(summary.get("export"), summary.get("replaced"))
     return 130 if summary.get("interrupted") else 0
 
 
@@ -236,12 +237,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def _print_replaced(dst, replaced) -> None:
+    if replaced:
+        print(f"replaced the earlier onebit output at {dst} ({', '.join(replaced)})")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .destination import check_destination
     from .formats.packed_model import export_packed
 
-    out = export_packed(args.src, args.dst, layout=args.layout, embedding=args.embedding)
+    replaced = check_destination(args.dst, "model", [args.src], force=args.force)  # for the message
+    out = export_packed(args.src, args.dst, layout=args.layout, embedding=args.embedding,
+                        force=args.force)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"packed {args.src} -> {out} ({args.layout}, embeddings {args.embedding}, {size / 1e6:.2f} MB)")
+    _print_replaced(out, replaced)
     return 0
 
 
@@ -369,6 +379,10 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     raise ValueError(f"unknown bench {args.what!r}")
 
 
+FORCE_HELP = ("replace an earlier onebit output at the destination (atomically: the old one stays "
+              "until the new one is complete); never the source, never files onebit did not write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onebit", description="Train, evaluate and run 1-bit (ternary) LLMs.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
@@ -398,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue the run in train.out_dir")
     f.add_argument("--export", default=None, metavar="DIR", help="also write the packed model for the engine")
     f.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="packed layout for --export")
+    f.add_argument("--force", action="store_true", help=FORCE_HELP.replace("the destination", "--export"))
 
     def kv_bits_arg(a: argparse.ArgumentParser, what: str) -> None:
         a.add_argument("--kv-bits", type=int, choices=[32, 16, 8, 4, 3], default=None,
@@ -435,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="pack a trained model for the engine")
     x.add_argument("src", help="run, model or checkpoint folder of a ternary model")
-    x.add_argument("dst", help="packed model folder to write (replaced atomically)")
+    x.add_argument("dst", help="packed model folder to write: new or empty (an earlier onebit output "
+                               "only with --force)")
+    x.add_argument("--force", action="store_true", help=FORCE_HELP)
     x.add_argument("--layout", default="i2", choices=["i2", "t1_6"], help="i2: 2 bits/weight (fast), "
                                                                           "t1_6: 1.6 bits/weight (small)")
     x.add_argument("--embedding", default="f32", choices=["f32", "f16", "i8", "i4"],
@@ -445,7 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(checked: logits vs the source after every conversion)")
     cv.add_argument("src", help="onebit packed folder, Hugging Face checkpoint folder (2B4T packed or "
                                 "-bf16, HF1BitLLM, 1bitLLM) or GGUF file")
-    cv.add_argument("dst", help="folder or file to write (replaced atomically, only if the check passes)")
+    cv.add_argument("dst", help="folder or file to write, only if the check passes: new or empty (an "
+                                "earlier onebit output only with --force)")
+    cv.add_argument("--force", action="store_true", help=FORCE_HELP)
     cv.add_argument("--to", required=True, choices=["onebit", "hf", "gguf-tq2_0", "gguf-tq1_0",
                                                    "gguf-i2_s"],
                     help="onebit: packed folder for the engine; hf: transformers BitNet packed; "
@@ -518,7 +537,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     try:
         rep = convert(args.src, args.dst, args.to, layout=args.layout,
                       embedding=None if args.embedding == "auto" else args.embedding,
-                      verify=not args.no_verify, allow_relu2=args.allow_relu2, scales=args.scales)
+                      verify=not args.no_verify, allow_relu2=args.allow_relu2, scales=args.scales,
+                      force=args.force)
     except ImportError as e:
         print(f"onebit convert: error: {e}", file=sys.stderr)
         return 2
@@ -527,6 +547,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
              f"parity ok: max |logit diff| {par['max_rel_err']:.2e} of range, top-1 agreement "
              f"{par['top1_agree']:.0%} over {par['positions']} positions")
     print(f"wrote {rep['output']} ({rep['bytes'] / 1e6:.2f} MB, {args.to}) in {rep['seconds']:.1f} s; {check}")
+    _print_replaced(rep["output"], rep.get("replaced"))
     return 0
 
 

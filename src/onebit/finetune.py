@@ -478,13 +478,16 @@ def teacher_for_resume(fc: FinetuneConfig, device) -> nn.Module | None:
 
 
 def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
-             layout: str = "i2") -> dict[str, Any]:
+             layout: str = "i2", force: bool = False) -> dict[str, Any]:
     """Fine-tune ``rc.finetune.source`` to 1.58 bits with the foundation trainer: the [model] table
     is replaced by the source's architecture (as BitNet), [data].tokenizer by the source's tokenizer
-    (written to ``out_dir/source_tokenizer.json``). ``export``: also write the packed model there."""
+    (written to ``out_dir/source_tokenizer.json``). ``export``: also write the packed model there
+    (``force``: replacing an earlier onebit output; summary["replaced"] lists it). Both
+    destinations are checked before any work (DestinationError)."""
     import dataclasses
 
     from . import checkpoint as ckpt
+    from .destination import RUN_ENTRIES, check_destination
     from .train import train
 
     fc = rc.finetune
@@ -494,14 +497,20 @@ def finetune(rc, resume: bool = False, export: str | os.PathLike | None = None,
         raise ConfigError(f"finetune.lambda_steps={fc.lambda_steps} exceeds train.steps={rc.train.steps}: λ "
                           f"would never reach 1 and the result would not be ternary; lower lambda_steps "
                           f"or raise steps")
-    mc, tok_json = student_config(fc)
     out = Path(rc.train.out_dir)
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 cleans and exports
+    check_destination(out, "run", [fc.source], clean=main, label="train.out_dir")
+    replaced = [] if export is None else check_destination(
+        export, "model", [fc.source, out], force=force, clean=main,
+        reserved=[out / n for n in RUN_ENTRIES], label="--export")
+    mc, tok_json = student_config(fc)
     tok_file = out / "source_tokenizer.json"
     if not tok_file.is_file() or tok_file.read_text(encoding="utf-8") != tok_json:
         ckpt.atomic_write_text(tok_file, tok_json)
     rc = dataclasses.replace(rc, model=mc, data=dataclasses.replace(rc.data, tokenizer=str(tok_file)))
     summary = train(rc, resume=resume)
-    if export is not None and not summary.get("interrupted"):
+    if export is not None and main and not summary.get("interrupted"):
         from .formats.packed_model import export_packed
-        summary["export"] = str(export_packed(out / "model", export, layout=layout))
+        summary["export"] = str(export_packed(out / "model", export, layout=layout, force=force))
+        summary["replaced"] = replaced
     return summary

@@ -29,6 +29,8 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .config import PRESETS, ConfigError, ModelConfig, from_dict, to_dict
 from .data import DataConfig, eval_windows, prepare_data, sample_batch
+from .atomic import write_error
+from .destination import check_destination
 from .finetune import FinetuneConfig, distill_loss, lambda_at
 from .model import CausalLM
 
@@ -355,7 +357,8 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(tc.threads)
     out = Path(tc.out_dir)
     ckpt_root = out / "checkpoints"
-
+    # new, empty or an onebit run (never a folder with other files); stale temps of a killed run go
+    check_destination(out, "run", clean=d.main, label="train.out_dir")
     existing = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
     if existing is not None and not resume:
         raise ConfigError(f"out_dir '{out}' already holds checkpoints; pass --resume to continue that "
@@ -453,7 +456,10 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
 
     writer = log = None
     if d.main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(out, e) from None
         ckpt.atomic_write_text(out / "run_config.json", json.dumps(full_config, indent=2))
         log = JsonlLog(out / "log.jsonl", keep_until_step=start if existing is not None else None)
         if tc.tensorboard:

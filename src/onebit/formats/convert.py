@@ -4,7 +4,9 @@ read (hf.read_hf | model_io.read_packed_folder | gguf_io.read_gguf) -> TernaryMo
 read the written output back with the reader of its own format -> logits on a few fixed token
 sequences compared with the slow reference forward of the *source* (model_io.reference_logits).
 The output is written to a temp path and moved into place only after the check passes, so a
-failed conversion leaves nothing behind. Torch-free.
+failed conversion leaves nothing behind; the destination is checked before anything is read
+(onebit.destination.check_destination: never the source, never files onebit did not write, an
+earlier onebit output only with ``force``). Torch-free.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -115,15 +116,20 @@ def _check(src: TernaryModel, out_logits, what: str, rtol: float, cache: dict) -
 
 def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
             embedding: str | None = None, verify: bool = True, allow_relu2: bool = False,
-            scales: str = "tensor") -> dict:
+            scales: str = "tensor", force: bool = False) -> dict:
     """Convert model ``src`` (any readable format) to ``dst`` in format ``to`` (one of TARGETS).
-    Returns a report {format, bytes, seconds, parity}. Raises ValueError on unsupported input
-    or a failed parity check (then nothing is written)."""
+    Returns a report {format, bytes, seconds, parity, replaced}. Raises ValueError on unsupported
+    input, a failed parity check (then nothing is written) or a destination that may not be
+    written (DestinationError; ``force`` replaces an earlier onebit output, nothing else)."""
+    from ..destination import check_destination
+
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is unknown; use one of {list(TARGETS)}")
     t0 = time.perf_counter()
+    replaced = check_destination(dst, "gguf" if to.startswith("gguf") else "model", [src],
+                                 force=force)
     tm = read_model(src)
-    report: dict = {"source": str(src), "format": to, "parity": None}
+    report: dict = {"source": str(src), "format": to, "parity": None, "replaced": replaced}
     cache: dict = {}
 
     if to == "onebit":
@@ -155,27 +161,22 @@ def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
 
 def _convert_gguf(tm: TernaryModel, src, dst: Path, qtype: str, embedding, verify, allow_relu2,
                   scales, report) -> Path:
+    from ..atomic import atomic_file
     from .gguf_io import read_gguf, write_gguf
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_file(dst) as tmp:
         write_gguf(tm, tmp, qtype, embedding=embedding, allow_relu2=allow_relu2, scales=scales)
         if verify:
             back = read_gguf(tmp)
             report["parity"] = _check(tm, _batched(back), f"{src} -> gguf-{qtype}", EXACT, {})
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dst
 
 
 def cached_import(path: str | Path) -> Path:
     """An onebit packed folder for ``path``: itself if it is one, else (HF folder / GGUF file)
     converted once (verified) into ``$ONEBIT_CACHE`` (default ~/.cache/onebit/converted) and
-    reused while the source files are unchanged (key: paths, sizes, mtimes)."""
+    reused while the source files are unchanged (key: paths, sizes, mtimes). The cache is onebit's
+    own: an entry it wrote may be replaced (force), anything else there is refused."""
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "onebit":
@@ -190,5 +191,5 @@ def cached_import(path: str | Path) -> Path:
     out = root / f"{p.name}-{h.hexdigest()[:16]}"
     if (out / "config.json").is_file():
         return out
-    convert(p, out, "onebit")
+    convert(p, out, "onebit", force=True)
     return out

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_file
 from .packed_model import I8_SCALE_SUFFIX, packed_config
 from .packing import load_packed, unpack
 
@@ -319,11 +319,8 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
                     f"(it would become {float(np.float16(s))!r}); use scales='tensor' (exact)")
 
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with atomic_file(out_path) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(name or folder.resolve().name)
         if qtype != "i2_s":
             w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0"
@@ -364,13 +361,4 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the model private
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path

@@ -376,7 +376,8 @@ def _sentencepiece_to_json(folder: Path) -> bytes:
 def write_hf(tm: TernaryModel, dst: str | Path, verify=None) -> Path:
     """Write ``tm`` as a transformers BitNet packed checkpoint (the 2B4T layout) atomically.
     Refuses what that layout cannot hold exactly: inner norms, int8/4-bit embeddings, output
-    sizes that are not multiples of 4."""
+    sizes that are not multiples of 4. ``metadata["onebit.writer"]`` marks the folder as onebit's
+    (onebit.destination), so a later write may replace it (with --force)."""
     from safetensors.numpy import save_file
 
     cfg = tm.config
@@ -413,5 +414,5 @@ def write_hf(tm: TernaryModel, dst: str | Path, verify=None) -> Path:
                                   "quantization_mode": "offline"}}
 
     return write_model_dir(dst, hf, tm.files, verify, lambda d: save_file(
-        out, str(d / "model.safetensors"), metadata={"format": "pt"}))
+        out, str(d / "model.safetensors"), metadata={"format": "pt", "onebit.writer": "onebit"}))
 

@@ -90,24 +90,28 @@ def packed_config(folder: Path) -> dict[str, Any]:
 
 
 def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
-                  embedding: str = "f32") -> Path:
+                  embedding: str = "f32", force: bool = False) -> Path:
     """Pack the trained model at ``src`` (a model, checkpoint or run folder) into folder ``dst``.
 
     ``layout``: "i2" (2 bits/weight, fastest) or "t1_6" (1.6 bits/weight). ``embedding``: "f32"
     (lossless), "f16", "i8" or "i4" (per-row absmax; the quality cost is measured in
     bench/results_heads.py and bounded by the engine tests).
-    The folder is written atomically. Raises ValueError for a model that is not ternary.
+    The folder is written atomically. Raises ValueError for a model that is not ternary, and
+    DestinationError (before any work) for a ``dst`` that may not be written: the source or a
+    folder holding it, files onebit did not write, an earlier onebit output unless ``force``.
     """
     import torch
 
     from .. import quant
     from ..checkpoint import TOKENIZER_FILE, load_model, write_dir_atomic
+    from ..destination import check_destination
     from ..nn import BitLinear
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown; use one of {sorted(LAYOUTS)}")
     if embedding not in EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r} is unknown; use one of {list(EMBEDDINGS)}")
+    check_destination(dst, "model", [src], force=force)
     model, _, folder = load_model(src)
     cfg = model.config
     if cfg.linear != "bitnet":

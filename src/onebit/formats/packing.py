@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from ..atomic import atomic_file
 
 FORMAT_NAME = "onebit-packed"
 FORMAT_VERSION = "1"
@@ -312,17 +313,8 @@ def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, fl
             raise ValueError(f"metadata key {key!r}: the 'onebit.' prefix is reserved; rename it")
         meta[key] = val
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(out, str(tmp), metadata=meta)
     return path
 
 
