@@ -19,9 +19,9 @@
 #
 # Needs: gcc with libasan/libubsan (Debian/Ubuntu: apt-get install -y gcc; the runtimes come with
 # libgcc-<ver>-dev), and .venv (bash scripts/setup.sh).
-# Usage: scripts/check_sanitizers.sh [pytest args], e.g. -k "gemm or attention"; without arguments
-#   it runs tests/test_kernels.py test_engine.py test_kv.py test_kv_engine.py test_sparse.py
-#   test_packing.py.
+# Usage: scripts/check_sanitizers.sh [pytest args]: options (e.g. -x -k "gemm or attention") apply
+#   to the default files tests/test_kernels.py test_engine.py test_kv.py test_kv_engine.py
+#   test_sparse.py test_packing.py; naming test files (tests/...) runs those instead.
 # Exits nonzero on any failure or sanitizer report (2 if a tool is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,30 +86,38 @@ gcc "${CFLAGS[@]}" -shared "${objs[@]}" -lm -o "$OUT/_onebit_kernels.so.tmp"
 mv "$OUT/_onebit_kernels.so.tmp" "$OUT/_onebit_kernels.so"
 gcc "${CFLAGS[@]}" -Wall -I"$CSRC" tests/c/parity.c "${objs[@]}" -lm -o "$OUT/parity"
 
-export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:detect_stack_use_after_return=1:strict_string_checks=1:log_path=$PWD/$OUT/reports/asan:log_exe_name=1"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$PWD/$OUT/reports/ubsan:log_exe_name=1"
+# ASan writes its reports to files (also those of processes a test starts, whose stderr the test
+# captures); UBSan, linked with ASan, ignores log_path and writes to stderr, which is logged and
+# scanned. pytest runs with --capture=sys, so a report that kills pytest itself is not swallowed.
+export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1:log_path=$PWD/$OUT/reports/asan:log_exe_name=1"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
 
-reports() { # prints every report written so far; true if there is none
-    local found=1 f
+reports() { # log file: prints every report found so far; true if there is none
+    local found=0 f
     for f in "$OUT"/reports/*; do
         [[ -e $f ]] || continue
-        found=0
+        found=1
         echo "---- sanitizer report $f" >&2
         cat "$f" >&2
     done
-    return $((1 - found))
+    if grep -qE "runtime error:|ERROR: AddressSanitizer|SUMMARY: (Address|UndefinedBehavior)Sanitizer" "$1"; then
+        found=1
+        echo "---- sanitizer report(s) in $1:" >&2
+        grep -E -A3 "runtime error:|ERROR: AddressSanitizer|SUMMARY: " "$1" >&2
+    fi
+    return "$found"
 }
 
 status=0
 # ---- 2. the C parity harness --------------------------------------------------------------------
 step "run: parity harness (every variant this CPU runs vs the reference)"
-if env -u ONEBIT_KERNELS "$OUT/parity"; then
+if env -u ONEBIT_KERNELS "$OUT/parity" 2>&1 | tee "$OUT/parity.log"; then
     echo "-- parity: OK"
 else
     echo "-- parity: FAILED" >&2
     status=1
 fi
-reports || status=1
+reports "$OUT/parity.log" || status=1
 
 # ---- 3. the kernel and engine tests -------------------------------------------------------------
 run_py() {
@@ -127,15 +135,18 @@ maps = open("/proc/self/maps").read()
 assert want in maps and "libasan" in maps, "sanitized library or libasan not mapped"
 print("loaded", want, "| variants this CPU runs:", ", ".join(K.available_isas()))
 EOF
-if (($#)); then args=("$@"); else args=("${TESTS[@]}"); fi
+args=("${TESTS[@]}" "$@")
+for a in "$@"; do # a test path among the arguments replaces the default files; options add to them
+    if [[ $a == tests/* || $a == */tests/* ]]; then args=("$@"); break; fi
+done
 step "run: pytest ${args[*]} (sanitized kernels)"
-if run_py -m pytest -q -p no:cacheprovider "${args[@]}"; then
+if run_py -m pytest -q -p no:cacheprovider --capture=sys "${args[@]}" 2>&1 | tee "$OUT/pytest.log"; then
     echo "-- pytest: OK"
 else
-    echo "-- pytest: FAILED" >&2
+    echo "-- pytest: FAILED (exit status ${PIPESTATUS[0]})" >&2
     status=1
 fi
-reports || status=1
+reports "$OUT/pytest.log" || status=1
 
 if ((status)); then
     echo "check_sanitizers.sh: FAILED" >&2
