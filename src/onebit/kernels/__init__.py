@@ -10,7 +10,9 @@ Also: ``linear_i8`` / ``linear_i4`` / ``linear_f16`` (LM heads), ``attention`` (
 GQA softmax), ``kv_quantize`` / ``kv_dequantize`` (KV cache rows, docs/formats.md §10), ``validate`` + ``linear_unchecked``, ``pack``/``unpack`` (C twins of the numpy
 reference), ``read_probe`` (bandwidth). ``Layer`` is the ctypes struct of ``ob_decoder_layer``.
 
-The C library is loaded on first use, not at import. The SIMD variant ("avx512vnni", "avx2" or
+The C library is loaded on first use, not at import, from the package (``_onebit_kernels*.so``) or
+from the file ``ONEBIT_KERNELS_LIB`` names (a build of the same sources, e.g. the sanitized one of
+scripts/check_sanitizers.sh). The SIMD variant ("avx512vnni", "avx2" or
 "neon"; "avx2_lut" only by name) is picked by CPU detection; ``ONEBIT_KERNELS=reference``
 (environment, read by C at first use) or ``with use("reference"):`` forces one. ``use`` changes
 process-wide state: not thread-safe. GEMM/GEMV split their output rows over ``get_num_threads()``
@@ -59,6 +61,14 @@ class Layer(ctypes.Structure):
 
 
 def _find_library() -> Path:
+    override = os.environ.get("ONEBIT_KERNELS_LIB", "")
+    if override:  # another build of the same sources, e.g. scripts/check_sanitizers.sh's ASan one
+        path = Path(override)
+        if not path.is_file():
+            raise ImportError(f"ONEBIT_KERNELS_LIB={override!r} is not a file: point it at a build of "
+                              f"the kernel library (scripts/check_sanitizers.sh makes "
+                              f"build/sanitizers/_onebit_kernels.so) or unset it")
+        return path
     here = Path(__file__).parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_onebit_kernels{suffix}"

@@ -187,8 +187,10 @@ static inline float ob_expf_nonpos(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union { float f; int32_t i; } u = {p};
-    u.i += (int32_t)n << 23;
+    /* 2^n: n (in [-126, 0]) added to the exponent field; in uint32, as a left shift of a negative
+     * int is undefined behaviour (UBSan: scripts/check_sanitizers.sh); same bits mod 2^32 */
+    union { float f; uint32_t u; } u = {p};
+    u.u += (uint32_t)(int32_t)n << 23;
     return u.f;
 }
 

@@ -299,9 +299,22 @@ INLINE AVX2 void transpose8x8_epi32(__m256i *r) {
     "vpbroadcastd " #off "(%[x]), %[b]\n\t"                                                       \
     "vpmaddubsw %[b], %[w0], %[t]\n\tvpaddw %[t], %[" #acc0 "], %[" #acc0 "]\n\t"                 \
     "vpmaddubsw %[b], %[w1], %[t]\n\tvpaddw %[t], %[" #acc1 "], %[" #acc1 "]\n\t"
+#if defined(__SANITIZE_ADDRESS__)
+/* ASan cannot see loads inside inline asm: in the sanitized build (scripts/check_sanitizers.sh)
+ * the 24 activation bytes a step broadcasts from are first read by an instrumented memcpy. */
+#define ASAN_READ_XT(p)                                                                           \
+    do {                                                                                          \
+        int8_t seen_[24];                                                                         \
+        memcpy(seen_, (p), sizeof seen_);                                                         \
+        __asm__ volatile("" : : "r"(seen_) : "memory");                                           \
+    } while (0)
+#else
+#define ASAN_READ_XT(p) ((void)0)
+#endif
 #define STEP_AVX2(MUL, ADD, S_)                                                                   \
     do {                                                                                          \
         __m256i b_, t_;                                                                           \
+        ASAN_READ_XT(xt + (S_) * 4 * MR);                                                         \
         __asm__(MA_ASM(0, a00, a01) MA_ASM(4, a10, a11) MA_ASM(8, a20, a21)                       \
                 MA_ASM(12, a30, a31) MA_ASM(16, a40, a41) MA_ASM(20, a50, a51)                    \
                 : [a00] "+x"(a00), [a01] "+x"(a01), [a10] "+x"(a10), [a11] "+x"(a11),            \
