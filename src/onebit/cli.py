@@ -42,10 +42,10 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
 
 def _is_packed(path) -> bool:
     """A model the engine runs: an onebit packed folder, or a HF folder / GGUF file it imports."""
-    from .formats.convert import detect_format
+    from .resolve import classify
 
     try:
-        return detect_format(path) in ("onebit", "hf", "gguf")
+        return classify(path).engine
     except ValueError:
         return False
 
@@ -82,14 +82,18 @@ def _timed(tokens, times: list[float]):
         yield t
 
 
-def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
+def _cmd_generate_engine(args: argparse.Namespace, path, m=None) -> int:
+    """Generate on ``m`` (default: ``path`` loaded on the engine); the speed/memory line is the
+    engine's (a PyTorch model, from resolve.load_runnable, prints none)."""
     import time
 
     import onebit
 
     from .streaming import stream_text
 
-    m = onebit.load(path, kv_bits=args.kv_bits)
+    engine = m is None
+    if m is None:
+        m = onebit.load(path, kv_bits=args.kv_bits)
     ids = m.encode(args.prompt)
     times: list[float] = []
     t0 = time.perf_counter()
@@ -101,7 +105,7 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if not args.quiet:
+    if not args.quiet and engine:
         print(_engine_stats(m, len(ids), times, t0), file=sys.stderr)
     return 0
 
@@ -113,35 +117,23 @@ def _default_model():
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    path = args.model or _default_model()
-    if _is_packed(path):
-        return _cmd_generate_engine(args, path)
-    from .checkpoint import load_model  # the PyTorch path: a training run / checkpoint folder
-    from .generate import generate_text
+    from .resolve import classify, load_runnable
 
-    if args.min_p is not None or args.repetition_penalty != 1.0 or args.kv_bits is not None:
-        raise ValueError("--min-p, --repetition-penalty and --kv-bits need a packed model (the "
-                         "engine); export this one with `onebit export`")
-    model, tok, folder = load_model(path)
-    if tok is None:
-        raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
-                         f"trained with next to model.safetensors")
-    cfg = model.config
-    pieces = generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
-    sys.stdout.write(args.prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    src = classify(args.model or _default_model())
+    if src.engine:
+        return _cmd_generate_engine(args, src.path)
+    # a training run / checkpoint, a full-precision HF folder or a llama2.c .bin: PyTorch
+    m = load_runnable(src, kv_bits=args.kv_bits)
+    if m.tokenizer is None:
+        raise ValueError(f"model folder '{m.runtime.folder}' has no tokenizer.json; copy the tokenizer "
+                         f"it was trained with next to model.safetensors")
+    return _cmd_generate_engine(args, src.path, m)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    import onebit
+    from .resolve import load_runnable
 
-    m = onebit.load(args.model or _default_model(), kv_bits=args.kv_bits)
+    m = load_runnable(args.model or _default_model(), kv_bits=args.kv_bits)  # engine or PyTorch
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -186,7 +178,11 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
 
     from .data import read_documents
 
-    if _is_packed(args.model):  # packed / HF / GGUF: the torch-free engine
+    from .resolve import classify, load_torch
+    from .tokenizer_convention import encode_prompt
+
+    src = classify(args.model)
+    if src.engine:  # packed / HF / GGUF: the torch-free engine
         import onebit
         from .engine.evaluate import perplexity as engine_ppl
 
@@ -194,25 +190,23 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         if m.tokenizer is None:
             raise ValueError(f"model '{args.model}' has no tokenizer.json; copy the model's tokenizer "
                              f"beside it")
-        cfg, folder = m.config, args.model
-        encode = lambda text: m.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+        cfg, folder, encode = m.config, args.model, m.encode
         run = lambda ids, L: engine_ppl(m, ids, L, max_tokens=args.max_tokens)  # noqa: E731
-    else:  # a training run / checkpoint folder: PyTorch
-        from .checkpoint import load_model
+    else:  # a training run / checkpoint, full-precision HF folder, llama2.c .bin: PyTorch
         from .evaluate import perplexity
 
-        model, tok, folder = load_model(args.model)
+        model, tok, folder, conv = load_torch(src)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
         if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
             model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
-        encode = lambda text: tok.encode(text).ids  # noqa: E731
+        encode = lambda text: encode_prompt(tok, text, conv)  # noqa: E731
         run = lambda ids, L: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
                                         max_tokens=args.max_tokens)
     ids: list[int] = []
-    for doc in read_documents(args.files):
-        ids += [cfg.bos_token_id] + encode(doc.text) + [cfg.eos_token_id]
+    for doc in read_documents(args.files):  # each document as a prompt (BOS by the tokenizer's
+        ids += encode(doc.text) + [cfg.eos_token_id]  # convention), then EOS as in training
     seq_len = args.seq_len or min(cfg.max_position_embeddings, 256)
     res = run(np.asarray(ids, dtype=np.int64), seq_len)
     if args.json:
@@ -243,6 +237,11 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
         from .benchmarks import model
         return model.main(rest) or 0
     raise ValueError(f"unknown bench {args.what!r}")
+
+
+MODEL_HELP = ("packed model folder, Hugging Face folder, GGUF file (ternary: the C engine), or an "
+              "onebit run / checkpoint folder, full-precision Hugging Face folder or llama2.c .bin "
+              "(PyTorch); default: the built-in model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,21 +281,20 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         a.add_argument("--top-k", type=int, default=None)
         a.add_argument("--top-p", type=float, default=None)
-        a.add_argument("--min-p", type=float, default=None, help="engine only")
-        a.add_argument("--repetition-penalty", type=float, default=1.0, help="engine only; 1 = off")
+        a.add_argument("--min-p", type=float, default=None)
+        a.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
         a.add_argument("--seed", type=int, default=None)
 
-    g = sub.add_parser("generate", help="generate text (packed model: the C engine; training "
-                                        "folder: PyTorch)")
+    g = sub.add_parser("generate", help="generate text (ternary model: the C engine; training "
+                                        "folder or full-precision model: PyTorch)")
     g.add_argument("prompt", nargs="?", default="", help="prompt text")
-    g.add_argument("--model", default=None, help="packed model folder (`onebit export`), or a run / "
-                                                 "model / checkpoint folder; default: the built-in model")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     sampling_args(g, 100)
-    kv_bits_arg(g, "engine only: generate")
+    kv_bits_arg(g, "generate")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
 
-    c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
-    c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
+    c = sub.add_parser("chat", help="interactive chat with a model (streaming)")
+    c.add_argument("--model", default=None, help=MODEL_HELP)
     c.add_argument("--system", default=None, help="system message")
     kv_bits_arg(c, "chat")
     sampling_args(c, 256)
@@ -333,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ep = esub.add_parser("ppl", help="perplexity on text files or folders")
     ep.add_argument("files", nargs="+")
-    ep.add_argument("--model", required=True)
+    ep.add_argument("--model", required=True, help=MODEL_HELP.split("; default")[0])
     ep.add_argument("--seq-len", type=int, default=None)
     ep.add_argument("--batch-size", type=int, default=8)
     ep.add_argument("--max-tokens", type=int, default=None)

@@ -445,7 +445,13 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     val_windows = eval_windows(data.val, seq, tc.eval_tokens)
-    tok_json = data.tokenizer.to_str()
+    # the saved tokenizer states how the model was trained: BOS before every document (data.py),
+    # as its post-processor, so transformers' tok(text) and onebit's prompts start the same way
+    from tokenizers import Tokenizer
+
+    from .tokenizer_convention import declare_bos
+    tok_json = declare_bos(Tokenizer.from_str(data.tokenizer.to_str()),
+                           () if data.bos_id is None else (data.bos_id,)).to_str()
     full_config = {**rc.to_dict(), "onebit_version": _version()}
 
     writer = log = None
