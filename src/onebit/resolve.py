@@ -90,7 +90,7 @@ def classify(path) -> ModelSource:
         try:
             read_header(p)
         except Llama2cError as e:
-            raise ValueError(f"'{p}' is neither a GGUF file nor a llama2.c model ({e}); pass a model "
+            raise ValueError(f"'{p}' is not GGUF and not a llama2.c model ({e}); pass a model "
                              f"folder, a .gguf file or a llama2.c .bin") from None
         return ModelSource(p, "llama2c")
     cfg = _json_object(p / "config.json") if (p / "config.json").is_file() else None
