@@ -198,6 +198,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
         model, tok, folder, conv = load_torch(src)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
+        folder = folder if src.kind == "run" else src.path
         if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
             model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
@@ -363,6 +364,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     check = ("parity not checked (--no-verify)" if par is None else
              f"parity ok: max |logit diff| {par['max_rel_err']:.2e} of range, top-1 agreement "
              f"{par['top1_agree']:.0%} over {par['positions']} positions")
+    emb = rep.get("embedding")
+    if emb:  # --embedding changed the stored values: what the storage allows, and what it costs
+        check += (f"; embeddings {emb['source_type']} -> {emb['type']}: max |error| "
+                  f"{emb['max_abs_err']:.2e} ({emb['of_bound']:.0%} of what {emb['type']} allows), "
+                  f"logits vs the {emb['source_type']} source: max |diff| "
+                  f"{emb['logits']['max_rel_err']:.2e} of range, top-1 {emb['logits']['top1_agree']:.0%}")
     print(f"wrote {rep['output']} ({rep['bytes'] / 1e6:.2f} MB, {args.to}) in {rep['seconds']:.1f} s; {check}")
     return 0
 

@@ -154,17 +154,20 @@ def declare_bos(tokenizer, prefix: tuple[int, ...] | list[int]):
     return tokenizer
 
 
-def declare_files(files: dict[str, bytes], convention: BosConvention) -> dict[str, bytes]:
+def declare_files(files: dict[str, bytes], convention: BosConvention, tokenizer=None) -> dict[str, bytes]:
     """Tokenizer files (name -> bytes, as TernaryModel.files) that state ``convention`` on their
     own: tokenizer.json's post-processor and tokenizer_config.json's ``add_bos_token`` (+
-    ``bos_token``). Files already stating it are returned unchanged (no rewrite)."""
+    ``bos_token``). Files already stating it are returned unchanged (no rewrite). ``tokenizer``:
+    tokenizer.json already parsed (it is not modified)."""
     if "tokenizer.json" not in files:
         return files
     from tokenizers import Tokenizer
 
     out = dict(files)
-    tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
+    tok = tokenizer if tokenizer is not None else Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
     if post_processor_prefix(tok) != convention.prefix:
+        if tokenizer is not None:  # declare_bos changes its argument: work on a copy
+            tok = Tokenizer.from_str(files["tokenizer.json"].decode("utf-8"))
         out["tokenizer.json"] = declare_bos(tok, convention.prefix).to_str().encode("utf-8")
     tc = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
     if not isinstance(tc, dict):

@@ -285,6 +285,13 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     ``Runtime`` (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8;
     the trained scheme; the config's KV cache bits)."""
     folder = Path(path)
+    if folder.is_file():
+        with open(folder, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        if not gguf:  # a llama2.c .bin (full precision): resolve.py runs it in PyTorch
+            from ..resolve import classify
+            raise EngineError(f"{classify(folder).describe()}: the engine runs ternary models; run it "
+                              f"in PyTorch behind this API with onebit.resolve.load_runnable('{folder}')")
     if folder.is_file() or (folder / "config.json").is_file():
         from ..formats.convert import cached_import, detect_format
 

@@ -72,12 +72,17 @@ def probe_ids(vocab: int, bos: int, n_seq: int = 3, length: int = 8) -> list[np.
             for _ in range(n_seq)]
 
 
-def _engine_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
+def _engine_logits(folder: Path):
+    """ids -> logits of the engine on ``folder``, loaded once (a 128k-token tokenizer takes
+    seconds to parse)."""
     from ..engine.api import load
 
     m = load(folder)
-    m.runtime.reset(len(ids) + 1)
-    return np.asarray(m.runtime.forward(ids, 0, last_only=False), np.float64)
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        m.runtime.reset(len(ids) + 1)
+        return np.asarray(m.runtime.forward(ids, 0, last_only=False), np.float64)
+    return run
 
 
 def _batched(tm: TernaryModel):
@@ -195,7 +200,7 @@ def _declared(tm: TernaryModel, fmt: str) -> dict[str, bytes]:
         raise ValueError(f"{tm.source}: its tokenizer files cannot be read ({e})") from None
     conv = bos_convention(tok, tc if isinstance(tc, dict) else {}, onebit_folder=fmt == "onebit",
                           bos_id=tm.config.bos_token_id)
-    return declare_files(tm.files, conv)
+    return declare_files(tm.files, conv, tok)
 
 
 def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
@@ -229,7 +234,7 @@ def convert(src: str | Path, dst: str | Path, to: str, *, layout: str = "i2",
             if verify:
                 report["parity"] = _check(ref_tm, _batched(read_packed_folder(d)), f"{src} -> onebit",
                                           EXACT, cache)
-                report["engine"] = _check(ref_tm, lambda ids: _engine_logits(d, ids),
+                report["engine"] = _check(ref_tm, _engine_logits(d),
                                           f"{src} -> onebit, on the engine", ENGINE, cache)
         from .model_io import write_packed_folder
         out = write_packed_folder(tm, dst, layout=layout, embedding=embedding, verify=verify_fn)
@@ -270,6 +275,11 @@ def _convert_gguf(tm: TernaryModel, src, dst: Path, qtype: str, embedding, verif
     return dst
 
 
+# Bump when an import changes what it writes for the same source, so cached folders are redone
+# (2: RoPE theta from transformers 5's rope_parameters; GGUF tokenizers; declared BOS).
+IMPORT_VERSION = 2
+
+
 def cached_import(path: str | Path) -> Path:
     """An onebit packed folder for ``path``: itself if it is one, else (HF folder / GGUF file)
     converted once (verified) into ``$ONEBIT_CACHE`` (default ~/.cache/onebit/converted) and
@@ -280,6 +290,7 @@ def cached_import(path: str | Path) -> Path:
         return p
     files = sorted(p.iterdir()) if p.is_dir() else [p]
     h = hashlib.sha256(str(p.resolve()).encode())
+    h.update(f"import-{IMPORT_VERSION}".encode())  # an import fixed since: converted again
     for f in files:
         if f.is_file():
             st = f.stat()
