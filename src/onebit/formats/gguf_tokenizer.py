@@ -120,10 +120,15 @@ def add_tokenizer(w, files: dict[str, bytes], vocab_size: int, bos: int, eos: in
     if raw is None:
         raise GGUFTokenizerError(f"{where} has no tokenizer.json; llama.cpp needs a vocabulary in the "
                                  f"GGUF: copy the model's tokenizer.json into the folder")
-    tok = json.loads(raw)
-    tc = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    try:
+        parsed = Tokenizer.from_str(raw.decode("utf-8"))
+        tok = json.loads(raw)
+        tc = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise GGUFTokenizerError(f"{where}: its tokenizer files cannot be read ({e})") from None
     tc = tc if isinstance(tc, dict) else {}
     kind = _kind(tok, where)
+    pre = _pre_name(tok, where) if kind == "gpt2" else None
     model = tok["model"]
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     special, added = set(), set()
@@ -154,10 +159,10 @@ def add_tokenizer(w, files: dict[str, bytes], vocab_size: int, bos: int, eos: in
             types.append(BYTE)
         else:
             types.append(NORMAL)
-    conv = bos_convention(Tokenizer.from_str(raw.decode("utf-8")), tc, onebit_folder=True, bos_id=bos)
+    conv = bos_convention(parsed, tc, onebit_folder=True, bos_id=bos)
     w.add_tokenizer_model(kind)
     if kind == "gpt2":
-        w.add_tokenizer_pre(_pre_name(tok, where))
+        w.add_tokenizer_pre(pre)
     else:
         # llama.cpp's SPM merges the pair whose concatenation scores highest: -rank of the first
         # merge that makes a piece keeps the BPE's order; other pieces (chars, bytes, specials) 0
