@@ -154,3 +154,25 @@ def test_onebit_model_exported_to_hf_tells_transformers_its_bos(tmp_path, cache)
     assert tok("Once upon a time")["input_ids"] == m.encode("Once upon a time")
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["add_bos_token"] is True
     assert onebit.load(out).encode("Once upon a time") == m.encode("Once upon a time")
+
+
+def test_training_documents_start_as_the_tokenizer_says(tmp_path):
+    """data.py's BOS before every document (onebit train / finetune): the tokenizer's convention
+    when it states one, onebit's BOS for tokenizers that state nothing (its own bpe:N)."""
+    from onebit.data import DataConfig, document_bos, prepare_data
+    l3 = Tokenizer.from_file(str(TOKS / "llama3" / "tokenizer.json"))
+    g2 = Tokenizer.from_file(str(TOKS / "gpt2" / "tokenizer.json"))
+    bare = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))
+    assert document_bos(l3) == 128000 and document_bos(g2) is None and document_bos(bare) == 0
+    qwen = _tokenizer_files("qwen2")
+    for f, b in qwen.items():
+        (tmp_path / f).write_bytes(b)
+    qt = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert document_bos(qt) == 50256  # nothing stated in tokenizer.json alone: <|endoftext|>
+    assert document_bos(qt, json.loads(qwen["tokenizer_config.json"])) is None
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Once upon a time there was a story. " * 400)
+    (tmp_path / "corpus" / "b.txt").write_text("The end came soon after that, they said. " * 400)
+    pd = prepare_data(DataConfig(paths=[str(tmp_path / "corpus")], tokenizer=str(tmp_path),
+                                 seq_len=16, val_fraction=0.5, cache_dir=str(tmp_path / "cache")))
+    assert pd.bos_id is None and pd.train[0] != 50256 and pd.train[-1] == 50256
