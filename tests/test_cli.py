@@ -148,6 +148,7 @@ def test_trained_tokenizer_declares_bos(trained):
     assert post_processor_prefix(Tokenizer.from_file(str(folder / "tokenizer.json"))) == \
         (model.config.bos_token_id,)
     assert tok.encode("To be").ids[0] == model.config.bos_token_id
+    assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
 
 
 @pytest.mark.parametrize("bits", [3, 16])

@@ -21,7 +21,7 @@ from onebit.formats import convert as cv
 from onebit.formats.gguf_io import GGUFError, parse_gguf, read_gguf
 from onebit.formats.gguf_tokenizer import GGUFTokenizerError, add_tokenizer, tokenizer_files
 from onebit.formats.model_io import read_packed_folder
-from onebit.tokenizer_convention import bos_convention
+from onebit.tokenizer_convention import bos_convention, declare_files
 from conftest import SHARED_DATA
 from tokenizers import Tokenizer
 
@@ -45,6 +45,8 @@ def _tokenizer_gguf(path, files, vocab):
 def test_tokenizer_round_trip_through_gguf(name, tmp_path):
     files = {f: (TOKS / name / f).read_bytes() for f in ("tokenizer.json", "tokenizer_config.json")}
     orig = Tokenizer.from_str(files["tokenizer.json"].decode())
+    # as convert hands them over: the tokenizer's own convention stated (tokenizer_config.json)
+    files = declare_files(files, bos_convention(orig, json.loads(files["tokenizer_config.json"])), orig)
     kv = _tokenizer_gguf(tmp_path / "t.gguf", files, orig.get_vocab_size() + 3)  # + padding rows
     assert kv["tokenizer.ggml.model"] == ("llama" if name in ("llama2", "tok512") else "gpt2")
     back = tokenizer_files(kv, "t.gguf")

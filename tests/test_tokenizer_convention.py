@@ -116,7 +116,8 @@ def test_convention_rules():
     assert bos_convention(l3).prefix == (128000,)
     assert bos_convention(l3, {"add_bos_token": False}).prefix == ()       # Llama-2 style override
     assert bos_convention(g2, {"add_bos_token": True, "bos_token": "<|endoftext|>"}).prefix == (50256,)
-    assert bos_convention(g2, onebit_folder=True, bos_id=50256).prefix == ()  # GPT-2 says: nothing
+    assert bos_convention(g2, onebit_folder=True, bos_id=50256).prefix == (50256,)  # trained so
+    assert bos_convention(g2, {"add_bos_token": False}, onebit_folder=True, bos_id=50256).prefix == ()
     bare = Tokenizer.from_file(str(default_model_path() / "tokenizer.json"))   # no post-processor
     assert post_processor_prefix(bare) is None
     assert bos_convention(bare, bos_id=0).prefix == ()

@@ -4,13 +4,14 @@ llama.cpp read it, and written down explicitly whenever onebit writes a tokenize
 The rule (``bos_convention``), first match wins:
 
 1. ``tokenizer_config.json`` ``add_bos_token`` (bool): Llama-2 style, what llama.cpp's converter
-   (gguf-py ``SpecialVocab``) copies into ``tokenizer.ggml.add_bos_token``.
-2. the ``tokenizer.json`` post-processor: the special tokens it puts before the text (Llama-3's
+   (gguf-py ``SpecialVocab``) copies into ``tokenizer.ggml.add_bos_token``. onebit writes it
+   wherever it writes a tokenizer (train, export, convert).
+2. an onebit model folder without it (packed, run or checkpoint written before onebit stated the
+   convention, e.g. the built-in model): onebit's training convention. ``data.py`` wrote
+   ``[bos] + ids + [eos]`` for every document with the tokenizer's BOS, whatever the tokenizer.
+3. the ``tokenizer.json`` post-processor: the special tokens it puts before the text (Llama-3's
    ``TemplateProcessing`` adds ``<|begin_of_text|>``; GPT-2's and Qwen2's add nothing). This is
    what ``transformers``' ``tok(text)`` does.
-3. no post-processor, in an onebit model folder: onebit's training convention. ``data.py`` writes
-   ``[bos] + ids + [eos]`` for every document, so a model trained by onebit before its tokenizer
-   declared this (the built-in model) is run with BOS.
 4. otherwise nothing is added.
 
 ``encode_prompt`` adds that prefix to ``tokenizer.encode(text, add_special_tokens=False)`` unless
@@ -85,7 +86,8 @@ def bos_convention(tokenizer, tokenizer_config: Mapping | None = None, *, onebit
     """The BOS convention of ``tokenizer`` (a ``tokenizers.Tokenizer``) with its
     ``tokenizer_config`` (see the module doc for the order). ``bos_id``: the model config's BOS,
     used when the tokenizer files name none; ``onebit_folder``: the folder is an onebit model
-    (packed, run or checkpoint), whose trainer put BOS before every document."""
+    (packed, run or checkpoint), whose trainer put BOS before every document unless its
+    tokenizer_config.json says otherwise."""
     tc = tokenizer_config or {}
     pp = post_processor_prefix(tokenizer)
     add = tc.get("add_bos_token")
@@ -98,10 +100,10 @@ def bos_convention(tokenizer, tokenizer_config: Mapping | None = None, *, onebit
             raise ValueError("tokenizer_config.json sets add_bos_token=true but names no bos_token "
                              "the tokenizer knows: set bos_token")
         return BosConvention((tid,), "tokenizer_config.json add_bos_token=true")
-    if pp is not None:
-        return BosConvention(pp, "the tokenizer.json post-processor")
     if onebit_folder and bos_id is not None:
         return BosConvention((bos_id,), "onebit's training convention (BOS before every document)")
+    if pp is not None:
+        return BosConvention(pp, "the tokenizer.json post-processor")
     return BosConvention((), "the tokenizer adds no special tokens")
 
 
