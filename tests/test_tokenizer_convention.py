@@ -7,7 +7,6 @@ render {{ bos_token }} get no second BOS; onebit's own models keep the BOS they 
 import json
 import os
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # transformers' bitnet code is @torch.compile'd

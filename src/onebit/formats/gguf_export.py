@@ -313,9 +313,11 @@ def write_gguf_model(tm, out_path: str | os.PathLike, qtype: str = "tq2_0", *, s
                 codes, scale = tm.ternary[full]()
                 base = gguf_tensor_name(full)
                 if f16[full]:  # codes exactly in F16 (block: code * fp16-exact scale)
-                    d = 1.0 if scales == "tensor" or qtype == "i2_s" else scale
-                    w.add_tensor(base + ".weight", (codes.astype(np.float32) * np.float32(d)).astype(np.float16))
-                    if d == 1.0:
+                    own_scale = scales == "tensor" or qtype == "i2_s"
+                    d = 1.0 if own_scale else scale
+                    vals = (codes.astype(np.float32) * np.float32(d)).astype(np.float16)
+                    w.add_tensor(base + ".weight", vals)
+                    if own_scale:
                         w.add_tensor(base + ".scale", np.array([scale], np.float32))
                     continue
                 if qtype == "i2_s":  # the scale travels inside the tensor's bytes
