@@ -213,9 +213,10 @@ def _fallback_f16(qtype: str, arch: str, k: int, where: str, tname: str) -> bool
     if qtype == "i2_s" and arch != ARCH:
         raise GGUFExportError(
             f"{where}: tensor {tname!r} has rows of {k} values, not a multiple of {block} (bitnet.cpp's "
-            f"I2_S block), and bitnet.cpp's {arch!r} graph has no per-tensor scale for an F16 "
-            f"fallback: use hidden_size, intermediate_size and heads*head_dim that are multiples of "
-            f"{block}, or export gguf-tq2_0 / gguf-tq1_0 (--allow-relu2), which fall back to F16")
+            f"I2_S block), and an F16 fallback needs a per-tensor scale that bitnet.cpp's {arch!r} "
+            f"graph is not known to apply: use hidden_size, intermediate_size and heads*head_dim "
+            f"that are multiples of {block}, or export gguf-tq2_0 / gguf-tq1_0 (--allow-relu2), "
+            f"which fall back to F16")
     return True
 
 
