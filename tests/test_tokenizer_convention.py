@@ -90,6 +90,10 @@ def test_generate_equals_transformers(name, tmp_path, cache, capsys):
     assert m.encode(TEXT) == enc.input_ids[0].tolist()
     assert (m.bos_convention.add_bos, name) in ((True, "llama3"), (False, "gpt2"), (False, "qwen2"))
     assert list(m.generate_ids(m.encode(TEXT), 8, temperature=0)) == theirs
+    seq = out.sequences[0].tolist()  # and the same function at every position (RoPE included)
+    with torch.no_grad():
+        ref = model(out.sequences).logits[0].double().numpy()
+    assert abs(m.logits(seq) - ref).max() < 1e-3 * abs(ref).max()  # wrong RoPE theta: 0.1
     text = tok.decode(theirs, skip_special_tokens=True)
     assert m.generate(TEXT, max_new_tokens=8, temperature=0) == text
     if name == "gpt2":  # and the command line, text in and text out
