@@ -64,7 +64,7 @@ def test_eval_ppl_cli_equals_library(trained, capsys):
     from onebit.data import read_documents
     ids = []
     for d in read_documents([corpus / "p0.txt"]):
-        ids += [cfg.bos_token_id] + tok.encode(d.text).ids + [cfg.eos_token_id]
+        ids += [cfg.bos_token_id] + tok.encode(d.text, add_special_tokens=False).ids + [cfg.eos_token_id]
     ref = perplexity(model, np.asarray(ids), 32)
     assert res["loss"] == pytest.approx(ref["loss"], rel=1e-6) and res["tokens"] == ref["tokens"]
     assert 1 < res["ppl"] < cfg.vocab_size
@@ -123,10 +123,32 @@ def test_generate_bad_sampling_parameter(trained, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
-def test_generate_kv_bits_needs_the_engine(trained, capsys):
-    out, _ = trained  # a training run: PyTorch generation has no quantized-cache option
-    assert main(["generate", "--model", str(out), "hi", "--kv-bits", "3", "--max-new-tokens", "5"]) == 2
-    assert "--kv-bits" in capsys.readouterr().err
+def test_generate_kv_bits_and_min_p_on_pytorch(trained, capsys):
+    """A training run generates in PyTorch behind the engine's API (resolve.TorchRuntime): the
+    quantized KV cache and the engine's samplers work there too, and --kv-bits 3 changes the
+    logits it samples from (the fake-quantized cache) while 16 and 32 are the float cache."""
+    from onebit.resolve import load_runnable
+    out, _ = trained
+    assert main(["generate", "--model", str(out), "hi", "--kv-bits", "3", "--min-p", "0.1",
+                 "--repetition-penalty", "1.2", "--max-new-tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+    ids = load_runnable(out).encode("To be or not")
+    a, b, c = (load_runnable(out, kv_bits=k).logits(ids) for k in (32, 16, 3))
+    assert np.array_equal(a, b) and not np.allclose(a, c, atol=1e-6)
+
+
+def test_trained_tokenizer_declares_bos(trained):
+    """onebit train puts BOS before every document, and the tokenizer it saves says so (its
+    post-processor), so transformers' tok(text) and onebit agree on prompts."""
+    from tokenizers import Tokenizer
+
+    from onebit.tokenizer_convention import post_processor_prefix
+    out, _ = trained
+    model, tok, folder = load_model(out)
+    assert post_processor_prefix(Tokenizer.from_file(str(folder / "tokenizer.json"))) == \
+        (model.config.bos_token_id,)
+    assert tok.encode("To be").ids[0] == model.config.bos_token_id
+    assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
 
 
 @pytest.mark.parametrize("bits", [3, 16])

@@ -178,9 +178,10 @@ def test_export_refusals(tmp_path):
     with pytest.raises(GGUFExportError, match="relu2"):
         export_gguf(folder, tmp_path / "b.gguf", "tq2_0")
     export_gguf(folder, tmp_path / "b.gguf", "tq2_0", allow_relu2=True)       # on request
-    folder, _, _ = write_model(tmp_path / "c", ffn=320)
-    with pytest.raises(GGUFExportError, match=r"model.layers.0.mlp.down_proj.*multiple of 256"):
-        export_gguf(folder, tmp_path / "c.gguf", "tq2_0")
+    folder, _, _ = write_model(tmp_path / "c", ffn=320, act="relu2")  # I2_S, ReLU²: no F16 fallback
+    with pytest.raises(GGUFExportError, match=r"'.*/c'.*model.layers.0.mlp.down_proj.*rows of 320 "
+                                              r"values, not a multiple of 128"):
+        export_gguf(folder, tmp_path / "c.gguf", "i2_s")
     folder, _, _ = write_model(tmp_path / "e")  # q/k/v biases (a fine-tuned Qwen2): not written
     raw = json.loads((folder / "config.json").read_text())
     raw["model"]["qkv_bias"] = True

@@ -43,14 +43,16 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def write_model_files(folder: Path, model: torch.nn.Module, config: dict[str, Any],
-                      tokenizer_json: str | None) -> None:
-    """Write model.safetensors, config.json (and tokenizer.json) into an existing folder."""
+                      tokenizer_json: str | dict[str, str] | None) -> None:
+    """Write model.safetensors, config.json (and tokenizer.json, or tokenizer files given as
+    {name: text}, e.g. with the tokenizer_config.json stating its BOS) into an existing folder."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "format_version": str(config["model"]["format_version"])}
     save_file(state, str(folder / MODEL_FILE), metadata=meta)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-    if tokenizer_json is not None:
-        (folder / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
+    files = {TOKENIZER_FILE: tokenizer_json} if isinstance(tokenizer_json, str) else tokenizer_json or {}
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
 
 
 def save_model(folder: str | Path, model: torch.nn.Module, model_config: ModelConfig,

@@ -65,16 +65,6 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
-def _is_packed(path) -> bool:
-    """A model the engine runs: an onebit packed folder, or a HF folder / GGUF file it imports."""
-    from .formats.convert import detect_format
-
-    try:
-        return detect_format(path) in ("onebit", "hf", "gguf")
-    except ValueError:
-        return False
-
-
 def _rate(n: float, seconds: float) -> str:
     return f"{n / seconds:,.1f} tok/s" if n > 0 and seconds > 0 else "- tok/s"
 
@@ -106,18 +96,19 @@ def _timed(tokens, times: list[float]):
         yield t
 
 
-def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
+def _cmd_generate_engine(args: argparse.Namespace, path, m=None) -> int:
+    """Generate on ``m`` (default: ``path`` loaded on the engine); the speed/memory line is the
+    engine's (a PyTorch model, from resolve.load_runnable, prints none)."""
     import time
 
     import onebit
 
     from .streaming import stream_text
 
-    if args.threads:
-        from . import kernels
-
-        kernels.set_num_threads(args.threads)
-    m = onebit.load(path, kv_bits=args.kv_bits)
+    engine = m is None
+    if m is None:
+        m = onebit.load(path, kv_bits=args.kv_bits)
+    _set_threads(m, args.threads)
     ids = m.encode(args.prompt)  # raises on non-UTF-8 prompt bytes
     times: list[float] = []
     t0 = time.perf_counter()
@@ -129,7 +120,7 @@ def _cmd_generate_engine(args: argparse.Namespace, path) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if not args.quiet:
+    if not args.quiet and engine:
         print(_engine_stats(m, len(ids), times, t0), file=sys.stderr)
     return 0
 
@@ -142,36 +133,35 @@ def _default_model():
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .engine.api import check_text
+    from .resolve import classify, load_runnable
 
     check_text(args.prompt)  # argv bytes that are not UTF-8 arrive as lone surrogates
-    path = args.model or _default_model()
-    if _is_packed(path):
-        return _cmd_generate_engine(args, path)
-    from .checkpoint import load_model  # the PyTorch path: a training run / checkpoint folder
-    from .generate import generate_text
+    src = classify(args.model or _default_model())
+    if src.engine:
+        return _cmd_generate_engine(args, src.path)
+    # a training run / checkpoint, a full-precision HF folder or a llama2.c .bin: PyTorch
+    m = load_runnable(src, kv_bits=args.kv_bits)
+    if m.tokenizer is None:
+        raise ValueError(f"model folder '{m.runtime.folder}' has no tokenizer.json; copy the tokenizer "
+                         f"it was trained with next to model.safetensors")
+    return _cmd_generate_engine(args, src.path, m)
 
-    if args.min_p is not None or args.repetition_penalty != 1.0 or args.kv_bits is not None:
-        raise ValueError("--min-p, --repetition-penalty and --kv-bits need a packed model (the "
-                         "engine); export this one with `onebit export`")
-    model, tok, folder = load_model(path)
-    if tok is None:
-        raise ValueError(f"model folder '{folder}' has no tokenizer.json; copy the tokenizer it was "
-                         f"trained with next to model.safetensors")
-    import torch
 
-    from .generate import decode_threads
+def _set_threads(m, threads: int | None) -> None:
+    """--threads for the engine's kernels, or the PyTorch decode threads (default: 1 for a small
+    model, generate.decode_threads)."""
+    from .resolve import TorchRuntime
 
-    torch.set_num_threads(args.threads or decode_threads(model))
-    cfg = model.config
-    pieces = generate_text(model, tok, args.prompt, args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                           bos_id=cfg.bos_token_id, eos_id=cfg.eos_token_id)
-    sys.stdout.write(args.prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    if isinstance(m.runtime, TorchRuntime):
+        import torch
+
+        from .generate import decode_threads
+
+        torch.set_num_threads(threads or decode_threads(m.runtime.model))
+    elif threads:
+        from . import kernels
+
+        kernels.set_num_threads(threads)
 
 
 def _read_chat_line() -> str | None:
@@ -186,7 +176,7 @@ def _read_chat_line() -> str | None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    import onebit
+    from .resolve import load_runnable
 
     from .engine.api import check_text
     from .sampling import validate_sampling
@@ -196,7 +186,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     validate_sampling(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: a reply needs at least 1 token")
-    m = onebit.load(args.model or _default_model(), kv_bits=args.kv_bits)
+    m = load_runnable(args.model or _default_model(), kv_bits=args.kv_bits)  # engine or PyTorch
+    _set_threads(m, None)
     messages: list[dict] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -292,28 +283,32 @@ def _positive_int(text: str) -> int:
 def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     from .data import corpus_tokens
 
-    path = args.model or _default_model()
-    if _is_packed(path):  # packed / HF / GGUF: the torch-free engine
+    from .resolve import classify, load_torch
+
+    src = classify(args.model or _default_model())
+    if src.engine:  # packed / HF / GGUF: the torch-free engine
         import onebit
         from .engine.evaluate import perplexity as engine_ppl
 
-        m = onebit.load(path, kv_bits=args.kv_bits)
+        m = onebit.load(src.path, kv_bits=args.kv_bits)
         if m.tokenizer is None:
-            raise ValueError(f"model '{path}' has no tokenizer.json; copy the model's tokenizer "
+            raise ValueError(f"model '{src.path}' has no tokenizer.json; copy the model's tokenizer "
                              f"beside it")
-        cfg, folder, tok = m.config, path, m.tokenizer
+        # each document as a prompt (BOS by the tokenizer's convention), then EOS as in training
+        cfg, folder, tok, bos = m.config, src.path, m.tokenizer, m.bos_convention.bos_id
         run = lambda ids, L, progress: engine_ppl(m, ids, L, max_tokens=args.max_tokens,  # noqa: E731
                                                   progress=progress)
-    else:  # a training run / checkpoint folder: PyTorch
-        from .checkpoint import load_model
+    else:  # a training run / checkpoint, full-precision HF folder, llama2.c .bin: PyTorch
         from .evaluate import perplexity
 
-        model, tok, folder = load_model(path)
+        model, tok, folder, conv = load_torch(src)
         if tok is None:
             raise ValueError(f"model folder '{folder}' has no tokenizer.json")
+        folder = folder if src.kind == "run" else src.path
         if args.kv_bits is not None:  # PyTorch: 32 and 16 both mean not quantized
             model.set_kv_bits(min(args.kv_bits, 16))
         cfg = model.config
+        bos = None if conv is None else conv.bos_id
         run = lambda ids, L, progress: perplexity(model, ids, L, batch_size=args.batch_size,  # noqa: E731
                                                   max_tokens=args.max_tokens, progress=progress)
     seq_len = args.seq_len or min(cfg.max_position_embeddings, 256)
@@ -323,7 +318,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
                          f"{cfg.max_position_embeddings} or less")
     # with --max-tokens only the windows scored are read and tokenized (+1: the last target)
     need = None if args.max_tokens is None else max(1, args.max_tokens // seq_len) * seq_len + 1
-    ids = corpus_tokens(args.files, tok, cfg.bos_token_id, cfg.eos_token_id, max_tokens=need)
+    ids = corpus_tokens(args.files, tok, bos, cfg.eos_token_id, max_tokens=need)
     res = run(ids, seq_len, None if args.json and not sys.stderr.isatty() else _Progress("eval"))
     if args.json:
         print(json.dumps({**res, "model": str(folder), "seq_len": seq_len}))
@@ -341,7 +336,9 @@ def _cmd_eval_tasks(args: argparse.Namespace) -> int:
     path = args.model or _default_model()
     backend = args.backend
     if backend == "auto":  # packed / HF / GGUF: the engine; a training folder: PyTorch
-        backend = "engine" if _is_packed(path) else "torch"
+        from .resolve import classify
+
+        backend = "engine" if classify(path).engine else "torch"
     if args.threads is not None:
         from . import kernels
 
@@ -381,6 +378,9 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
 
 FORCE_HELP = ("replace an earlier onebit output at the destination (atomically: the old one stays "
               "until the new one is complete); never the source, never files onebit did not write")
+MODEL_HELP = ("packed model folder, Hugging Face folder, GGUF file (ternary: the C engine), or an "
+              "onebit run / checkpoint folder, full-precision Hugging Face folder or llama2.c .bin "
+              "(PyTorch); default: the built-in model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -425,25 +425,24 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
         a.add_argument("--top-k", type=int, default=None)
         a.add_argument("--top-p", type=float, default=None)
-        a.add_argument("--min-p", type=float, default=None, help="engine only")
-        a.add_argument("--repetition-penalty", type=float, default=1.0, help="engine only; 1 = off")
+        a.add_argument("--min-p", type=float, default=None)
+        a.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
         a.add_argument("--seed", type=int, default=None)
 
-    g = sub.add_parser("generate", help="generate text (packed model: the C engine; training "
-                                        "folder: PyTorch)")
+    g = sub.add_parser("generate", help="generate text (ternary model: the C engine; training "
+                                        "folder or full-precision model: PyTorch)")
     g.add_argument("prompt", nargs="?", default="", help="prompt text")
-    g.add_argument("--model", default=None, help="packed model folder (`onebit export`), or a run / "
-                                                 "model / checkpoint folder; default: the built-in model")
+    g.add_argument("--model", default=None, help=MODEL_HELP)
     sampling_args(g, 100)
-    kv_bits_arg(g, "engine only: generate")
+    kv_bits_arg(g, "generate")
     g.add_argument("--quiet", action="store_true", help="no speed/memory line on stderr")
     g.add_argument("--threads", type=_positive_int, default=None,
                    help="threads (engine default: the physical cores; PyTorch default: 1 for "
                         "models under 200M parameters, where more threads only add overhead, "
                         "torch's default above)")
 
-    c = sub.add_parser("chat", help="interactive chat with a packed model (streaming)")
-    c.add_argument("--model", default=None, help="packed model folder; default: the built-in model")
+    c = sub.add_parser("chat", help="interactive chat with a model (streaming)")
+    c.add_argument("--model", default=None, help=MODEL_HELP)
     c.add_argument("--system", default=None, help="system message")
     kv_bits_arg(c, "chat")
     sampling_args(c, 256)
@@ -484,9 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="what", required=True, metavar="WHAT")
     ep = esub.add_parser("ppl", help="perplexity on text files or folders")
     ep.add_argument("files", nargs="+", help="UTF-8 text files or folders of *.txt files")
-    ep.add_argument("--model", default=None, help="packed model folder (engine, torch-free), HF "
-                                                  "folder, GGUF file, or a run / checkpoint folder "
-                                                  "(PyTorch); default: the built-in model")
+    ep.add_argument("--model", default=None, help=MODEL_HELP)
     ep.add_argument("--seq-len", type=_positive_int, default=None,
                     help="tokens per window (default: the model's context, at most 256)")
     ep.add_argument("--batch-size", type=_positive_int, default=8, help="windows per batch (PyTorch)")
@@ -546,6 +543,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     check = ("parity not checked (--no-verify)" if par is None else
              f"parity ok: max |logit diff| {par['max_rel_err']:.2e} of range, top-1 agreement "
              f"{par['top1_agree']:.0%} over {par['positions']} positions")
+    emb = rep.get("embedding")
+    if emb:  # --embedding changed the stored values: what the storage allows, and what it costs
+        check += (f"; embeddings {emb['source_type']} -> {emb['type']}: max |error| "
+                  f"{emb['max_abs_err']:.2e} ({emb['of_bound']:.0%} of what {emb['type']} allows), "
+                  f"logits vs the {emb['source_type']} source: max |diff| "
+                  f"{emb['logits']['max_rel_err']:.2e} of range, top-1 {emb['logits']['top1_agree']:.0%}")
     print(f"wrote {rep['output']} ({rep['bytes'] / 1e6:.2f} MB, {args.to}) in {rep['seconds']:.1f} s; {check}")
     _print_replaced(rep["output"], rep.get("replaced"))
     return 0

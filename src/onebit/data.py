@@ -33,7 +33,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 if TYPE_CHECKING:  # torch only for the batch helpers: reading and tokenizing text stay torch-free
     import torch
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: a document's BOS follows the tokenizer's convention (document_bos)
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 DOC_SEPARATOR = "<|endoftext|>"  # TinyStories convention: one file, many stories
@@ -358,6 +358,33 @@ def special_ids(tok: Tokenizer) -> tuple[int | None, int | None]:
     return first(BOS_TOKEN, "<s>", DOC_SEPARATOR), first(EOS_TOKEN, "</s>", DOC_SEPARATOR)
 
 
+def _tokenizer_config_of(spec: str) -> dict:
+    """tokenizer_config.json beside a tokenizer.json spec (the Hugging Face layout), or {}."""
+    if bpe_vocab_size(spec) is not None:
+        return {}
+    from .tokenizer_convention import read_tokenizer_config
+    try:
+        return read_tokenizer_config(_tokenizer_file(spec).parent)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+def document_bos(tok: Tokenizer, tokenizer_config: dict | None = None) -> int | None:
+    """The BOS put before every document: the tokenizer's own convention when it states one
+    (tokenizer_config.json add_bos_token, or its post-processor: Llama-3 and Llama-2 add BOS,
+    GPT-2 and Qwen2 add nothing; tokenizer_convention.py), else ``special_ids``' BOS (onebit's
+    ``bpe:N`` tokenizers and others that state nothing)."""
+    from .tokenizer_convention import bos_convention, post_processor_prefix
+
+    tc = tokenizer_config or {}
+    if isinstance(tc.get("add_bos_token"), bool) or post_processor_prefix(tok) is not None:
+        try:
+            return bos_convention(tok, tc, bos_id=special_ids(tok)[0]).bos_id
+        except ValueError as e:
+            raise DataError(f"tokenizer_config.json: {e}") from None
+    return special_ids(tok)[0]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Token caches
 
@@ -382,6 +409,7 @@ def cache_key(cfg: DataConfig, docs: Sequence[Document]) -> str:
     tok_sha = None
     if bpe_vocab_size(cfg.tokenizer) is None:
         tok_sha = hashlib.sha256(_tokenizer_file(cfg.tokenizer).read_bytes()).hexdigest()
+        tok_sha += json.dumps(_tokenizer_config_of(cfg.tokenizer).get("add_bos_token"))
     blob = {"format_version": CACHE_FORMAT_VERSION, "tokenizers_version": tokenizers.__version__,
             "tokenizer": cfg.tokenizer, "tokenizer_sha256": tok_sha, "val_fraction": cfg.val_fraction,
             "exclude": list(cfg.exclude), "documents": [[d.name, _sha256(d.text)] for d in docs]}
@@ -434,7 +462,7 @@ def _write_cache(folder: pathlib.Path, key: str, cfg: DataConfig, docs: Sequence
     else:
         tok = load_tokenizer(cfg.tokenizer)
     say(f"tokenizing {len(train_docs)} training and {len(val_docs)} validation documents")
-    bos_id, eos_id = special_ids(tok)
+    bos_id, eos_id = document_bos(tok, _tokenizer_config_of(cfg.tokenizer)), special_ids(tok)[1]
     dtype = token_dtype(tok.get_vocab_size())
     counts = {}
     for split, split_docs in (("train", train_docs), ("val", val_docs)):

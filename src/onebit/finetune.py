@@ -432,7 +432,14 @@ def load_source(path: str | os.PathLike, tokenizer: str | os.PathLike | None = N
     if not tok_path.exists():
         raise ValueError(f"finetune source '{p}' has no tokenizer ({tok_path} is missing): pass "
                          f"--tokenizer PATH (tokenizer.json or llama2.c tok*.bin)")
-    return model.eval(), _read_tokenizer(tok_path), kind
+    text = _read_tokenizer(tok_path)
+    if kind == "hf" and tokenizer is None:  # its BOS convention may live in tokenizer_config.json:
+        from tokenizers import Tokenizer  # state it in the tokenizer the data pipeline reads
+
+        from .tokenizer_convention import declare_bos, folder_convention
+        tok = Tokenizer.from_str(text)
+        text = declare_bos(tok, folder_convention(p, tok, model.config.bos_token_id).prefix).to_str()
+    return model.eval(), text, kind
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,19 +151,25 @@ def decode_threads(model: CausalLM) -> int:
 def generate_text(model: CausalLM, tokenizer, prompt: str, max_new_tokens: int,
                   temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
                   seed: int | None = None, stop_ids: Iterable[int] = (), add_bos: bool = True,
-                  bos_id: int | None = None, eos_id: int | None = None) -> Iterator[str]:
+                  bos_id: int | None = None, eos_id: int | None = None,
+                  convention=None) -> Iterator[str]:
     """Stream the text of ``generate`` for ``prompt`` as decoded pieces (concatenate for the text).
 
-    ``tokenizer`` is a ``tokenizers.Tokenizer``; the prompt is encoded without its post-processor
-    specials and, if ``add_bos``, prefixed with ``bos_id`` (None = ``model.config.bos_token_id``).
+    ``tokenizer`` is a ``tokenizers.Tokenizer``. The prompt starts as ``convention`` says (a
+    ``tokenizer_convention.BosConvention``: the model folder's, see ``folder_convention``); without
+    one, with ``bos_id`` (None = ``model.config.bos_token_id``) if ``add_bos``. Either way a prompt
+    that already starts with that BOS gets no second one.
     Generation stops at ``eos_id`` (None = ``model.config.eos_token_id``) or any of ``stop_ids``.
     A piece is held back while the decoded text ends in U+FFFD, so a multi-byte character split
     across tokens is emitted whole; whatever remains is flushed at the end. Raises as ``generate``.
     """
+    from .tokenizer_convention import BosConvention, encode_prompt
+
     cfg = model.config
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids
-    if add_bos:
-        ids = [cfg.bos_token_id if bos_id is None else bos_id] + ids
+    if convention is None:
+        bos = cfg.bos_token_id if bos_id is None else bos_id
+        convention = BosConvention((bos,) if add_bos else (), "add_bos argument")
+    ids = encode_prompt(tokenizer, prompt, convention)
     stop = {cfg.eos_token_id if eos_id is None else eos_id, *stop_ids}
     tokens = generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, seed=seed, stop_ids=stop)

@@ -382,7 +382,8 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                               f"source's own tokenizer (--tokenizer)")
         vocab = rc.model.vocab_size
     mc = rc.model.replace(vocab_size=vocab,
-                          bos_token_id=data.bos_id if data.bos_id is not None else 0,
+                          # no BOS in the data (a GPT-2 style tokenizer): the config names EOS
+                          bos_token_id=next((t for t in (data.bos_id, data.eos_id) if t is not None), 0),
                           eos_token_id=data.eos_id if data.eos_id is not None else 0)
     if rc.data.seq_len > mc.max_position_embeddings:
         raise ConfigError(f"data.seq_len={rc.data.seq_len} exceeds model.max_position_embeddings="
@@ -451,7 +452,17 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     val_windows = eval_windows(data.val, seq, tc.eval_tokens)
-    tok_json = data.tokenizer.to_str()
+    # the saved tokenizer states how the model was trained: BOS before every document (data.py),
+    # as its post-processor, so transformers' tok(text) and onebit's prompts start the same way
+    # (and tokenizer_config.json add_bos_token, which onebit reads first: folders without it are
+    # from before, all trained with BOS)
+    from tokenizers import Tokenizer
+
+    from .tokenizer_convention import BosConvention, declare_files
+    conv = BosConvention(() if data.bos_id is None else (data.bos_id,), "onebit train")
+    tok_json = {k: v.decode("utf-8") for k, v in declare_files(
+        {"tokenizer.json": data.tokenizer.to_str().encode("utf-8")}, conv,
+        Tokenizer.from_str(data.tokenizer.to_str())).items()}
     full_config = {**rc.to_dict(), "onebit_version": _version()}
 
     writer = log = None

@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         from ..engine import default_model_path
 
         folder = Path(args.model) if args.model else default_model_path()
+        if args.model:  # one line for what the engine cannot run (resolve.py)
+            from ..resolve import require_engine
+            require_engine(folder, "bench model")
     sparse = {"auto": None, "on": True, "off": False}[args.sparse]
     r = bench_model(folder, pp, args.tg, args.reps, threads, sparse, args.activation_scheme,
                     depths, args.kv_bits)

@@ -19,6 +19,8 @@ import numpy as np
 
 from ..sampling import sample_next, validate_sampling
 from ..streaming import CONTEXT_TOKENS, REPLACEMENT_CHAR, stream_text
+from ..tokenizer_convention import BosConvention, encode_prompt
+from ..tokenizer_convention import bos_convention as _bos_convention
 from .runtime import EngineError, Runtime
 
 __all__ = ["Model", "load", "BITNET_CHAT_TEMPLATE", "ChatPrompt", "check_text"]
@@ -67,16 +69,26 @@ def _tokenizer_config(folder: Path) -> dict:
 
 
 class Model:
-    """A packed model with its tokenizer. One generation at a time (the KV cache is shared)."""
+    """A packed model (or, through resolve.TorchRuntime, a PyTorch one) with its tokenizer. One
+    generation at a time (the KV cache is shared)."""
 
-    def __init__(self, runtime: Runtime, tokenizer=None):
+    def __init__(self, runtime: Runtime, tokenizer=None, *, bos_convention: BosConvention | None = None):
         self.runtime, self.tokenizer, self.config = runtime, tokenizer, runtime.config
         tc = _tokenizer_config(runtime.folder)
         tmpl = tc.get("chat_template")
         self.chat_template = tmpl if isinstance(tmpl, str) else BITNET_CHAT_TEMPLATE
         self.bos_id, self.eos_id = self.config.bos_token_id, self.config.eos_token_id
         self.stop_ids = {self.eos_id}
+        # what a text prompt starts with: the tokenizer's own convention (tokenizer_convention.py);
+        # a packed folder is onebit's, so a tokenizer declaring nothing gets the training BOS
+        self.bos_convention = bos_convention or BosConvention((), "no tokenizer")
         if tokenizer is not None:
+            if bos_convention is None:  # else decided by the caller (resolve.load_runnable)
+                try:
+                    self.bos_convention = _bos_convention(tokenizer, tc, onebit_folder=True,
+                                                          bos_id=self.bos_id)
+                except ValueError as e:
+                    raise EngineError(f"'{runtime.folder}': {e}") from None
             for special in ("<|eot_id|>", "<|end_of_text|>"):
                 tid = tokenizer.token_to_id(special)
                 if tid is not None:
@@ -89,12 +101,17 @@ class Model:
                               f"copy the tokenizer the model was trained with into the folder")
         return self.tokenizer
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """``text``'s ids, starting with BOS as the tokenizer's convention says (``add_bos``
+        None; see ``bos_convention``), or as forced by True/False; never a second BOS when the
+        text already starts with one."""
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str (or a list of token ids), got {type(text).__name__}")
         check_text(text)
-        ids = self._need_tokenizer().encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos else []) + list(ids)
+        conv = self.bos_convention
+        if add_bos is not None and add_bos != conv.add_bos:
+            conv = BosConvention((self.bos_id,) if add_bos else (), "add_bos argument")
+        return encode_prompt(self._need_tokenizer(), text, conv)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._need_tokenizer().decode(list(ids))
@@ -313,7 +330,9 @@ class Model:
         try:
             tmpl = env.from_string(self.chat_template)
             return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=tok.id_to_token(self.bos_id) or "",
+                               bos_token=tok.id_to_token(self.bos_convention.bos_id
+                                                         if self.bos_convention.add_bos
+                                                         else self.bos_id) or "",
                                eos_token=tok.id_to_token(self.eos_id) or "")
         except jinja2.TemplateError as e:
             raise EngineError(f"the chat template of '{self.runtime.folder}' failed ({e}); fix "
@@ -357,8 +376,9 @@ class Model:
 
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         text = self.apply_chat_template(messages)
-        # the template writes the specials as text: encode them as special tokens
-        return list(self._need_tokenizer().encode(text, add_special_tokens=False).ids)
+        # the template writes the specials as text (encoded as special tokens); a template that
+        # renders {{ bos_token }} already starts with BOS, and encode adds no second one
+        return self.encode(text)
 
     def stream_chat(self, messages: Sequence[dict], max_new_tokens: int = 256, **kw) -> Iterator[str]:
         """The reply's text pieces: ``fit_chat`` (the oldest turns dropped while the context is
@@ -401,6 +421,13 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     ``Runtime`` (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8;
     the trained scheme; the config's KV cache bits)."""
     folder = Path(path)
+    if folder.is_file():
+        with open(folder, "rb") as f:
+            gguf = f.read(4) == b"GGUF"
+        if not gguf:  # a llama2.c .bin (full precision): resolve.py runs it in PyTorch
+            from ..resolve import classify
+            raise EngineError(f"{classify(folder).describe()}: the engine runs ternary models; run it "
+                              f"in PyTorch behind this API with onebit.resolve.load_runnable('{folder}')")
     if folder.is_file() or (folder / "config.json").is_file():
         from ..formats.convert import cached_import, detect_format
 

@@ -24,16 +24,13 @@ Needs the ``gguf`` package (``pip install onebit[gguf]``); no torch.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..atomic import atomic_file
-from .packed_model import I8_SCALE_SUFFIX, packed_config
-from .packing import load_packed, unpack
+from .packed_model import packed_config
 
 __all__ = [
     "ARCH",
@@ -43,6 +40,7 @@ __all__ = [
     "encode_tq2_0",
     "export_gguf",
     "gguf_tensor_name",
+    "write_gguf_model",
 ]
 
 ARCH = "bitnet"
@@ -151,75 +149,10 @@ _ENCODERS = {"tq2_0": encode_tq2_0, "tq1_0": encode_tq1_0}
 
 
 # ---------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------
-
-_LLAMA3_PAT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)"
-
-
-def _pre_name(tok: dict[str, Any]) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a tokenizer.json's pre-tokenizer."""
-    pre = tok.get("pre_tokenizer") or {}
-    text = json.dumps(pre)
-    if _LLAMA3_PAT_START in text and "\\\\p{N}{1,3}" in text:
-        return "llama-bpe"
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    return "default"
-
-
-def _add_tokenizer(w, folder: Path, vocab_size: int, bos: int, eos: int) -> None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise GGUFExportError(f"'{folder}' has no tokenizer.json; llama.cpp needs a vocabulary in the "
-                              f"GGUF: copy the model's tokenizer.json into the folder")
-    tok = json.loads(path.read_text(encoding="utf-8"))
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise GGUFExportError(f"'{path}': tokenizer model {model.get('type')!r} is not supported "
-                              f"(only byte-level BPE, llama.cpp's 'gpt2' tokenizer)")
-    vocab: dict[str, int] = dict(model.get("vocab") or {})
-    special = set()
-    for t in tok.get("added_tokens") or []:
-        vocab[t["content"]] = t["id"]
-        if t.get("special"):
-            special.add(t["id"])
-    tokens = [None] * vocab_size
-    for s, i in vocab.items():
-        if 0 <= i < vocab_size:
-            tokens[i] = s
-    n_real = max(vocab.values()) + 1 if vocab else 0
-    if n_real > vocab_size:
-        raise GGUFExportError(f"'{path}' has {n_real} tokens but the model's vocab_size is "
-                              f"{vocab_size}; the tokenizer does not belong to this model")
-    types = []
-    for i, s in enumerate(tokens):  # 1 normal, 3 control, 5 unused (padding rows of the matrix)
-        if s is None:
-            tokens[i] = f"[PAD{i}]"
-            types.append(5)
-        else:
-            types.append(3 if i in special else 1)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(_pre_name(tok))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(bos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
-    cfg = folder / "tokenizer_config.json"
-    if cfg.is_file():
-        tmpl = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
-        if isinstance(tmpl, str):
-            w.add_chat_template(tmpl)
-
-
-# ---------------------------------------------------------------------------------------------
 # export
 # ---------------------------------------------------------------------------------------------
 
-def _check_arch(cfg, folder: Path, allow_relu2: bool, arch: str = ARCH) -> None:
+def _check_arch(cfg, where: str, allow_relu2: bool, arch: str = ARCH) -> None:
     from ..config import ModelConfig
 
     assert isinstance(cfg, ModelConfig)
@@ -244,36 +177,71 @@ def _check_arch(cfg, folder: Path, allow_relu2: bool, arch: str = ARCH) -> None:
                f"hidden_act='silu' model, or pass allow_relu2=True / --allow-relu2 for a llama.cpp "
                f"build patched to LLM_FFN_RELU_SQR")
     if bad:
-        raise GGUFExportError(f"'{folder}' cannot be exported to GGUF: {bad}")
+        raise GGUFExportError(f"{where} cannot be exported to GGUF: {bad}")
 
 
-def _embedding(name: str, extra: dict[str, np.ndarray], want: str) -> np.ndarray:
-    t = extra[name]
-    if t.dtype == np.int8:
-        t = t.astype(np.float32) * extra[name + I8_SCALE_SUFFIX][:, None]
+def _embedding(d, want: str) -> np.ndarray:
+    """token_embd from the stored embedding ``d`` (model_io.Dense): "auto" keeps f16 as f16,
+    anything else (f32, int8 / 4-bit rows, dequantized) as f32."""
     if want == "auto":
-        want = "f16" if t.dtype == np.float16 else "f32"
-    return np.ascontiguousarray(t.astype(np.float16 if want == "f16" else np.float32))
+        want = "f16" if d.kind == "f16" else "f32"
+    t = d.data if d.kind == want else d.f32()
+    return np.ascontiguousarray(np.asarray(t).astype(np.float16 if want == "f16" else np.float32))
 
 
 def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "tq2_0",
                 *, scales: str = "tensor", embedding: str = "auto", allow_relu2: bool = False,
                 name: str | None = None) -> Path:
-    """Write the packed model folder ``packed_folder`` as a GGUF file ``out_path`` for llama.cpp.
+    """Write the packed model folder ``packed_folder`` as a GGUF file ``out_path`` for llama.cpp
+    (``write_gguf_model`` on the folder's TernaryModel; errors name the folder)."""
+    from .model_io import read_packed_folder
 
-    ``qtype``: "tq2_0" (2.0625 bpw) or "tq1_0" (1.6875 bpw) for every ternary projection.
-    ``scales``: "tensor" (d = 1 in every block, the exact float32 scale in ``{W}.scale``) or
-    "block" (d = fp16(scale) in every block; refused when the scale is not exactly an fp16).
-    ``embedding``: token_embd (also the LM head) as "auto" (f16 if stored f16, else f32), "f32"
-    or "f16" (int8 embeddings are dequantized). Norms are F32. The file is written atomically.
-    Raises GGUFExportError (unsupported architecture, rows not a multiple of 256, no tokenizer).
+    folder = Path(packed_folder)
+    packed_config(folder)  # checks it is a packed folder of a known version
+    return write_gguf_model(read_packed_folder(folder), out_path, qtype, scales=scales,
+                            embedding=embedding, allow_relu2=allow_relu2,
+                            name=name or folder.resolve().name, where=f"'{folder}'")
+
+
+def _fallback_f16(qtype: str, arch: str, k: int, where: str, tname: str) -> bool:
+    """Whether projection ``tname`` (rows of ``k`` values) is written as F16 codes instead of
+    ``qtype`` blocks, as llama.cpp's converter falls back to F16 for rows its quantizer cannot
+    block; GGUFExportError where no reader would compute the same function from a fallback."""
+    block = 128 if qtype == "i2_s" else QK
+    if k % block == 0:
+        return False
+    if qtype == "i2_s" and arch != ARCH:
+        raise GGUFExportError(
+            f"{where}: tensor {tname!r} has rows of {k} values, not a multiple of {block} (bitnet.cpp's "
+            f"I2_S block), and an F16 fallback needs a per-tensor scale that bitnet.cpp's {arch!r} "
+            f"graph is not known to apply: use hidden_size, intermediate_size and heads*head_dim "
+            f"that are multiples of {block}, or export gguf-tq2_0 / gguf-tq1_0 (--allow-relu2), "
+            f"which fall back to F16")
+    return True
+
+
+def write_gguf_model(tm, out_path: str | os.PathLike, qtype: str = "tq2_0", *, scales: str = "tensor",
+                     embedding: str = "auto", allow_relu2: bool = False, name: str | None = None,
+                     where: str | None = None) -> Path:
+    """Write TernaryModel ``tm`` as a GGUF file ``out_path`` (atomically) for llama.cpp.
+
+    ``qtype``: "tq2_0" (2.0625 bpw) or "tq1_0" (1.6875 bpw) for every ternary projection, "i2_s"
+    (bitnet.cpp). A projection whose rows are not whole blocks (256 values; 128 for I2_S) is
+    written as F16 codes (-1/0/+1, exact) times its scale, as llama.cpp's converter falls back to
+    F16; llama.cpp then runs that projection with float instead of 8-bit activations.
+    ``scales``: "tensor" (d = 1 in every block, F16 codes; the exact float32 scale in ``{W}.scale``)
+    or "block" (d = fp16(scale) in every block, F16 values code*scale; refused when the scale is
+    not exactly an fp16). ``embedding``: token_embd (also the LM head) as "auto" (f16 if stored
+    f16, else f32), "f32" or "f16". Norms are F32. ``where`` names the source in errors.
+    Raises GGUFExportError (unsupported architecture or shape, no tokenizer).
     """
     try:
         import gguf
     except ImportError:
         raise ImportError("GGUF export needs the 'gguf' package: pip install 'onebit[gguf]' "
                           "(or pip install gguf)") from None
-    from ..config import ModelConfig
+    from .gguf_tokenizer import GGUFTokenizerError, add_tokenizer
+    from .model_io import projections
 
     if qtype not in QTYPES:
         raise ValueError(f"qtype={qtype!r} is unknown; use one of {list(QTYPES)}")
@@ -281,47 +249,38 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
         raise ValueError(f"scales={scales!r} is unknown; use 'tensor' or 'block'")
     if embedding not in ("auto", "f32", "f16"):
         raise ValueError(f"embedding={embedding!r} is unknown; use 'auto', 'f32' or 'f16'")
-    folder = Path(packed_folder)
-    packed_config(folder)  # checks it is a packed folder of a known version
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    cfg = ModelConfig.from_dict(raw["model"])
+    where = where or f"'{tm.source}'"
+    cfg = tm.config
     # I2_S files are bitnet.cpp's: its bitnet-b1.58 graph computes ReLU², its bitnet graph SiLU
     arch = ARCH_B158 if qtype == "i2_s" and cfg.hidden_act == "relu2" else ARCH
-    _check_arch(cfg, folder, allow_relu2, arch)
-    packed, extra, _ = load_packed(folder / "model.safetensors")
+    _check_arch(cfg, where, allow_relu2, arch)
 
     L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     qt = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0,
           "i2_s": I2_S_TYPE}[qtype]
     encode = _ENCODERS.get(qtype)
-    block = 128 if qtype == "i2_s" else QK
 
-    # check every tensor is there and every row length fits the 256-value blocks, before writing
-    want_proj = [f"model.layers.{i}.{p}" for i in range(L) for p in _PROJ]
-    missing = [p for p in want_proj if p not in packed]
-    want_extra = (["model.embed_tokens.weight", "model.norm.weight"]
+    # check every tensor is there and every row length has a form, before writing
+    shapes = {n: (rows, k) for n, rows, k in projections(cfg)}
+    missing = [p for p in shapes if p not in tm.ternary]
+    want_dense = (["model.embed_tokens.weight", "model.norm.weight"]
                   + [f"model.layers.{i}.{n}.weight" for i in range(L) for n in _NORMS])
-    missing += [e for e in want_extra if e not in extra]
+    missing += [e for e in want_dense if e not in tm.dense]
     if missing:
-        raise GGUFExportError(f"'{folder}': tensors {missing[:4]} are missing; re-export the model")
-    for p in want_proj:
-        k = packed[p].shape[1]
-        if k % block:
-            raise GGUFExportError(
-                f"'{folder}': tensor {p!r} has rows of {k} values, not a multiple of {block} (the "
-                f"{qtype.upper()} block); llama.cpp / bitnet.cpp cannot hold it: use hidden_size and "
-                f"intermediate_size that are multiples of {block}, or keep the onebit format")
+        raise GGUFExportError(f"{where}: tensors {missing[:4]} are missing; re-export the model")
+    f16 = {p: _fallback_f16(qtype, arch, k, where, p) for p, (_, k) in shapes.items()}
+    for p in shapes:
         if scales == "block" and qtype != "i2_s":
-            s = packed[p].scale
+            _, s = tm.ternary[p]()  # decoded again when written: a 2B model's codes stay lazy
             if float(np.float16(s)) != s:
                 raise GGUFExportError(
-                    f"'{folder}': tensor {p!r} scale {s!r} is not exactly representable in fp16 "
+                    f"{where}: tensor {p!r} scale {s!r} is not exactly representable in fp16 "
                     f"(it would become {float(np.float16(s))!r}); use scales='tensor' (exact)")
 
     out_path = Path(out_path)
     with atomic_file(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(name or folder.resolve().name)
+        w.add_name(name or Path(tm.source.split(" (")[0]).name or "model")
         if qtype != "i2_s":
             w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if qtype == "tq2_0"
                             else gguf.LlamaFileType.MOSTLY_TQ1_0)
@@ -336,27 +295,38 @@ def export_gguf(packed_folder: str | os.PathLike, out_path: str | os.PathLike, q
         w.add_rope_dimension_count(cfg.resolved_head_dim)
         w.add_rope_freq_base(float(cfg.rope_theta))
         w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        _add_tokenizer(w, folder, V, cfg.bos_token_id, cfg.eos_token_id)
+        try:
+            add_tokenizer(w, tm.files, V, cfg.bos_token_id, cfg.eos_token_id, where)
+        except GGUFTokenizerError as e:
+            raise GGUFExportError(str(e)) from None
 
-        w.add_tensor("token_embd.weight", _embedding("model.embed_tokens.weight", extra, embedding))
-        w.add_tensor("output_norm.weight", np.asarray(extra["model.norm.weight"], np.float32))
+        w.add_tensor("token_embd.weight", _embedding(tm.dense["model.embed_tokens.weight"], embedding))
+        w.add_tensor("output_norm.weight", tm.dense["model.norm.weight"].f32())
         for i in range(L):
             for n in _NORMS:
                 t = f"model.layers.{i}.{n}.weight"
-                w.add_tensor(gguf_tensor_name(t), np.asarray(extra[t], np.float32))
+                w.add_tensor(gguf_tensor_name(t), tm.dense[t].f32())
             for p in _PROJ:
-                pt = packed[f"model.layers.{i}.{p}"]
-                codes = unpack(pt.packed, pt.shape[1], pt.layout)
-                base = gguf_tensor_name(f"model.layers.{i}.{p}")
+                full = f"model.layers.{i}.{p}"
+                codes, scale = tm.ternary[full]()
+                base = gguf_tensor_name(full)
+                if f16[full]:  # codes exactly in F16 (block: code * fp16-exact scale)
+                    own_scale = scales == "tensor" or qtype == "i2_s"
+                    d = 1.0 if own_scale else scale
+                    vals = (codes.astype(np.float32) * np.float32(d)).astype(np.float16)
+                    w.add_tensor(base + ".weight", vals)
+                    if own_scale:
+                        w.add_tensor(base + ".scale", np.array([scale], np.float32))
+                    continue
                 if qtype == "i2_s":  # the scale travels inside the tensor's bytes
                     from .gguf_io import encode_i2_s
-                    w.add_tensor(base + ".weight", encode_i2_s(codes, pt.scale).view(np.int8),
-                                 raw_shape=pt.shape, raw_dtype=qt)
+                    w.add_tensor(base + ".weight", encode_i2_s(codes, scale).view(np.int8),
+                                 raw_shape=codes.shape, raw_dtype=qt)
                     continue
-                d = 1.0 if scales == "tensor" else pt.scale
+                d = 1.0 if scales == "tensor" else scale
                 w.add_tensor(base + ".weight", encode(codes, d), raw_dtype=qt)
                 if scales == "tensor":
-                    w.add_tensor(base + ".scale", np.array([pt.scale], np.float32))
+                    w.add_tensor(base + ".scale", np.array([scale], np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

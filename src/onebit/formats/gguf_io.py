@@ -254,6 +254,19 @@ def _f32_decimal(v) -> float:
     return float(str(np.float32(v)))
 
 
+def _float_codes(v: np.ndarray, has_scale: bool, what: str) -> tuple[np.ndarray, float]:
+    """A projection stored as floats (gguf_export's F16 fallback): exactly -1/0/+1 when a
+    ``.scale`` tensor carries the scale, else exactly -s/0/+s; anything else is not ternary."""
+    v = np.asarray(v, np.float32)
+    s = 1.0 if has_scale else float(np.abs(v).max(initial=0.0)) or 1.0
+    codes = v / np.float32(s)
+    if not np.isin(codes, (-1.0, 0.0, 1.0)).all():
+        raise GGUFError(f"{what}: a float projection whose values are not "
+                        f"{'-1/0/+1' if has_scale else 'one scale times -1/0/+1'}; onebit reads "
+                        f"ternary models only: convert from the source model")
+    return codes.astype(np.int8), s
+
+
 def read_gguf(path: str | os.PathLike) -> TernaryModel:
     """A ternary GGUF (llama.cpp ``bitnet`` / bitnet.cpp ``bitnet-b1.58``, TQ1_0/TQ2_0/I2_S)
     as a TernaryModel. Exact only when every block of a tensor has the same scale (what onebit's
@@ -309,8 +322,17 @@ def read_gguf(path: str | os.PathLike) -> TernaryModel:
     def ternary(name: str, n: int, k: int):
         def load():
             typ, raw = tensor(name, (n, k))
+            sname = name.rsplit(".", 1)[0] + ".scale"
             if typ == I2_S:
                 codes, scale = decode_i2_s(raw, n, k, f"'{path}' {name}")
+            elif typ in (F16, F32):  # rows that are not whole blocks: codes (times d) as floats
+                codes, scale = _float_codes(raw.view("<f2" if typ == F16 else "<f4").reshape(n, k),
+                                            sname in g.tensors, f"'{path}' {name}")
+                if sname in g.tensors:
+                    styp, sraw = tensor(sname, (1,))
+                    if styp != F32:
+                        raise GGUFError(f"'{path}': {sname} must be F32")
+                    scale *= float(sraw.view("<f4")[0])
             elif typ in (TQ2_0, TQ1_0):
                 codes, d = (decode_tq2_0 if typ == TQ2_0 else decode_tq1_0)(raw, n, k, f"'{path}' {name}")
                 if d.size and not (d == d.flat[0]).all():
@@ -318,7 +340,6 @@ def read_gguf(path: str | os.PathLike) -> TernaryModel:
                                     f"quantizer writes per-block absmax); onebit keeps one scale per "
                                     f"tensor and will not approximate: convert from the source model")
                 scale = float(d.flat[0])
-                sname = name.rsplit(".", 1)[0] + ".scale"
                 if sname in g.tensors:
                     styp, sraw = tensor(sname, (1,))
                     if styp != F32:
@@ -344,19 +365,23 @@ def read_gguf(path: str | os.PathLike) -> TernaryModel:
     dense_map["model.embed_tokens.weight"] = dense("token_embd.weight", (vocab, D))
     if not tied:
         dense_map["lm_head.weight"] = dense("output.weight", (vocab, D))
-    return TernaryModel(cfg, ternary_map, dense_map, {}, f"{path} (gguf {arch})")
+    from .gguf_tokenizer import GGUFTokenizerError, tokenizer_files
+
+    try:
+        files = tokenizer_files(g.kv, f"'{path}'")  # tokenizer.json + tokenizer_config.json, or {}
+    except GGUFTokenizerError as e:
+        raise GGUFError(str(e)) from None
+    n_tok = len(g.kv.get("tokenizer.ggml.tokens") or [])
+    if files and n_tok != vocab:
+        raise GGUFError(f"'{path}': its tokenizer has {n_tok} tokens but token_embd has {vocab} rows")
+    return TernaryModel(cfg, ternary_map, dense_map, files, f"{path} (gguf {arch})")
 
 
 def write_gguf(tm: TernaryModel, out: str | os.PathLike, qtype: str, *, embedding: str | None = None,
                allow_relu2: bool = False, scales: str = "tensor") -> Path:
-    """Write ``tm`` as GGUF ``qtype`` ("tq2_0", "tq1_0", "i2_s") via gguf_export (the packed
-    folder it reads is written to a temp folder first)."""
-    import tempfile
+    """Write ``tm`` as GGUF ``qtype`` ("tq2_0", "tq1_0", "i2_s"): gguf_export.write_gguf_model,
+    whose errors name ``tm.source``."""
+    from .gguf_export import write_gguf_model
 
-    from .gguf_export import export_gguf
-    from .model_io import write_packed_folder
-
-    with tempfile.TemporaryDirectory(prefix="onebit-gguf-") as tmp:
-        folder = write_packed_folder(tm, Path(tmp) / "m", embedding=None)
-        emb = "auto" if embedding in (None, "auto") else embedding
-        return export_gguf(folder, out, qtype, embedding=emb, allow_relu2=allow_relu2, scales=scales)
+    emb = "auto" if embedding in (None, "auto") else embedding
+    return write_gguf_model(tm, out, qtype, embedding=emb, allow_relu2=allow_relu2, scales=scales)

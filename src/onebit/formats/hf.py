@@ -231,6 +231,13 @@ def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
     if hf.get("rope_scaling") not in (None, {}):
         raise HFFormatError(f"'{folder}': rope_scaling {hf.get('rope_scaling')} is not supported yet "
                             f"(plain RoPE only)")
+    # transformers >= 5 writes RoPE as rope_parameters {"rope_theta", "rope_type"} (BitNetConfig's
+    # default theta is 500000, not the 10000 of a config that names none)
+    rope = hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise HFFormatError(f"'{folder}': rope_parameters {rope!r} are not supported yet (plain RoPE "
+                            f"only)")
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         raise HFFormatError(f"'{folder}': attention/MLP biases are not supported (BitNet has none)")
     eos = get("eos_token_id", 2)
@@ -247,7 +254,7 @@ def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
             num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads"),
             head_dim=hd, hidden_act=act,
             max_position_embeddings=get("max_position_embeddings", 2048),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-5)), rope_theta=float(get("rope_theta", 10000.0)),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-5)), rope_theta=float(theta),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=get("bos_token_id", 1), eos_token_id=eos, norm_placement=placement)
     except (TypeError, ValueError) as e:

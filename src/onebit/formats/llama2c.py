@@ -264,7 +264,8 @@ class Llama2cTokenizer:
 
     def to_hf_tokenizer(self):
         """The same vocabulary as a ``tokenizers.Tokenizer`` (Llama-style: '▁' for spaces, byte
-        fallback, merges ranked by the merged piece's score), for the data pipeline and the engine."""
+        fallback, merges ranked by the merged piece's score, BOS before every text as run.c), for
+        the data pipeline and the engine."""
         from tokenizers import Tokenizer, decoders, models, normalizers
 
         pieces = []
@@ -294,7 +295,8 @@ class Llama2cTokenizer:
         from tokenizers import AddedToken
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                 for t in ("<unk>", "<s>", "</s>")])
-        return tok
+        from ..tokenizer_convention import declare_bos
+        return declare_bos(tok, (self.BOS,))  # run.c starts every prompt with BOS
 
 
 def greedy_text(model, tokenizer: Llama2cTokenizer, steps: int = 200, prompt: str = "") -> bytes:

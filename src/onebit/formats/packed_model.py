@@ -143,7 +143,8 @@ def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
         save_packed(d / "model.safetensors", packed, layout, extra_tensors=extra,
                     metadata={"source": str(folder)})
         (d / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        if tok.is_file():
-            (d / TOKENIZER_FILE).write_bytes(tok.read_bytes())
+        for f in (tok, folder / "tokenizer_config.json"):  # the config states the BOS convention
+            if f.is_file():
+                (d / f.name).write_bytes(f.read_bytes())
 
     return write_dir_atomic(Path(dst), fill)
