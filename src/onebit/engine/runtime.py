@@ -120,7 +120,7 @@ class Runtime:
 
     def __init__(self, folder: str | Path, sparse: bool | None = None,
                  activation_scheme: str | None = None, sparse_min_zeros: int = 65,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, batch_invariant: bool = False):
         """``sparse``: skip the weight reads of zero activations when decoding (bit-identical
         results). True: up_proj rows whose ReLU² gate is 0, and the columns of zero down_proj
         inputs (ReLU²) and o_proj inputs (a4.8 top-K), which needs transposed copies of those
@@ -134,7 +134,10 @@ class Runtime:
         float16, llama.cpp's default cache type), 8, 4 or 3 (quantized, docs/formats.md §10; like
         llama.cpp's quantized cache types: a model trained without KV quantization loses a little
         quality, measured in docs/results.md). Default: the config's ``kv_bits``, where 16 (the
-        training default: not quantized) runs the float32 cache, the engine's lossless one."""
+        training default: not quantized) runs the float32 cache, the engine's lossless one.
+        ``batch_invariant``: every row's logits depend on its own sequence only, not on the rows
+        run beside it, the prompt's chunking or the thread count (attention never splits a
+        step's keys over threads; ob_layer.batch_invariant). The batched engine sets it."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -146,6 +149,9 @@ class Runtime:
         except (ValueError, KeyError, TypeError) as e:
             raise EngineError(f"'{folder}/config.json': {e}") from None
         self.folder, self.config = folder, cfg
+        self.options = dict(sparse=sparse, activation_scheme=activation_scheme,
+                            sparse_min_zeros=sparse_min_zeros, kv_bits=kv_bits)  # to load a twin
+        self.batch_invariant = bool(batch_invariant)
         scheme = cfg.activation_scheme if activation_scheme is None else activation_scheme
         if scheme not in ("a8", "a4.8"):
             raise EngineError(f"activation_scheme={activation_scheme!r} is not valid: use 'a8' or 'a4.8'")
@@ -238,7 +244,8 @@ class Runtime:
                                kv_bits=self.kv_bits, act_scheme=int(scheme == "a4.8"),
                                topk_keep=cfg.topk_keep,
                                skip_up=int(self.sparse and self.relu2),
-                               sparse_min_zeros=int(sparse_min_zeros))
+                               sparse_min_zeros=int(sparse_min_zeros),
+                               batch_invariant=int(bool(batch_invariant)))
             transposed = []
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
@@ -409,6 +416,40 @@ class Runtime:
                                 self.max_len, ck, cv, self.max_len)
             self._raise(st, li)
         return self._logits(x)
+
+    def forward_step(self, seqs, logit_rows=None) -> np.ndarray:
+        """One step over several sequences, each with its own number of new tokens (a prefill
+        chunk or one decode token): ``seqs`` = [(ids, pos, slot)], distinct slots. All rows run
+        as one GEMM per projection, attention per sequence. Returns float32 logits [R, V] of
+        ``logit_rows`` (indices into the concatenated rows; default: each sequence's last)."""
+        ids_l, pos, lens, slots = [], [], [], []
+        for ids, p, s in seqs:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            ids_l.append(ids)
+            pos.append(int(p))
+            lens.append(ids.shape[0])
+            slots.append(int(s))
+        B = len(seqs)
+        if B < 1 or min(lens) < 1 or len(set(slots)) != B:
+            raise ValueError("forward_step needs >= 1 sequence, each with >= 1 token, in distinct slots")
+        ids = np.concatenate(ids_l)
+        self._check(ids, pos, lens, slots)
+        x = np.ascontiguousarray(self._embed(ids))                      # [sum(lens), D]
+        cl = (ctypes.c_int64 * B)(*lens)
+        ps = (ctypes.c_int64 * B)(*pos)
+        offs = [s * self._slot_bytes for s in slots]
+        for li, sp in enumerate(self._struct_p):
+            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + o for o in offs])
+            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + o for o in offs])
+            st = self._batch_fn(sp, x.ctypes.data, B, cl, ps, self._cos_p, self._sin_p,
+                                self.max_len, ck, cv, self.max_len)
+            self._raise(st, li)
+        if logit_rows is None:
+            logit_rows = np.cumsum(lens) - 1
+        rows = np.asarray(logit_rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.empty((0, self.config.vocab_size), np.float32)
+        return self._logits(np.ascontiguousarray(x[rows]))
 
     def _check(self, ids: np.ndarray, pos: list[int], lens: list[int], slots: list[int]) -> None:
         V = self.config.vocab_size
