@@ -130,6 +130,11 @@ class EngineStats:
     ttft_buckets: tuple = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
     ttft_counts: list = field(default_factory=lambda: [0] * 11)      # histogram (+inf last)
     ttft_sum: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=8192))  # (step end time, tokens)
+
+    def tokens_per_second(self, now: float, window: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window`` seconds (perf_counter clock)."""
+        return sum(n for t, n in list(self.recent) if t >= now - window) / window
 
 
 def stop_token_ids(model) -> frozenset:
@@ -275,6 +280,11 @@ class BatchEngine:
         return len(self._pending)
 
     @property
+    def running(self) -> bool:
+        """The engine thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def active(self) -> int:
         return len(self._active)
 
@@ -406,6 +416,7 @@ class BatchEngine:
             nrows += take
         logits = self.runtime.forward_step(seqs, rows)
         self.stats.steps += 1
+        generated0 = self.stats.generated_tokens
         finished = []
         for r, take, ends, _first, li in plan:
             p0, r.pos = r.pos, r.pos + take
@@ -428,7 +439,9 @@ class BatchEngine:
                     if self._active.get(r.slot) is r:
                         del self._active[r.slot]
                         self._release(r)
-        self.stats.busy_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.busy_seconds += t1 - t0
+        self.stats.recent.append((t1, self.stats.generated_tokens - generated0))
         return True
 
     def _sample(self, r: Request, logits: np.ndarray) -> bool:
