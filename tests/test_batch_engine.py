@@ -219,3 +219,26 @@ def test_engine_thread_many_submitters():
             t.join(60)
     assert [results[i] for i in range(8)] == [solo[i % 4] for i in range(8)]
     assert isinstance(m, Model)
+
+
+def test_text_stream_pieces_and_stop_strings():
+    """TextStream's pieces add up to decode(all ids); a stop string ends the text just before it,
+    even when it spans tokens."""
+    from onebit.streaming import TextStream
+
+    m = onebit.load(default_model_path())
+    ids = list(m.generate_ids(m.encode("Once upon a time"), 80, temperature=0, stop_ids=set()))
+    full = m.decode(ids)
+    ts = TextStream(m.tokenizer)
+    assert "".join(ts.push(t)[0] for t in ids) + ts.finish() == full
+    for stop in (full[20:27], "\n", "no such text here"):
+        ts, out = TextStream(m.tokenizer, [stop, "zz"]), ""
+        for t in ids:
+            piece, stopped = ts.push(t)
+            out += piece
+            if stopped:
+                break
+        else:
+            out += ts.finish()
+        assert out == (full[:full.find(stop)] if stop in full else full)
+        assert ts.stopped == (stop in full)
