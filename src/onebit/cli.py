@@ -242,6 +242,9 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what == "model":
         from .benchmarks import model
         return model.main(rest) or 0
+    if args.what == "serve":
+        from .benchmarks import serve
+        return serve.main(rest) or 0
     raise ValueError(f"unknown bench {args.what!r}")
 
 
@@ -378,10 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
                        add_help=False)  # -h goes to the benchmark's own parser
     b.add_argument("-h", "--help", action="store_true", help="show this help, or WHAT's options")
-    b.add_argument("what", nargs="?", choices=["model", "kernels", "bitlinear"],
+    b.add_argument("what", nargs="?", choices=["model", "kernels", "bitlinear", "serve"],
                    help="model: engine prefill/decode tok/s, TTFT, memory (llama-bench style); "
                         "kernels: the C ternary GEMV/GEMM vs torch fp32/bf16 and the read bandwidth; "
-                        "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
+                        "bitlinear: BitLinear fwd+bwd vs nn.Linear; serve: `onebit serve` under 1-16 "
+                        "concurrent streams vs llama-server (options: onebit bench WHAT --help)")
     b.set_defaults(bench_help=b.format_help)
     _serve_parser(sub)
     return p
