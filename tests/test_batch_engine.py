@@ -60,11 +60,13 @@ def test_runtime_chunked_prefill_equals_one_shot(tiny, kv_bits):
     np.testing.assert_array_equal(outs[0], outs[2])
 
 
-@pytest.mark.parametrize("kv_bits", [32, 8])
-def test_batch_invariance_alone_vs_among_15(tiny, kv_bits):
+@pytest.mark.parametrize("kv_bits,head", [(32, "f32"), (8, "i8"), (16, "f16")])
+def test_batch_invariance_alone_vs_among_15(tiny, tmp_path, kv_bits, head):
     """At temperature 0 a request's tokens and logprobs (and top logprobs) are identical alone or
-    among 15 others of other lengths, at any prefill chunking, past 512 positions, on 4 threads."""
-    m = onebit.load(tiny, kv_bits=kv_bits)
+    among 15 others of other lengths, at any prefill chunking, past 512 positions, on 4 threads;
+    with each LM head kernel (float32 numpy row by row, int8, float16)."""
+    folder = tiny if head == "f32" else write_random_model(tmp_path / head, tiny_config(), embedding=head)
+    m = onebit.load(folder, kv_bits=kv_bits)
     rng = np.random.default_rng(1)
     lens = [530, 3, 17, 100, 64, 1, 250, 9, 40, 560, 2, 33, 128, 77, 5, 300]
     prompts = [[0] + rng.integers(2, 300, n - 1).tolist() if n > 1 else [0] for n in lens]
