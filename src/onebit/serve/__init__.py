@@ -80,8 +80,26 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _check_bind(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"--host {host!r} does not resolve ({e}): pass an address such as 127.0.0.1") from None
+    fam, _, _, _, addr = infos[0]
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): pick another --port "
+                             f"or stop what uses it") from None
+
+
 def serve(cfg: ServeConfig) -> None:
     """Run the server until interrupted (uvicorn, one process; the engine thread does the work)."""
+    _check_bind(cfg.host, cfg.port)
     app, name, engine = build_app(cfg)
     import uvicorn
 
