@@ -153,6 +153,13 @@ def test_logprobs_chat_and_echo(client, model):
     assert all(len(t) == 1 for t in lp.top_logprobs[1:])
     r0 = client.completions.create(model="onebit-default", prompt=ids, max_tokens=0, echo=True, logprobs=0)
     assert r0.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    # a batch of token lists (lm-eval sends its requests so): one choice per prompt, in order
+    other = model.encode("Once upon a time")
+    rb = client.completions.create(model="onebit-default", prompt=[other, ids], max_tokens=1,
+                                   temperature=0, echo=True, logprobs=1)
+    assert [c.index for c in rb.choices] == [0, 1]
+    assert rb.choices[1].logprobs.token_logprobs == lp.token_logprobs
+    assert len(rb.choices[0].logprobs.token_logprobs) == len(other) + 1
 
 
 def test_models_tokenize_metrics_page(server, model):
