@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, tg = res["rows"], res["targets"]
     lines = [f"Reproduce: `.venv/bin/python bench/results_serve.py` (runs `onebit bench serve --json "
              f"--prompt {res['prompt']} --tg {res['tg']} --rounds {res['rounds']}`; {res['threads']} threads). "
-             f"Random ternary weights (int8 embeddings/head for onebit; the same codes as GGUF TQ2_0 "
+             f"Random ternary weights (the 700M shape with a tied LM head and a 32000 vocabulary, as "
+             f"llama.cpp's bitnet graph needs; int8 embeddings/head for onebit; the same codes as GGUF TQ2_0 "
              f"with F16 embeddings for llama-server -np N, built from the llama-cpp-python sdist), "
              f"N concurrent streaming /v1/completions requests of {res['prompt']} prompt tokens and "
              f"{res['tg']} greedy tokens. Aggregate decode = tokens arriving while all N streams "

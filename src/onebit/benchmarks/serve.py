@@ -45,14 +45,16 @@ SHAPE_TOKENIZERS = {"2b4t": "llama3", "700m": "llama2"}  # llama-server needs a 
 # -- models ---------------------------------------------------------------------------------------
 def serve_model(shape: str, cache: Path, shared_tokenizers: Path | None) -> Path:
     """The random packed model of ``shape`` (i2, int8 embeddings/head) with a tokenizer.json of
-    its vocabulary size when one is at hand (the 700M preset's 32002 becomes llama2's 32000)."""
+    its vocabulary size when one is at hand (the 700M preset's 32002 becomes llama2's 32000, and
+    its LM head is tied to the embeddings, as llama.cpp's bitnet graph requires)."""
     from ..config import ModelConfig
     from .model import SHAPES
 
-    folder = cache / f"{shape}-serve-i2-i8"
+    folder = cache / f"{shape}-serve-tied-i2-i8"
     tok = shared_tokenizers / SHAPE_TOKENIZERS[shape] / "tokenizer.json" if shared_tokenizers else None
     if not (folder / "model.safetensors").is_file():
-        over = {"vocab_size": 32000} if shape == "700m" else {}
+        # llama.cpp's bitnet graph has no separate LM head: the 700M shape ties it (both servers)
+        over = {"vocab_size": 32000, "tie_word_embeddings": True} if shape == "700m" else {}
         cfg = ModelConfig.preset(SHAPES[shape], **over)
         print(f"writing a random {shape} model to {folder} (once)...", file=sys.stderr)
         code = ("import sys, json; from onebit.config import ModelConfig; "
