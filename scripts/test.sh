@@ -12,9 +12,11 @@ if [ -n "${CI:-}" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   command -v qemu-aarch64 >/dev/null || pkgs="gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
   command -v bochs-bin >/dev/null && command -v xorriso >/dev/null \
     || pkgs="$pkgs bochs bochsbios vgabios xorriso isolinux syslinux-common cpio"
+  # the chat page's headless-browser test (tests/test_serve.py; skips without them)
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null || pkgs="$pkgs chromium chromium-driver"
   if [ -n "$pkgs" ] && ! apt-get install -y -qq $pkgs >/dev/null 2>&1; then
     apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq $pkgs >/dev/null 2>&1 \
-      || echo "test: could not install $pkgs; the NEON/AVX-512 emulation tests will skip" >&2
+      || echo "test: could not install $pkgs; the NEON/AVX-512 emulation and browser tests will skip" >&2
   fi
 fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -373,6 +373,9 @@ def _cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
     if args.what == "model":
         from .benchmarks import model
         return model.main(rest) or 0
+    if args.what == "serve":
+        from .benchmarks import serve
+        return serve.main(rest) or 0
     raise ValueError(f"unknown bench {args.what!r}")
 
 
@@ -381,6 +384,39 @@ FORCE_HELP = ("replace an earlier onebit output at the destination (atomically: 
 MODEL_HELP = ("packed model folder, Hugging Face folder, GGUF file (ternary: the C engine), or an "
               "onebit run / checkpoint folder, full-precision Hugging Face folder or llama2.c .bin "
               "(PyTorch); default: the built-in model")
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import ServeConfig, serve
+
+    serve(ServeConfig(model=args.model, host=args.host, port=args.port,
+                      api_key=args.api_key or os.environ.get("ONEBIT_API_KEY") or None,
+                      parallel=args.parallel, max_queue=args.max_queue, ctx=args.ctx,
+                      kv_bits=args.kv_bits, prefill_chunk=args.prefill_chunk,
+                      model_name=args.model_name))
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and a web chat",
+                       description="Serve a model over the OpenAI API (/v1/chat/completions, "
+                                   "/v1/completions, /v1/models, /health, /metrics, /tokenize, "
+                                   "/detokenize) and a chat page at /. Loopback only unless --host says "
+                                   "otherwise. Needs pip install 'onebit[serve]'.")
+    s.add_argument("--model", default=None, help="packed model folder (or HF folder / GGUF file); "
+                                                 "default: the built-in model")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint "
+                                                   "but /health (or set ONEBIT_API_KEY)")
+    s.add_argument("--parallel", type=int, default=8, help="sequences decoded at once (KV cache slots)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 503")
+    s.add_argument("--ctx", type=int, default=None, help="context per slot (default: the model's)")
+    s.add_argument("--prefill-chunk", type=int, default=256,
+                   help="prompt tokens prefilled per step beside the others' decoding")
+    s.add_argument("--model-name", default=None, help="the model id clients send (default: the folder name)")
+    s.add_argument("--kv-bits", type=int, default=None, choices=[32, 16, 8, 4, 3],
+                   help="KV cache bits per value (default: the model's config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -518,11 +554,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks (ratios against a baseline measured in the same run)",
                        add_help=False)  # -h goes to the benchmark's own parser
     b.add_argument("-h", "--help", action="store_true", help="show this help, or WHAT's options")
-    b.add_argument("what", nargs="?", choices=["model", "kernels", "bitlinear"],
+    b.add_argument("what", nargs="?", choices=["model", "kernels", "bitlinear", "serve"],
                    help="model: engine prefill/decode tok/s, TTFT, memory (llama-bench style); "
                         "kernels: the C ternary GEMV/GEMM vs torch fp32/bf16 and the read bandwidth; "
-                        "bitlinear: BitLinear fwd+bwd vs nn.Linear (options: onebit bench WHAT --help)")
+                        "bitlinear: BitLinear fwd+bwd vs nn.Linear; serve: `onebit serve` under 1-16 "
+                        "concurrent streams vs llama-server (options: onebit bench WHAT --help)")
     b.set_defaults(bench_help=b.format_help)
+    _serve_parser(sub)
     for a in (*sub.choices.values(), ep):  # an unknown flag is reported with its command's usage
         a.set_defaults(cmd_parser=a)
     return p
@@ -578,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_eval_tasks(args) if args.what == "tasks" else _cmd_eval_ppl(args)
         if args.cmd == "convert":
             return _cmd_convert(args)
+        if args.cmd == "serve":
+            return _cmd_serve(args)
     except (ConfigError, ValueError) as e:  # every onebit error is a ValueError subclass
         print(f"onebit {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -6,10 +6,11 @@ the tokenizer, sampling, streaming and chat; ``load(path)`` builds one.
 from pathlib import Path
 
 from .api import BITNET_CHAT_TEMPLATE, Model, load
+from .batch import BatchEngine, SamplingParams, TokenEvent
 from .runtime import EngineError, Runtime
 from .stats import kv_cache_bytes
 
-__all__ = ["BITNET_CHAT_TEMPLATE", "EngineError", "Model", "Runtime", "default_model_path",
+__all__ = ["BITNET_CHAT_TEMPLATE", "BatchEngine", "EngineError", "SamplingParams", "TokenEvent", "Model", "Runtime", "default_model_path",
            "kv_cache_bytes", "load"]
 
 

@@ -76,6 +76,12 @@ class Model:
         self.runtime, self.tokenizer, self.config = runtime, tokenizer, runtime.config
         tc = _tokenizer_config(runtime.folder)
         tmpl = tc.get("chat_template")
+        if isinstance(tmpl, list):  # transformers' named templates: [{"name", "template"}]
+            tmpl = next((t.get("template") for t in tmpl if isinstance(t, dict)
+                         and t.get("name") == "default"), None)
+        jinja_file = runtime.folder / "chat_template.jinja"
+        if not isinstance(tmpl, str) and jinja_file.is_file():  # transformers >= 4.43 writes it apart
+            tmpl = jinja_file.read_text(encoding="utf-8")
         self.chat_template = tmpl if isinstance(tmpl, str) else BITNET_CHAT_TEMPLATE
         self.bos_id, self.eos_id = self.config.bos_token_id, self.config.eos_token_id
         self.stop_ids = {self.eos_id}
@@ -313,6 +319,16 @@ class Model:
                                         active)
                 logits = dict(zip(active, rows))
         return outs
+
+    def batch(self, slots: int = 8, max_len: int | None = None, prefill_chunk: int = 256,
+              max_queue: int = 64):
+        """A ``BatchEngine`` over this model: continuous batching of many requests, each slot
+        with its own KV cache (engine/batch.py). It loads its own runtime (the same mmap'd
+        weights and options, batch-invariant), so this Model keeps working beside it."""
+        from .batch import BatchEngine
+
+        return BatchEngine(self, slots=slots, max_len=max_len, prefill_chunk=prefill_chunk,
+                           max_queue=max_queue)
 
     # -- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:

@@ -120,7 +120,7 @@ class Runtime:
 
     def __init__(self, folder: str | Path, sparse: bool | None = None,
                  activation_scheme: str | None = None, sparse_min_zeros: int = 65,
-                 kv_bits: int | None = None):
+                 kv_bits: int | None = None, batch_invariant: bool = False):
         """``sparse``: skip the weight reads of zero activations when decoding (bit-identical
         results). True: up_proj rows whose ReLU² gate is 0, and the columns of zero down_proj
         inputs (ReLU²) and o_proj inputs (a4.8 top-K), which needs transposed copies of those
@@ -134,7 +134,10 @@ class Runtime:
         float16, llama.cpp's default cache type), 8, 4 or 3 (quantized, docs/formats.md §10; like
         llama.cpp's quantized cache types: a model trained without KV quantization loses a little
         quality, measured in docs/results.md). Default: the config's ``kv_bits``, where 16 (the
-        training default: not quantized) runs the float32 cache, the engine's lossless one."""
+        training default: not quantized) runs the float32 cache, the engine's lossless one.
+        ``batch_invariant``: every row's logits depend on its own sequence only, not on the rows
+        run beside it, the prompt's chunking or the thread count (attention never splits a
+        step's keys over threads; ob_layer.batch_invariant). The batched engine sets it."""
         folder = Path(folder)
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
@@ -146,6 +149,9 @@ class Runtime:
         except (ValueError, KeyError, TypeError) as e:
             raise EngineError(f"'{folder}/config.json': {e}") from None
         self.folder, self.config = folder, cfg
+        self.options = dict(sparse=sparse, activation_scheme=activation_scheme,
+                            sparse_min_zeros=sparse_min_zeros, kv_bits=kv_bits)  # to load a twin
+        self.batch_invariant = bool(batch_invariant)
         scheme = cfg.activation_scheme if activation_scheme is None else activation_scheme
         if scheme not in ("a8", "a4.8"):
             raise EngineError(f"activation_scheme={activation_scheme!r} is not valid: use 'a8' or 'a4.8'")
@@ -238,7 +244,8 @@ class Runtime:
                                kv_bits=self.kv_bits, act_scheme=int(scheme == "a4.8"),
                                topk_keep=cfg.topk_keep,
                                skip_up=int(self.sparse and self.relu2),
-                               sparse_min_zeros=int(sparse_min_zeros))
+                               sparse_min_zeros=int(sparse_min_zeros),
+                               batch_invariant=int(bool(batch_invariant)))
             transposed = []
             for j, role in enumerate(roles):
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
@@ -393,56 +400,63 @@ class Runtime:
         ``positions[i]`` of sequence ``slots[i]`` (distinct slots). The projections run as one
         GEMM over the batch; the logits [B, V] are bit-identical to ``forward`` one by one."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        B = ids.shape[0]
-        pos = [int(p) for p in positions]
-        slots = [int(s) for s in slots]
-        if B < 1 or len(pos) != B or len(slots) != B or len(set(slots)) != B:
+        if ids.shape[0] < 1 or len(positions) != ids.shape[0] or len(slots) != ids.shape[0]:
             raise ValueError("forward_batch needs equal-length tokens/positions/slots, distinct slots")
-        self._check(ids, pos, [1] * B, slots)
-        x = np.ascontiguousarray(self._embed(ids))                      # [B, D]
-        lens = (ctypes.c_int64 * B)(*([1] * B))
+        return self.forward_step([([t], p, s) for t, p, s in zip(ids, positions, slots)])
+
+    def forward_step(self, seqs, logit_rows=None) -> np.ndarray:
+        """One step over several sequences, each with its own number of new tokens (a prefill
+        chunk or one decode token): ``seqs`` = [(ids, pos, slot)], distinct slots. All rows run
+        as one GEMM per projection, attention per sequence. Returns float32 logits [R, V] of
+        ``logit_rows`` (indices into the concatenated rows; default: each sequence's last)."""
+        ids_l, pos, lens, slots = [], [], [], []
+        for ids, p, s in seqs:
+            ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+            ids_l.append(ids)
+            pos.append(int(p))
+            lens.append(ids.shape[0])
+            slots.append(int(s))
+        B = len(seqs)
+        if B < 1 or min(lens) < 1 or len(set(slots)) != B:
+            raise ValueError("forward_step needs >= 1 sequence, each with >= 1 token, in distinct slots")
+        ids = np.concatenate(ids_l)
+        self._check(ids, pos, lens, slots)
+        x = np.ascontiguousarray(self._embed(ids))                      # [sum(lens), D]
+        cl = (ctypes.c_int64 * B)(*lens)
         ps = (ctypes.c_int64 * B)(*pos)
+        offs = [s * self._slot_bytes for s in slots]
         for li, sp in enumerate(self._struct_p):
-            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + s * self._slot_bytes for s in slots])
-            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + s * self._slot_bytes for s in slots])
-            st = self._batch_fn(sp, x.ctypes.data, B, lens, ps, self._cos_p, self._sin_p,
+            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + o for o in offs])
+            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + o for o in offs])
+            st = self._batch_fn(sp, x.ctypes.data, B, cl, ps, self._cos_p, self._sin_p,
                                 self.max_len, ck, cv, self.max_len)
             self._raise(st, li)
-        return self._logits(x)
+        if logit_rows is None:
+            logit_rows = np.cumsum(lens) - 1
+        rows = np.asarray(logit_rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0:
+            return np.empty((0, self.config.vocab_size), np.float32)
+        return self._logits(np.ascontiguousarray(x[rows]))
 
     def forward_seqs(self, seqs, positions, slots, all_rows=None) -> list[np.ndarray]:
-        """Several sequences of any lengths at once: token ids ``seqs[i]`` [T_i] at positions
-        ``positions[i]``.. of sequence ``slots[i]`` (distinct slots). One ob_decoder_layer_batch
-        call per layer, so the projections run as one GEMM over all sum(T_i) rows (a prefill of
+        """``forward_step`` for scoring: token ids ``seqs[i]`` [T_i] at positions
+        ``positions[i]``.. of sequence ``slots[i]`` (distinct slots), in one step (a prefill of
         many prompts, or many continuations scored after a shared context). Returns per sequence
         float32 logits: [T_i, V] where ``all_rows[i]`` is true, else [V] of its last token.
         Bit-identical to ``forward`` of each sequence alone (per-row quantization, exact integer
         GEMM, attention per sequence)."""
         seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
-        pos = [int(p) for p in positions]
-        slots = [int(s) for s in slots]
         B = len(seqs)
         all_rows = [False] * B if all_rows is None else [bool(a) for a in all_rows]
-        if B < 1 or len(pos) != B or len(slots) != B or len(all_rows) != B \
-                or len(set(slots)) != B or any(len(s) < 1 for s in seqs):
+        if B < 1 or len(positions) != B or len(slots) != B or len(all_rows) != B \
+                or any(len(s) < 1 for s in seqs):
             raise ValueError("forward_seqs needs non-empty sequences with one position, one "
                              "distinct slot and one all_rows flag each")
         lens = [len(s) for s in seqs]
-        ids = np.concatenate(seqs)
-        self._check(ids, pos, lens, slots)
-        x = np.ascontiguousarray(self._embed(ids))                      # [sum T_i, D]
-        c_lens = (ctypes.c_int64 * B)(*lens)
-        c_pos = (ctypes.c_int64 * B)(*pos)
-        for li, sp in enumerate(self._struct_p):
-            ck = (ctypes.c_void_p * B)(*[self._ck_p[li] + s * self._slot_bytes for s in slots])
-            cv = (ctypes.c_void_p * B)(*[self._cv_p[li] + s * self._slot_bytes for s in slots])
-            st = self._batch_fn(sp, x.ctypes.data, B, c_lens, c_pos, self._cos_p, self._sin_p,
-                                self.max_len, ck, cv, self.max_len)
-            self._raise(st, li)
         ends = np.cumsum(lens)
         rows = np.concatenate([np.arange(e - n, e) if a else [e - 1]
                                for e, n, a in zip(ends, lens, all_rows)])
-        logits = self._logits(np.ascontiguousarray(x[rows]))            # [rows, V]
+        logits = self.forward_step(list(zip(seqs, positions, slots)), rows)   # [rows, V]
         out, r = [], 0
         for n, a in zip(lens, all_rows):
             out.append(logits[r:r + n] if a else logits[r])

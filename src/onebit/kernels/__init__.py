@@ -44,7 +44,7 @@ _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 12  # OB_ABI_VERSION
+_ABI_VERSION = 13  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -57,7 +57,8 @@ class Layer(ctypes.Structure):
                 ("eps", ctypes.c_float), ("kv_bits", ctypes.c_int32), ("w", ctypes.c_void_p * 7), ("w_scale", ctypes.c_float * 7),
                 ("norm", ctypes.c_void_p * 7), ("act_scheme", ctypes.c_int32),
                 ("topk_keep", ctypes.c_double), ("wt", ctypes.c_void_p * 7), ("skip_up", ctypes.c_int32),
-                ("sparse_min_zeros", ctypes.c_int32), ("bias", ctypes.c_void_p * 7)]
+                ("sparse_min_zeros", ctypes.c_int32), ("bias", ctypes.c_void_p * 7),
+                ("batch_invariant", ctypes.c_int32)]
 
 
 def _find_library() -> Path:

@@ -75,13 +75,17 @@ FMA_ATTR static void scores_avx2(const float *q, const float *K, int64_t n, int6
         __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
         _mm_storeu_ps(sc + j, _mm_mul_ps(r, _mm_set1_ps(scale)));
     }
-    for (; j < n; j++) {
+    for (; j < n; j++) { /* the 4-key pass's reduction tree, so a key's score does not depend on
+                          * whether it falls in a block of 4 or in the tail (a prefill's query
+                          * block scores more keys than its first rows keep): the same floats
+                          * at any chunking of a prompt */
         __m256 a = _mm256_setzero_ps();
         for (int64_t i = 0; i < hd; i += 8)
             a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(K + j * hd + i), a);
-        __m128 r = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-        r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        sc[j] = _mm_cvtss_f32(_mm_add_ss(r, _mm_shuffle_ps(r, r, 1))) * scale;
+        __m256 h = _mm256_hadd_ps(a, a);
+        h = _mm256_hadd_ps(h, h); /* lane 0: (a0 + a1) + (a2 + a3); lane 4: (a4 + a5) + (a6 + a7) */
+        __m128 r = _mm_add_ss(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        sc[j] = _mm_cvtss_f32(r) * scale;
     }
 }
 
@@ -366,6 +370,14 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
                     int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
                     int64_t rope_len, int kv_bits, void *cache_k, void *cache_v, int64_t cache_len,
                     float *y) {
+    return ob_attention_kv_split(q, k, v, T, pos, H, Hkv, hd, rope_cos, rope_sin, rope_len, kv_bits,
+                                 cache_k, cache_v, cache_len, y, 1);
+}
+
+int ob_attention_kv_split(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
+                          int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
+                          int64_t rope_len, int kv_bits, void *cache_k, void *cache_v,
+                          int64_t cache_len, float *y, int allow_split) {
     if (!q || !k || !v || !rope_cos || !rope_sin || !cache_k || !cache_v || !y) return OB_ERR_NULL;
     if (T < 1 || pos < 0 || H < 1 || Hkv < 1 || H % Hkv || hd < 2 || hd % 2) return OB_ERR_SIZE;
     if (pos + T > cache_len || pos + T > rope_len) return OB_ERR_SIZE;
@@ -411,7 +423,7 @@ int ob_attention_kv(float *q, float *k, const float *v, int64_t T, int64_t pos, 
     /* split the keys when there are too few work items for the threads (decode with few kv
      * heads), keeping >= 256 keys per range */
     int64_t items = T * (H / group), nchunk = 1;
-    if (rows == 1 && items < 4 * (int64_t)nt) {
+    if (allow_split && rows == 1 && items < 4 * (int64_t)nt) {
         nchunk = (4 * (int64_t)nt + items - 1) / items;
         int64_t most = (pos + 1) / 256;
         nchunk = nchunk < most ? nchunk : most;

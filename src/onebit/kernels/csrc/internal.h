@@ -170,6 +170,13 @@ ob_kv_view ob_kv_view_of(void *block, int64_t Hkv, int64_t cache_len, int64_t hd
 void ob_kv_put(const ob_kv_view *c, int64_t h, int64_t p, const float *x, float m, int64_t hd);
 void ob_kv_get(const ob_kv_view *c, int64_t h, int64_t p, int64_t hd, float *out, int simd);
 float ob_kv_row_absmax(const float *x, int64_t hd); /* max |x|, or -1 on NaN/inf */
+/* ob_attention_kv; allow_split = 0 never splits a token's keys over threads (split-K), whose
+ * combined floats depend on T, pos and the thread count: each (token, head) result is then a
+ * function of its own query and keys only (ob_layer.batch_invariant) */
+int ob_attention_kv_split(float *q, float *k, const float *v, int64_t T, int64_t pos, int64_t H,
+                          int64_t Hkv, int64_t hd, const float *rope_cos, const float *rope_sin,
+                          int64_t rope_len, int kv_bits, void *cache_k, void *cache_v,
+                          int64_t cache_len, float *y, int allow_split);
 int ob_kv_simd(void); /* the AVX2/FMA/F16C loops apply (CPU has them, variant not "reference") */
 
 #include <math.h>

@@ -197,9 +197,10 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     add_bias(k, T, KD, L->bias[K]);
     add_bias(v, T, KD, L->bias[V]);
     for (int64_t b = 0, r = 0; b < nseq; r += seq_len[b], b++) /* attention: per sequence */
-        if ((st = ob_attention_kv(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b], H, Hkv,
-                                  hd, rope_cos, rope_sin, rope_len, L->kv_bits, cache_k[b],
-                                  cache_v[b], cache_len, y + r * QD)))
+        if ((st = ob_attention_kv_split(q + r * QD, k + r * KD, v + r * KD, seq_len[b], seq_pos[b],
+                                        H, Hkv, hd, rope_cos, rope_sin, rope_len, L->kv_bits,
+                                        cache_k[b], cache_v[b], cache_len, y + r * QD,
+                                        !L->batch_invariant)))
             goto done;
     QUANT(O, y, QD, L->inner ? L->norm[O] : L->norm[2]); /* attn_sub_norm */
     LIN(O, D, QD, o);

@@ -29,7 +29,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 12
+#define OB_ABI_VERSION 13
 
 enum {
     OB_OK = 0,
@@ -171,6 +171,11 @@ typedef struct {
     /* Full-precision biases added after the q/k/v projections (a fine-tuned Qwen2), float32
      * [out_features] or NULL; bias[3..6] must be NULL (OB_ERR_VALUE otherwise). */
     const float *bias[7];
+    /* 1: every row's result is a function of its own token, position and cache only, whatever
+     * rows run beside it, however its prompt was chunked and on any thread count (attention then
+     * never splits a decode step's keys over threads: split-K's combined floats depend on them).
+     * The batched server engine sets it; 0 keeps split-K for single-stream long-context decode. */
+    int32_t batch_invariant;
 } ob_layer;
 enum { OB_ACT_A8 = 0, OB_ACT_A4_8 = 1 };
 #define OB_SPARSE_MAX_T 4
