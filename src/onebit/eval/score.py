@@ -146,7 +146,7 @@ def _score_groups(rt, groups, fitted, results) -> int:
     cache to a slot per further continuation, run all continuations (one batched call)."""
     first = rt.forward_seqs([list(ctx) for ctx, _ in groups], [0] * len(groups),
                             list(range(len(groups))))                      # [V] per context
-    conts, slot_of, n_slots, jobs = [], [], len(groups), []
+    conts, n_slots, jobs = [], len(groups), []
     for gi, (ctx, idx) in enumerate(groups):
         own_used = False
         for i in idx:
