@@ -72,9 +72,13 @@ def quantize_rows_i4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pack_i4(q), scale
 
 
-def packed_config(folder: Path) -> dict[str, Any]:
-    """The "packed" table of a packed folder's config.json (checked), or raise ValueError."""
-    raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+def packed_config(folder: Path, raw: Any = None) -> dict[str, Any]:
+    """The "packed" table of a packed folder's config.json (checked; ``raw``: the file's JSON if
+    already read), or raise ValueError naming the file."""
+    if raw is None:
+        from ..jsonio import read_json
+
+        raw = read_json(Path(folder) / "config.json", fix="re-export the model")
     p = raw.get("packed") if isinstance(raw, dict) else None
     if not isinstance(p, dict):
         raise ValueError(f"'{folder}/config.json' has no 'packed' table: this is not a packed model "
