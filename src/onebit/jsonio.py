@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_JSON_BYTES", "loads_checked", "read_json"]
+__all__ = ["MAX_JSON_BYTES", "loads_checked", "read_json", "read_tokenizer"]
 
 MAX_JSON_BYTES = 64 << 20  # config / index / tokenizer_config files are kilobytes
 
@@ -49,3 +49,34 @@ def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError, fix
     except OSError as e:
         raise error(f"'{path}' cannot be read ({e.strerror or e}){tail}") from None
     return loads_checked(data, f"'{path}'", error, fix)
+
+
+def read_tokenizer(path: str | os.PathLike, error: type[ValueError] = ValueError,
+                   vocab_size: int | None = None):
+    """``tokenizers.Tokenizer.from_file(path)``, or ``error`` naming the file. The library raises
+    a bare Exception for bad JSON and, for some malformed vocabularies, a Rust panic that reaches
+    Python as pyo3's PanicException, a BaseException that ``except Exception`` lets through.
+    ``vocab_size``: the model's; a tokenizer with more tokens (ids the embedding does not have)
+    is refused too."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(path))
+        n = tok.get_vocab_size(with_added_tokens=True)
+        if vocab_size is not None and n > vocab_size:
+            raise error(f"'{path}' holds {n} tokens but the model's vocab_size is {vocab_size}: it "
+                        f"is not this model's tokenizer; copy the tokenizer.json the model was "
+                        f"trained with")
+        return tok
+    except ValueError as e:
+        if isinstance(e, error) and str(path) in str(e):
+            raise
+        why = e
+    except Exception as e:  # noqa: BLE001 - the library's only error type
+        why = e
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        why = e
+    raise error(f"'{path}' is not a valid tokenizer ({str(why)[:200]}); copy the tokenizer.json the "
+                f"model was trained with")

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,13 +32,12 @@ BITNET_CHAT_TEMPLATE = (
 
 
 def _tokenizer_config(folder: Path) -> dict:
+    from ..jsonio import read_json
+
     p = folder / "tokenizer_config.json"
     if not p.is_file():
         return {}
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"'{p}' is not valid JSON ({e}); fix or remove it") from None
+    cfg = read_json(p, EngineError, fix="fix or remove it")
     return cfg if isinstance(cfg, dict) else {}
 
 
@@ -276,10 +274,7 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from ..jsonio import read_tokenizer
 
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-            raise EngineError(f"'{folder / 'tokenizer.json'}' is not a valid tokenizer ({e})") from None
+        tokenizer = read_tokenizer(folder / "tokenizer.json", EngineError, runtime.config.vocab_size)
     return Model(runtime, tokenizer)

@@ -10,7 +10,6 @@ failed conversion leaves nothing behind. Torch-free.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -39,10 +38,9 @@ def detect_format(path: str | Path) -> str:
         raise ValueError(f"'{p}' does not exist")
     cfg = p / "config.json"
     if cfg.is_file():
-        try:
-            raw = json.loads(cfg.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"'{cfg}' is not valid JSON ({e})") from None
+        from ..jsonio import read_json
+
+        raw = read_json(cfg)
         if isinstance(raw, dict) and "packed" in raw:
             return "onebit"
         if is_hf_folder(p):

@@ -57,8 +57,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(path, f"the header is not UTF-8 JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # deep nesting recurses
+            what = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise _fail(path, f"the header is not UTF-8 JSON ({what})") from None
         if not isinstance(header, dict):
             raise _fail(path, "the header is not a JSON object")
         meta = header.pop("__metadata__", {}) or {}

@@ -1,0 +1,851 @@
+"""Fuzz harness for onebit's loaders: mutated model files, each loaded the way the CLI loads it, in
+a sandboxed worker process.
+
+    from onebit.testing import fuzz
+    report = fuzz.run(["packed", "gguf"], cases=30, seed=0)
+    report.counts            # {format: {outcome: n}}
+    report.failures          # [CaseResult] of the failure outcomes
+
+A case is a tiny seed model (built once per run by onebit's own writers: ``write_random_model``,
+``convert`` to GGUF / HF, ``save_model``, a llama2.c file) plus one to three mutations drawn from
+the case's own RNG (``random.Random(f"{seed}:{format}:{index}")``, so any case can be rebuilt
+alone: ``make_case``). Mutations: byte flips, truncation, header / metadata integers set to
+extremes (0, -1, 2^31, 2^63-1, huge floats, wrong types), JSON value edits (types, huge or
+negative numbers, deep nesting, missing / extra keys), tensor shape / dtype / name edits in
+safetensors and GGUF headers, self-consistent config edits (a t1_6 folder whose config says i2,
+fewer layers than stored), file swaps and removals.
+
+Each case runs in a worker (a fork-server child, reused across cases and restarted when it dies)
+under a timeout and an address-space limit (RLIMIT_AS), so a hang, a signal or a giant allocation
+is an outcome instead of a dead machine. What a case runs (``load_case``):
+
+- ``engine`` (packed folders, GGUF files, HF folders: what ``onebit generate`` runs):
+  ``onebit.load(path)``, encode + decode a prompt when there is a tokenizer, logits of a few
+  tokens, two greedy tokens; a packed folder is also read by ``onebit convert``'s reader
+  (``read_model`` + ``reference_logits``).
+- ``checkpoint`` (training model folders): ``checkpoint.load_model`` + a forward.
+- ``llama2c`` (.bin): ``load_llama2c`` + a forward.
+
+Outcomes: ``ok`` (a running model), ``error`` (a ValueError subclass whose message names the
+input path: what the CLI prints as ``onebit CMD: error: ...``), and the failures: ``signal``,
+``timeout``, ``MemoryError``, ``RecursionError``, ``ZeroDivisionError``, ``other-exception``
+(any other type, tokenizers' PanicException included), ``unnamed-error`` (a ValueError that does
+not name the input) and ``half-written`` (a failed load left a temp file in the import cache).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from multiprocessing import connection
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FORMATS", "OUTCOMES", "FAILURES", "CaseResult", "Report", "build_seeds", "make_case",
+           "load_case", "run"]
+
+FORMATS = ("packed", "gguf", "checkpoint", "hf", "json", "llama2c")
+OUTCOMES = ("ok", "error", "signal", "timeout", "MemoryError", "RecursionError", "ZeroDivisionError",
+            "other-exception", "unnamed-error", "half-written")
+FAILURES = OUTCOMES[2:]
+PROMPT = "Once upon a time there was a fox"
+
+# =============================================================================================
+# Seeds: tiny models written by onebit's own writers
+# =============================================================================================
+
+_TEXT = ["Once upon a time there was a little fox who lived in the green forest.",
+         "The fox liked to run and jump over the old logs by the river.",
+         "One day the fox met a bear, and they became good friends."] * 10
+
+
+def _tokenizer(vocab: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_TEXT, trainer)
+    return tok.to_str()
+
+
+def _packed_seed(dst: Path, tok: str, layout: str, embedding: str, **kw) -> Path:
+    from ..config import ModelConfig
+    from ..engine.synth import write_random_model
+
+    # hidden 160 / intermediate 320: i2 and t1_6 rows differ in size (64 vs 32, 96 vs 64 bytes),
+    # so a layout mix-up reads past a tensor unless it is caught
+    base = dict(vocab_size=320, hidden_size=160, intermediate_size=320, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                bos_token_id=0, eos_token_id=1)
+    base.update(kw)
+    folder = write_random_model(dst, ModelConfig(**base), layout=layout, embedding=embedding, seed=1)
+    (folder / "tokenizer.json").write_text(tok, encoding="utf-8")
+    return folder
+
+
+def _llama2c_seed(dst: Path) -> Path:
+    from ..formats.llama2c import HEADER, Llama2cHeader
+
+    h = Llama2cHeader(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                      seq_len=32, shared_classifier=True)
+    rng = np.random.default_rng(2)
+    n = (h.expected_bytes() - HEADER.size) // 4
+    w = (rng.standard_normal(n, dtype=np.float32) * 0.1).astype("<f4")
+    dst.write_bytes(HEADER.pack(h.dim, h.hidden_dim, h.n_layers, h.n_heads, h.n_kv_heads,
+                                h.vocab_size, h.seq_len) + w.tobytes())
+    return dst
+
+
+def _hf_llama(bitnet: Path, dst: Path) -> Path:
+    """transformers' Llama + quant_method bitnet ("llama-packed", HF1BitLLM): the BitNet folder's
+    tensors without the sub-norms, weight_scale inverted (that layout divides by it)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(bitnet, dst)
+    t = load_file(str(dst / "model.safetensors"))
+    t = {k: (1.0 / v).astype(np.float32) if k.endswith(".weight_scale") else v for k, v in t.items()
+         if not k.endswith(("attn_sub_norm.weight", "ffn_sub_norm.weight"))}
+    save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    cfg["quantization_config"]["linear_class"] = "bitlinear"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def build_seeds(root: str | os.PathLike, formats=FORMATS) -> dict[str, Path]:
+    """Write the seed models the requested formats need into ``root``: ``{name: path}``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    seeds: dict[str, Path] = {}
+    tok = _tokenizer(300)
+    (root / "tokenizer-big.json").write_text(_tokenizer(600), encoding="utf-8")
+    seeds["tokenizer-big"] = root / "tokenizer-big.json"
+    want = set(formats)
+    if want & {"packed", "json"}:
+        seeds["packed-i2"] = _packed_seed(root / "packed-i2", tok, "i2", "i8")
+        seeds["packed-t1_6"] = _packed_seed(root / "packed-t1_6", tok, "t1_6", "f16")
+        seeds["packed-inner"] = _packed_seed(root / "packed-inner", tok, "i2", "i4", norm_placement="inner",
+                                             tie_word_embeddings=False, hidden_act="silu")
+    if want & {"gguf", "hf", "json"}:
+        from ..formats.convert import convert
+
+        # every K a multiple of 256 (TQ blocks), SiLU (llama.cpp's bitnet graph)
+        src = _packed_seed(root / "gguf-src", tok, "i2", "f16", hidden_size=256, intermediate_size=256,
+                           hidden_act="silu")
+        if "gguf" in want:
+            for q in ("tq2_0", "tq1_0", "i2_s"):
+                convert(src, root / f"m-{q}.gguf", f"gguf-{q}", verify=False)
+                seeds[f"gguf-{q}"] = root / f"m-{q}.gguf"
+        if want & {"hf", "json"}:
+            convert(src, root / "hf-bitnet", "hf", verify=False)
+            seeds["hf-bitnet"] = root / "hf-bitnet"
+            seeds["hf-llama"] = _hf_llama(root / "hf-bitnet", root / "hf-llama")
+    if want & {"checkpoint", "json"}:
+        import torch
+
+        from ..checkpoint import save_model
+        from ..config import ModelConfig
+        from ..model import CausalLM
+
+        cfg = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        torch.manual_seed(0)
+        seeds["checkpoint"] = save_model(root / "checkpoint", CausalLM(cfg), cfg, tokenizer_json=tok)
+    if "llama2c" in want:
+        seeds["llama2c"] = _llama2c_seed(root / "model.bin")
+    return seeds
+
+
+# =============================================================================================
+# Mutations
+# =============================================================================================
+
+_BIG_INTS = [0, -1, 1, 2, 3, 7, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**53 + 1, 2**63 - 1, 2**63,
+             2**64, -(2**63), 10**30, 192000]
+_HUGE = "\x00HUGE"   # placeholders replaced in the JSON text (json.dumps cannot write them)
+_DEEP = "\x00DEEP"
+_VALUES = _BIG_INTS + [1e308, -1e308, 1e-320, 0.5, 1.5, -0.0, float("nan"), float("inf"), float("-inf"),
+                       "", "0", "7", "i2", "t1_6", "relu2", "bitnet", "x" * 1000, None, True, False,
+                       [], [1], [1, 2], {}, {"a": 1}, [[[]]], _HUGE, _DEEP]
+
+
+def _dump(obj) -> str:
+    text = json.dumps(obj)
+    return (text.replace(json.dumps(_HUGE), "9" * 5000)
+                .replace(json.dumps(_DEEP), "[" * 100_000 + "]" * 100_000))
+
+
+def _walk(rng: random.Random, obj):
+    """A random (container, key) inside obj: each step stops with p = 0.4 (not at the root)."""
+    parent, key, node = None, None, obj
+    while isinstance(node, (dict, list)) and node and (parent is None or rng.random() > 0.4):
+        k = rng.choice(list(node)) if isinstance(node, dict) else rng.randrange(len(node))
+        parent, key, node = node, k, node[k]
+    return parent, key
+
+
+def _json_edit(rng: random.Random, obj) -> tuple[object, str]:
+    """One JSON mutation of ``obj`` (edited in place where possible); returns (new obj, what)."""
+    op = rng.choice(["set", "set", "set", "delete", "add", "retype", "deep-root", "root-type"])
+    if op == "deep-root":
+        return _DEEP, "whole document nested 100,000 deep"
+    if op == "root-type":
+        v = rng.choice([[], 7, "x", None, [obj]])
+        return v, f"document replaced by {str(v)[:20]}"
+    parent, key = _walk(rng, obj)
+    if parent is None:
+        return obj, "no-op (empty document)"
+    if op == "delete":
+        if isinstance(parent, dict):
+            del parent[key]
+        else:
+            parent.pop(key)
+        return obj, f"deleted {key!r}"
+    if op == "add":
+        target = parent[key] if isinstance(parent[key], dict) else parent
+        name = rng.choice(["extra_key", "num_hidden_layers", "layout", "hidden_size", "model", "vocab"])
+        if isinstance(target, dict):
+            target[name] = rng.choice(_VALUES)
+        else:
+            target.append(rng.choice(_VALUES))
+        return obj, f"added {name!r}"
+    if op == "retype":
+        v = parent[key]
+        parent[key] = (str(v) if not isinstance(v, str) else
+                       (int(v) if v.isdecimal() and len(v) < 10 else [v]))
+        return obj, f"{key!r} retyped to {type(parent[key]).__name__}"
+    parent[key] = v = rng.choice(_VALUES)
+    return obj, f"{key!r} = {('<huge int>' if v == _HUGE else '<deep>' if v == _DEEP else repr(v))[:30]}"
+
+
+def _mutate_json_file(rng: random.Random, path: Path) -> str:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return f"{path.name}: unreadable, left as is"
+    obj, what = _json_edit(rng, obj)
+    path.write_text(_dump(obj), encoding="utf-8")
+    return f"{path.name}: {what}"
+
+
+def _config_consistent(rng: random.Random, folder: Path) -> str:
+    """Config edits that keep config.json valid but no longer true of the weights."""
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    table = cfg["model"] if isinstance(cfg.get("model"), dict) else cfg  # onebit or HF layout
+    choices = ["layers-1", "layers+1", "hidden*2", "vocab-1", "vocab=2^31", "hidden=192000",
+               "layers=2^40", "heads", "kv_heads", "head_dim", "tie", "act", "placement", "max_pos",
+               "ffn", "bos"]
+    if "packed" in cfg:
+        choices += ["layout-swap"] * 4 + ["embedding"] * 2
+    if "quantization_config" in cfg:
+        choices += ["quant-class", "model_type"]
+    what = rng.choice(choices)
+    L = table.get("num_hidden_layers", 2)
+    L = L if isinstance(L, int) else 2
+    edits = {
+        "layers-1": ("num_hidden_layers", max(L - 1, 1)), "layers+1": ("num_hidden_layers", L + 1),
+        "hidden*2": ("hidden_size", 2 * table.get("hidden_size", 64)), "vocab-1": ("vocab_size", 319),
+        "vocab=2^31": ("vocab_size", 2**31), "hidden=192000": ("hidden_size", 192000),
+        "layers=2^40": ("num_hidden_layers", 2**40), "heads": ("num_attention_heads", 8),
+        "kv_heads": ("num_key_value_heads", 1), "head_dim": ("head_dim", rng.choice([32, 80, 10**308])),
+        "tie": ("tie_word_embeddings", not table.get("tie_word_embeddings", True)),
+        "act": ("hidden_act", rng.choice(["silu", "relu2"])),
+        "placement": ("norm_placement", rng.choice(["subln", "inner", "pre"])),
+        "max_pos": ("max_position_embeddings", rng.choice([1, 1 << 20, 2**31])),
+        "ffn": ("intermediate_size", rng.choice([1, 96, 512])), "bos": ("bos_token_id", 319),
+    }
+    if what == "layout-swap":
+        cfg["packed"]["layout"] = "i2" if cfg["packed"]["layout"] == "t1_6" else "t1_6"
+    elif what == "embedding":
+        cfg["packed"]["embedding"] = rng.choice(["f32", "f16", "i8", "i4"])
+    elif what == "quant-class":
+        cfg["quantization_config"]["linear_class"] = rng.choice(["bitlinear", "autobitlinear"])
+    elif what == "model_type":
+        cfg["model_type"] = rng.choice(["llama", "bitnet", "mistral"])
+    else:
+        key, value = edits[what]
+        table[key] = value
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return f"config.json: {what}"
+
+
+# ---- raw bytes --------------------------------------------------------------------------------
+
+def _flip(rng: random.Random, path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    if not data:
+        return f"{path.name}: empty, not flipped"
+    n = rng.randint(1, 8)
+    for _ in range(n):
+        hi = min(len(data), 4096) if rng.random() < 0.6 else len(data)  # headers live up front
+        pos = rng.randrange(hi)
+        data[pos] = rng.randrange(256) if rng.random() < 0.5 else data[pos] ^ (1 << rng.randrange(8))
+    path.write_bytes(bytes(data))
+    return f"{path.name}: {n} bytes flipped"
+
+
+def _truncate(rng: random.Random, path: Path) -> str:
+    data = path.read_bytes()
+    cut = rng.choice([0, 1, 7, 8, 24, rng.randrange(len(data) + 1), len(data) - 1])
+    cut = max(0, min(cut, len(data)))
+    path.write_bytes(data[:cut])
+    return f"{path.name}: truncated to {cut} of {len(data)} bytes"
+
+
+# ---- safetensors headers ---------------------------------------------------------------------
+
+def _st_read(path: Path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]), data[8 + n:]
+
+
+def _st_write(path: Path, header, body: bytes) -> None:
+    raw = _dump(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + body)
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+
+
+def _st_mutate(rng: random.Random, path: Path) -> str:
+    try:
+        header, body = _st_read(path)
+        names = sorted(k for k in header if k != "__metadata__")
+    except (ValueError, RecursionError, AttributeError):
+        return _flip(rng, path)
+    if not names:
+        return _flip(rng, path)
+    name = rng.choice(names)
+    t = header[name]
+    op = rng.choice(["dim", "dim", "reshape", "reshape", "dtype", "dtype", "offsets", "rename",
+                     "rename", "drop", "meta", "meta", "deep"])
+    what = op
+    if op == "dim" and t["shape"]:
+        i = rng.randrange(len(t["shape"]))
+        t["shape"][i] = rng.choice(_BIG_INTS + [1e308, "7", None, []])
+        what = f"{name} shape[{i}] = {str(t['shape'][i])[:24]}"
+    elif op == "reshape":  # the same bytes, another shape: passes the container's own checks
+        s = t["shape"]
+        count = math.prod(s)
+        new = rng.choice([s[::-1], [count], [1, count], [count, 1], s + [1]])
+        t["shape"] = new
+        what = f"{name} reshaped {s} -> {new}"
+    elif op == "dtype":
+        same = [d for d, sz in _ST_SIZES.items() if sz == _ST_SIZES.get(t["dtype"])]
+        t["dtype"] = rng.choice(same if rng.random() < 0.7 else list(_ST_SIZES) + ["F8", 7])
+        what = f"{name} dtype -> {t['dtype']}"
+    elif op == "offsets":
+        i = rng.randrange(2)
+        t["data_offsets"][i] = rng.choice(_BIG_INTS)
+        what = f"{name} data_offsets[{i}] = {t['data_offsets'][i]}"
+    elif op == "rename":
+        new = name.replace("layers.1.", "layers.5.").replace("layers.0.", "layers.1.") \
+            if "layers." in name else name + ".extra"
+        if new in header:
+            new = new + ".dup"
+        header[new] = header.pop(name)
+        what = f"{name} renamed {new}"
+    elif op == "drop":
+        del header[name]
+        what = f"{name} dropped from the header"
+    elif op == "meta":
+        meta = header.get("__metadata__") or {}
+        header["__metadata__"] = meta
+        if "onebit.tensors" in meta and rng.random() < 0.8:
+            try:
+                decl = json.loads(meta["onebit.tensors"])
+                decl, what = _json_edit(rng, decl) if rng.random() < 0.5 else _declared_edit(rng, decl)
+                meta["onebit.tensors"] = _dump(decl)
+            except (ValueError, RecursionError):
+                meta["onebit.tensors"] = "["
+            what = f"metadata onebit.tensors: {what}"
+        else:
+            key = rng.choice(sorted(meta) + ["onebit.format_version", "format"]) if meta else "format"
+            meta[key] = rng.choice(["", "2", "0", "onebit-packed", "[" * 100_000, "pt"])
+            what = f"metadata {key} edited"
+    else:
+        header = _DEEP
+        what = "header nested 100,000 deep"
+    _st_write(path, header, body)
+    return f"{path.name}: {what}"
+
+
+def _declared_edit(rng: random.Random, decl: dict) -> tuple[dict, str]:
+    """onebit.tensors edits that stay well-formed: a layout or shape that is not the tensor's."""
+    name = rng.choice(sorted(decl))
+    d = decl[name]
+    if rng.random() < 0.5:
+        d["layout"] = "i2" if d.get("layout") == "t1_6" else "t1_6"
+        return decl, f"{name} layout -> {d['layout']}"
+    i = rng.randrange(2)
+    d["shape"][i] = rng.choice([d["shape"][i] + 1, d["shape"][i] * 2, 2**31, 2**63 - 1, 1])
+    return decl, f"{name} shape[{i}] = {d['shape'][i]}"
+
+
+# ---- GGUF headers ----------------------------------------------------------------------------
+
+_G_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_G_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q",
+          12: "<d"}
+
+
+def _gguf_fields(data: bytes) -> dict[str, list]:
+    """Byte positions in a GGUF v3 header: counts, key/value entries, tensor infos."""
+    f: dict[str, list] = {"kv": [], "str": [], "tensor": []}
+    pos = 24
+    n_tensors, n_kv = struct.unpack_from("<QQ", data, 8)
+
+    def string(p):
+        n = struct.unpack_from("<Q", data, p)[0]
+        f["str"].append(p)
+        return p + 8 + n, data[p + 8:p + 8 + n].decode("utf-8", "replace")
+
+    for _ in range(n_kv):
+        pos, key = string(pos)
+        typ = struct.unpack_from("<I", data, pos)[0]
+        f["kv"].append((key, typ, pos, pos + 4))
+        pos += 4
+        if typ in _G_SIZE:
+            pos += _G_SIZE[typ]
+        elif typ == 8:
+            pos, _ = string(pos)
+        elif typ == 9:
+            sub, n = struct.unpack_from("<IQ", data, pos)
+            pos += 12
+            if sub == 8:
+                for _ in range(n):
+                    pos, _ = string(pos)
+            else:
+                pos += n * _G_SIZE[sub]
+    for _ in range(n_tensors):
+        pos, name = string(pos)
+        nd = struct.unpack_from("<I", data, pos)[0]
+        dims = [pos + 4 + 8 * i for i in range(nd)]
+        f["tensor"].append((name, pos, dims, pos + 4 + 8 * nd, pos + 8 + 8 * nd))
+        pos += 4 + 8 * nd + 12
+    return f
+
+
+_GGUF_KEYS = ("block_count", "head_count", "embedding_length", "feed_forward_length",
+              "context_length", "head_count_kv", "dimension_count", "alignment", "token_id")
+
+
+def _gguf_mutate(rng: random.Random, path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    try:
+        f = _gguf_fields(bytes(data))
+    except (struct.error, KeyError, UnicodeDecodeError):
+        return _flip(rng, path)
+    op = rng.choice(["kv-int"] * 5 + ["kv-float", "kv-type", "str-len", "dim", "dim", "ttype",
+                                      "toffset", "counts"])
+    what = op
+    if op in ("kv-int", "kv-float"):
+        ints = [kv for kv in f["kv"] if kv[1] in (0, 1, 2, 3, 4, 5, 7, 10, 11)]
+        floats = [kv for kv in f["kv"] if kv[1] in (6, 12)]
+        if op == "kv-int":
+            hot = [kv for kv in ints if kv[0].endswith(_GGUF_KEYS)]
+            key, typ, _, vpos = rng.choice(hot if hot and rng.random() < 0.8 else ints)
+            bits = 8 * _G_SIZE[typ]
+            v = rng.choice([0, 1, 2**(bits - 1) - 1, 2**(bits - 1), 2**bits - 1, 3, 255]) % 2**bits
+            struct.pack_into(_G_FMT[typ].upper() if typ not in (7,) else "<B", data, vpos, v)
+            what = f"{key} = {v} (as {bits}-bit)"
+        elif floats:
+            key, typ, _, vpos = rng.choice(floats)
+            v = rng.choice([float("nan"), float("inf"), -1.0, 0.0, 1e38, -1e-45])
+            struct.pack_into(_G_FMT[typ], data, vpos, v)
+            what = f"{key} = {v}"
+    elif op == "kv-type":
+        key, _, tpos, _ = rng.choice(f["kv"])
+        v = rng.choice([0, 4, 6, 8, 9, 10, 12, 13, 255, 2**32 - 1])
+        struct.pack_into("<I", data, tpos, v)
+        what = f"{key} type -> {v}"
+    elif op == "str-len":
+        p = rng.choice(f["str"])
+        n = struct.unpack_from("<Q", data, p)[0]
+        v = rng.choice([0, n + 1, n - 1 if n else 1, 2**32, 2**63 - 1, 2**64 - 1])
+        struct.pack_into("<Q", data, p, v)
+        what = f"a string length {n} -> {v}"
+    elif op == "dim":
+        name, _, dims, _, _ = rng.choice(f["tensor"])
+        p = rng.choice(dims)
+        d = struct.unpack_from("<Q", data, p)[0]
+        v = rng.choice([0, 1, d * 2, d // 2 or 1, 2**31, 2**32, 2**40, 2**63 - 1, 2**64 - 1])
+        struct.pack_into("<Q", data, p, v)
+        what = f"{name} dim {d} -> {v}"
+    elif op == "ttype":
+        name, _, _, tp, _ = rng.choice(f["tensor"])
+        v = rng.choice([0, 1, 2, 34, 35, 36, 99, 2**32 - 1])
+        struct.pack_into("<I", data, tp, v)
+        what = f"{name} type -> {v}"
+    elif op == "toffset":
+        name, _, _, _, op_ = rng.choice(f["tensor"])
+        o = struct.unpack_from("<Q", data, op_)[0]
+        v = rng.choice([0, o + 1, o + 32, o - 32 if o >= 32 else 32, 2**40, 2**63 - 1, 2**64 - 1])
+        struct.pack_into("<Q", data, op_, v)
+        what = f"{name} offset {o} -> {v}"
+    else:
+        i = rng.choice([8, 16])
+        n = struct.unpack_from("<Q", data, i)[0]
+        v = rng.choice([0, n - 1, n + 1, 2**24, 2**32 - 1, 2**63 - 1])
+        struct.pack_into("<Q", data, i, v)
+        what = f"{'tensor' if i == 8 else 'kv'} count {n} -> {v}"
+    path.write_bytes(bytes(data))
+    return f"{path.name}: {what}"
+
+
+# ---- llama2.c ----------------------------------------------------------------------------------
+
+def _llama2c_mutate(rng: random.Random, path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    i = rng.randrange(7)
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    old = struct.unpack_from("<i", data, 4 * i)[0]
+    v = rng.choice([0, -1, 1, old - 1, old + 1, old * 2, 2**31 - 1, -(2**31), 0x616B3432, -old])
+    struct.pack_into("<i", data, 4 * i, v)
+    path.write_bytes(bytes(data))
+    return f"{path.name}: header {names[i]} {old} -> {v}"
+
+
+# =============================================================================================
+# Cases
+# =============================================================================================
+
+@dataclass
+class Case:
+    fmt: str
+    index: int
+    path: Path     # what the loader is given (a folder or a file)
+    kind: str      # "engine", "checkpoint" or "llama2c"
+    what: str      # the mutations, for the report
+
+
+def _folder_ops(rng: random.Random, folder: Path, seeds: dict[str, Path], family: str, json_only: bool):
+    weights = folder / "model.safetensors"
+    files = [p for p in (folder / "config.json", weights, folder / "tokenizer.json") if p.exists()]
+    ops = ["json-config", "json-config", "consistent", "consistent", "json-tokenizer"]
+    if not json_only:
+        ops += ["flip", "flip", "truncate", "st", "st", "st", "st", "swap", "remove"]
+    op = rng.choice(ops)
+    if op == "json-config":
+        return _mutate_json_file(rng, folder / "config.json")
+    if op == "consistent":
+        return _config_consistent(rng, folder)
+    if op == "json-tokenizer":
+        if rng.random() < 0.3:  # a tokenizer_config.json beside it (chat template, specials)
+            (folder / "tokenizer_config.json").write_text(
+                _dump({"chat_template": rng.choice(["{{", "{% for %}", 7, None, _DEEP])}))
+            return "tokenizer_config.json: broken chat_template"
+        return _mutate_json_file(rng, folder / "tokenizer.json") if (folder / "tokenizer.json").exists() \
+            else "no tokenizer.json"
+    if op == "flip":
+        p = weights if rng.random() < 0.6 else rng.choice(files)
+        return _flip(rng, p) if p.exists() else "nothing to flip"
+    if op == "truncate":
+        p = weights if rng.random() < 0.6 else rng.choice(files)
+        return _truncate(rng, p) if p.exists() else "nothing to truncate"
+    if op == "st":
+        return _st_mutate(rng, weights) if weights.exists() else "no weights"
+    if op == "remove":
+        p = rng.choice(files)
+        p.unlink()
+        return f"{p.name} removed"
+    # swap a file for another seed's (a model of the other layout / family, a bigger tokenizer)
+    name = rng.choice(["config.json", "model.safetensors", "tokenizer.json"])
+    others = [s for k, s in seeds.items() if k.startswith(family) and s != folder and s.is_dir()]
+    if name == "tokenizer.json" and rng.random() < 0.6:
+        shutil.copy(seeds["tokenizer-big"], folder / name)
+        return "tokenizer.json swapped for a 600-token one"
+    src = rng.choice(others) / name if others else None
+    if src is None or not src.exists():
+        return "no file to swap"
+    shutil.copy(src, folder / name)
+    return f"{name} swapped with {src.parent.name}'s"
+
+
+def make_case(fmt: str, index: int, seed: int, seeds: dict[str, Path], dst: str | os.PathLike) -> Case:
+    """Case ``index`` of ``fmt`` (deterministic in ``seed``): the seed copied to folder ``dst`` and
+    mutated."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is unknown; use one of {FORMATS}")
+    rng = random.Random(f"{seed}:{fmt}:{index}")
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    whats = []
+    n_ops = rng.choice([1, 1, 1, 2, 2, 3])
+    if fmt in ("gguf", "llama2c"):
+        src = seeds[rng.choice([k for k in seeds if k.startswith(fmt)])]
+        path = dst / src.name
+        shutil.copy(src, path)
+        for _ in range(n_ops):
+            op = rng.choice(["flip", "truncate", "hdr", "hdr", "hdr", "hdr"])
+            whats.append(_flip(rng, path) if op == "flip" else _truncate(rng, path) if op == "truncate"
+                         else _gguf_mutate(rng, path) if fmt == "gguf" else _llama2c_mutate(rng, path))
+            if not path.exists() or path.stat().st_size == 0:
+                break
+        return Case(fmt, index, path, "engine" if fmt == "gguf" else "llama2c", "; ".join(whats))
+    family = {"packed": "packed", "checkpoint": "checkpoint", "hf": "hf"}.get(fmt) or \
+        rng.choice(["packed", "checkpoint", "hf"])
+    src = seeds[rng.choice([k for k in seeds if k.startswith(family)])]
+    path = dst / src.name
+    shutil.copytree(src, path)
+    for _ in range(n_ops):
+        whats.append(_folder_ops(rng, path, seeds, family, json_only=fmt == "json"))
+    return Case(fmt, index, path, "checkpoint" if family == "checkpoint" else "engine", "; ".join(whats))
+
+
+# =============================================================================================
+# Running one case (in a worker)
+# =============================================================================================
+
+def load_case(kind: str, path: str | os.PathLike) -> None:
+    """Load ``path`` the way the CLI does and run a few tokens; raises what the loaders raise."""
+    path = Path(path)
+    if kind == "engine":
+        import onebit
+
+        m = onebit.load(path)
+        V, ctx = m.config.vocab_size, m.config.max_position_embeddings
+        ids = m.encode(PROMPT) if m.tokenizer is not None else [m.bos_id, 1 % V, 2 % V, 3 % V]
+        ids = ids[:max(1, min(8, ctx - 2))]  # what the model's context holds (a valid choice)
+        if m.tokenizer is not None:
+            m.decode(ids)
+        m.logits(ids)
+        list(m.generate_ids(ids, min(2, ctx - len(ids)), temperature=0))
+        if (path / "config.json").is_file() and "packed" in json.loads((path / "config.json").read_text()):
+            from ..formats.convert import read_model  # `onebit convert`'s reader of the same folder
+            from ..formats.model_io import reference_logits
+
+            reference_logits(read_model(path), ids)
+    elif kind == "checkpoint":
+        import torch
+
+        from ..checkpoint import load_model
+        from ..generate import generate_text
+
+        model, tok, _ = load_model(path)
+        ctx = model.config.max_position_embeddings
+        if tok is None or ctx < 16:
+            with torch.no_grad():
+                model(torch.tensor([[0, 1, 2][:ctx]]) % model.config.vocab_size)
+        else:
+            "".join(generate_text(model, tok, PROMPT, 2, temperature=0.0))
+    elif kind == "llama2c":
+        import torch
+
+        from ..formats.llama2c import load_llama2c
+
+        model = load_llama2c(path)
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3][:model.config.max_position_embeddings]]) % model.config.vocab_size)
+    else:
+        raise ValueError(f"kind {kind!r} is unknown")
+
+
+def _outcome(kind: str, path: str, cache: Path) -> tuple[str, str]:
+    try:
+        load_case(kind, path)
+        outcome, detail = "ok", ""
+    except ValueError as e:  # every onebit error; it must say which input is at fault
+        msg = f"{type(e).__name__}: {e}"
+        outcome, detail = ("error" if str(path) in str(e) else "unnamed-error"), msg
+    except (MemoryError, RecursionError, ZeroDivisionError) as e:
+        outcome, detail = type(e).__name__, "".join(traceback.format_exception(e)[-4:])
+    except BaseException as e:  # noqa: BLE001 - the harness reports every type (PanicException too)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        outcome, detail = "other-exception", "".join(traceback.format_exception(e)[-6:])
+    leftover = [p.name for p in (cache.rglob(".*") if cache.is_dir() else [])]
+    if leftover and outcome in ("ok", "error"):
+        outcome, detail = "half-written", f"left in the import cache: {leftover[:3]}"
+    shutil.rmtree(cache, ignore_errors=True)
+    return outcome, detail[-2000:]
+
+
+def _worker_main(conn, mem_bytes: int, cache: str, log: str) -> None:
+    os.environ["ONEBIT_CACHE"] = cache
+    os.environ["ONEBIT_NUM_THREADS"] = "1"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)  # Rust panics print here
+    os.dup2(fd, 2)
+    os.close(fd)
+    if mem_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
+    warnings.simplefilter("ignore")
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead
+    except ImportError:
+        pass
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(_outcome(job[0], job[1], Path(cache) / "converted"))
+
+
+def _preload() -> None:
+    """What every worker needs, imported once in the fork server."""
+    import onebit.checkpoint  # noqa: F401  (torch)
+    import onebit.engine  # noqa: F401
+    import onebit.formats.convert  # noqa: F401
+    import onebit.formats.gguf_io  # noqa: F401
+    import onebit.formats.hf  # noqa: F401
+    import onebit.generate  # noqa: F401
+    import onebit.kernels  # noqa: F401
+    import onebit.model  # noqa: F401
+
+
+# =============================================================================================
+# The pool
+# =============================================================================================
+
+@dataclass
+class CaseResult:
+    fmt: str
+    index: int
+    outcome: str
+    what: str
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    counts: dict[str, collections.Counter] = field(default_factory=dict)
+    failures: list[CaseResult] = field(default_factory=list)
+    results: list[CaseResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        """Markdown: one row per format, one column per outcome seen."""
+        cols = [o for o in OUTCOMES if any(c[o] for c in self.counts.values())] or ["ok"]
+        lines = ["| format | cases | " + " | ".join(cols) + " |",
+                 "|---|---:|" + "---:|" * len(cols)]
+        for fmt, c in self.counts.items():
+            lines.append(f"| {fmt} | {sum(c.values())} | " + " | ".join(str(c[o]) for o in cols) + " |")
+        return "\n".join(lines)
+
+
+class _Worker:
+    def __init__(self, ctx, mem_bytes: int, workdir: Path, n: int):
+        self.cache = str(workdir / f"cache{n}")
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, daemon=True,
+                                args=(child, mem_bytes, self.cache, str(workdir / f"worker{n}.log")))
+        self.proc.start()
+        child.close()
+        self.conn, self.case, self.t0 = parent, None, 0.0
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(5)
+        self.conn.close()
+
+
+def run(formats=FORMATS, cases: int = 30, seed: int = 0, workers: int = 2, timeout: float = 60.0,
+        mem_gib: float = 4.0, workdir: str | os.PathLike | None = None, keep: str | os.PathLike | None = None,
+        progress=None) -> Report:
+    """Run ``cases`` mutated inputs of each of ``formats`` through ``load_case`` on ``workers``
+    sandboxed processes (``timeout`` seconds and ``mem_gib`` GiB of address space each). ``keep``:
+    a folder that receives the input of every failing case. ``progress(done, total)`` is called
+    after each case."""
+    formats = list(formats)
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"format {f!r} is unknown; use one of {FORMATS}")
+    t_start = time.perf_counter()
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="onebit-fuzz-") if own else workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    report = Report(counts={f: collections.Counter() for f in formats})
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["onebit.testing.fuzz"])
+    pool: list[_Worker] = []
+    try:
+        seeds = build_seeds(workdir / "seeds", formats)
+        todo = collections.deque((f, i) for i in range(cases) for f in formats)
+        total, done = len(todo), 0
+        mem = int(mem_gib * (1 << 30))
+        pool = [_Worker(ctx, mem, workdir, n) for n in range(max(1, workers))]
+
+        def finish(w: _Worker, outcome: str, detail: str) -> None:
+            nonlocal done
+            case: Case = w.case
+            r = CaseResult(case.fmt, case.index, outcome, case.what, detail, time.perf_counter() - w.t0)
+            report.counts[case.fmt][outcome] += 1
+            report.results.append(r)
+            if outcome in FAILURES:
+                report.failures.append(r)
+                if keep is not None:
+                    dst = Path(keep) / f"{case.fmt}-{case.index}"
+                    shutil.rmtree(dst, ignore_errors=True)
+                    shutil.copytree(case.path.parent, dst)
+            shutil.rmtree(case.path.parent, ignore_errors=True)
+            w.case = None
+            done += 1
+            if progress:
+                progress(done, total)
+
+        while todo or any(w.case for w in pool):
+            for i, w in enumerate(pool):
+                if w.case is None and todo:
+                    fmt, idx = todo.popleft()
+                    w.case = make_case(fmt, idx, seed, seeds, workdir / "cases" / f"{fmt}-{idx}")
+                    w.t0 = time.perf_counter()
+                    w.conn.send((w.case.kind, str(w.case.path)))
+            busy = [w for w in pool if w.case is not None]
+            wait = max(0.05, min(w.t0 + timeout for w in busy) - time.perf_counter())
+            ready = connection.wait([w.conn for w in busy], timeout=wait)
+            for i, w in enumerate(pool):
+                if w.case is None:
+                    continue
+                if w.conn in ready:
+                    try:
+                        outcome, detail = w.conn.recv()
+                        finish(w, outcome, detail)
+                        continue
+                    except (EOFError, OSError):
+                        w.proc.join(5)
+                        code = w.proc.exitcode
+                        name = signal.Signals(-code).name if code and code < 0 else f"exit {code}"
+                        finish(w, "signal", f"the worker died: {name}")
+                elif time.perf_counter() - w.t0 > timeout:
+                    finish(w, "timeout", f"no result after {timeout:.0f} s")
+                else:
+                    continue
+                w.kill()  # dead or hung: a fresh one from the fork server
+                pool[i] = _Worker(ctx, mem, workdir, i)
+    finally:
+        for w in pool:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+            w.kill()
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.seconds = time.perf_counter() - t_start
+    return report
