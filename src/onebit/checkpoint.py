@@ -122,6 +122,19 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
         tensors, _ = read_safetensors(file)  # the header checked against the file; no data read
     except FileNotFoundError:
         raise CheckpointError(f"'{file}' is missing; the checkpoint folder is incomplete") from None
+    # cheap first: the embedding's shape and the layer count (a meta model of 1,000 layers takes
+    # seconds to build)
+    emb = tensors.get("model.embed_tokens.weight")
+    layers = {n.split(".")[2] for n in tensors if n.startswith("model.layers.")}
+    if emb is not None and tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise CheckpointError(f"'{file}': tensor model.embed_tokens.weight has shape {tuple(emb.shape)} "
+                              f"but the config (vocab_size={cfg.vocab_size}, hidden_size="
+                              f"{cfg.hidden_size}) expects {(cfg.vocab_size, cfg.hidden_size)}; the "
+                              f"checkpoint is from a different config")
+    if len(layers) != cfg.num_hidden_layers:
+        raise CheckpointError(f"'{file}' holds {len(layers)} layers but the config says "
+                              f"num_hidden_layers={cfg.num_hidden_layers}; the checkpoint is from a "
+                              f"different config")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in CausalLM(cfg).state_dict().items()}
     _check_names_and_shapes(expected, {k: v.shape for k, v in tensors.items()}, file)

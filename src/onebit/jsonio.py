@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_JSON_BYTES", "loads_checked", "read_json", "read_tokenizer"]
+__all__ = ["MAX_JSON_BYTES", "is_panic", "loads_checked", "read_json", "read_tokenizer"]
 
 MAX_JSON_BYTES = 64 << 20  # config / index / tokenizer_config files are kilobytes
 
@@ -51,6 +51,14 @@ def read_json(path: str | os.PathLike, error: type[ValueError] = ValueError, fix
     return loads_checked(data, f"'{path}'", error, fix)
 
 
+TOKENIZER_PROBE = "Hello, world! 123 \u00e9\u4e2d \n"
+
+
+def is_panic(e: BaseException) -> bool:
+    """A Rust panic inside the tokenizers library (pyo3's PanicException, not an Exception)."""
+    return type(e).__name__ == "PanicException"
+
+
 def read_tokenizer(path: str | os.PathLike, error: type[ValueError] = ValueError,
                    vocab_size: int | None = None):
     """``tokenizers.Tokenizer.from_file(path)``, or ``error`` naming the file. The library raises
@@ -62,6 +70,8 @@ def read_tokenizer(path: str | os.PathLike, error: type[ValueError] = ValueError
 
     try:
         tok = Tokenizer.from_file(str(path))
+        # some broken settings load and panic only when used (continuing_subword_prefix = "None")
+        tok.decode(tok.encode(TOKENIZER_PROBE, add_special_tokens=False).ids)
         n = tok.get_vocab_size(with_added_tokens=True)
         if vocab_size is not None and n > vocab_size:
             raise error(f"'{path}' holds {n} tokens but the model's vocab_size is {vocab_size}: it "
@@ -75,7 +85,7 @@ def read_tokenizer(path: str | os.PathLike, error: type[ValueError] = ValueError
     except Exception as e:  # noqa: BLE001 - the library's only error type
         why = e
     except BaseException as e:
-        if type(e).__name__ != "PanicException":
+        if not is_panic(e):
             raise
         why = e
     raise error(f"'{path}' is not a valid tokenizer ({str(why)[:200]}); copy the tokenizer.json the "

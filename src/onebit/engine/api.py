@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -67,11 +68,29 @@ class Model:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"prompt must be a str (or a list of token ids), got {type(text).__name__}")
-        ids = self._need_tokenizer().encode(text, add_special_tokens=False).ids
+        tok = self._need_tokenizer()
+        with self._tokenizer_errors():
+            ids = tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._need_tokenizer().decode(list(ids))
+        tok = self._need_tokenizer()
+        with self._tokenizer_errors():
+            return tok.decode(list(ids))
+
+    @contextlib.contextmanager
+    def _tokenizer_errors(self):
+        """A Rust panic in the tokenizers library (a BaseException) as an error naming the file."""
+        from ..jsonio import is_panic
+
+        try:
+            yield
+        except BaseException as e:
+            if not is_panic(e):
+                raise
+            raise EngineError(f"'{self.runtime.folder / 'tokenizer.json'}' failed on this text "
+                              f"({str(e)[:160]}); the tokenizer is broken: copy the one the model "
+                              f"was trained with") from None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits [T, V] of every position of ``ids`` (a fresh cache)."""

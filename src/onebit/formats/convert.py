@@ -74,14 +74,14 @@ def _engine_logits(folder: Path, ids: np.ndarray) -> np.ndarray:
     from ..engine.api import load
 
     m = load(folder)
-    m.runtime.reset(len(ids) + 1)
+    m.runtime.reset(len(ids))
     return np.asarray(m.runtime.forward(ids, 0, last_only=False), np.float64)
 
 
 def _batched(tm: TernaryModel):
     """out_logits for _check from a reference forward of ``tm``, computed once for all probes."""
     cfg = tm.config
-    seqs = probe_ids(cfg.vocab_size, cfg.bos_token_id)
+    seqs = probe_ids(cfg.vocab_size, cfg.bos_token_id, length=min(8, cfg.max_position_embeddings))
     refs = reference_logits(tm, np.stack(seqs))
     table = {s.tobytes(): r for s, r in zip(seqs, refs)}
     return lambda ids: table[np.asarray(ids, np.int64).tobytes()]
@@ -99,7 +99,8 @@ ENGINE = 0.25
 def _check(src: TernaryModel, out_logits, what: str, rtol: float, cache: dict) -> dict:
     cfg = src.config
     if "refs" not in cache:  # one pass over the source's weights for all probes and checks
-        cache["seqs"] = probe_ids(cfg.vocab_size, cfg.bos_token_id)
+        cache["seqs"] = probe_ids(cfg.vocab_size, cfg.bos_token_id,
+                                  length=min(8, cfg.max_position_embeddings))  # fits the context
         cache["refs"] = reference_logits(src, np.stack(cache["seqs"]))
     worst = {"max_rel_err": 0.0, "top1_agree": 1.0, "positions": 0, "decisive": 0}
     for ids, ref in zip(cache["seqs"], cache["refs"]):

@@ -55,14 +55,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FORMATS", "OUTCOMES", "FAILURES", "CaseResult", "Report", "build_seeds", "make_case",
-           "load_case", "run"]
+__all__ = ["FORMATS", "OUTCOMES", "FAILURES", "Case", "CaseResult", "Report", "build_seeds",
+           "make_case", "load_case", "run", "run_cases"]
 
 FORMATS = ("packed", "gguf", "checkpoint", "hf", "json", "llama2c")
 OUTCOMES = ("ok", "error", "signal", "timeout", "MemoryError", "RecursionError", "ZeroDivisionError",
             "other-exception", "unnamed-error", "half-written")
 FAILURES = OUTCOMES[2:]
 PROMPT = "Once upon a time there was a fox"
+STARTUP_TIMEOUT = 300  # seconds for a worker to start (the fork server imports torch once)
 
 # =============================================================================================
 # Seeds: tiny models written by onebit's own writers
@@ -333,9 +334,9 @@ def _st_mutate(rng: random.Random, path: Path) -> str:
     try:
         header, body = _st_read(path)
         names = sorted(k for k in header if k != "__metadata__")
-    except (ValueError, RecursionError, AttributeError):
+    except (ValueError, RecursionError, AttributeError, TypeError):
         return _flip(rng, path)
-    if not names:
+    if not names or not isinstance(header[names[0]], dict):
         return _flip(rng, path)
     name = rng.choice(names)
     t = header[name]
@@ -454,9 +455,11 @@ _GGUF_KEYS = ("block_count", "head_count", "embedding_length", "feed_forward_len
 
 def _gguf_mutate(rng: random.Random, path: Path) -> str:
     data = bytearray(path.read_bytes())
-    try:
+    try:  # an earlier mutation may have broken the header: then flip bytes instead
         f = _gguf_fields(bytes(data))
-    except (struct.error, KeyError, UnicodeDecodeError):
+        if not f["kv"] or not f["tensor"]:
+            raise ValueError("no fields")
+    except (struct.error, KeyError, ValueError, OverflowError, IndexError):
         return _flip(rng, path)
     op = rng.choice(["kv-int"] * 5 + ["kv-float", "kv-type", "str-len", "dim", "dim", "ttype",
                                       "toffset", "counts"])
@@ -519,6 +522,8 @@ def _gguf_mutate(rng: random.Random, path: Path) -> str:
 
 def _llama2c_mutate(rng: random.Random, path: Path) -> str:
     data = bytearray(path.read_bytes())
+    if len(data) < 28:
+        return _flip(rng, path)
     i = rng.randrange(7)
     names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
     old = struct.unpack_from("<i", data, 4 * i)[0]
@@ -584,6 +589,15 @@ def _folder_ops(rng: random.Random, folder: Path, seeds: dict[str, Path], family
     return f"{name} swapped with {src.parent.name}'s"
 
 
+def _guarded(fn, *args) -> str:
+    """A mutation applied to what earlier ones left (maybe nothing parseable): if the mutator itself
+    trips, the case goes on with the input as it is (deterministically: the RNG is not reseeded)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - a harness-side problem, never an outcome
+        return f"(mutation skipped: {type(e).__name__})"
+
+
 def make_case(fmt: str, index: int, seed: int, seeds: dict[str, Path], dst: str | os.PathLike) -> Case:
     """Case ``index`` of ``fmt`` (deterministic in ``seed``): the seed copied to folder ``dst`` and
     mutated."""
@@ -600,8 +614,9 @@ def make_case(fmt: str, index: int, seed: int, seeds: dict[str, Path], dst: str 
         shutil.copy(src, path)
         for _ in range(n_ops):
             op = rng.choice(["flip", "truncate", "hdr", "hdr", "hdr", "hdr"])
-            whats.append(_flip(rng, path) if op == "flip" else _truncate(rng, path) if op == "truncate"
-                         else _gguf_mutate(rng, path) if fmt == "gguf" else _llama2c_mutate(rng, path))
+            fn = (_flip if op == "flip" else _truncate if op == "truncate"
+                  else _gguf_mutate if fmt == "gguf" else _llama2c_mutate)
+            whats.append(_guarded(fn, rng, path))
             if not path.exists() or path.stat().st_size == 0:
                 break
         return Case(fmt, index, path, "engine" if fmt == "gguf" else "llama2c", "; ".join(whats))
@@ -611,7 +626,7 @@ def make_case(fmt: str, index: int, seed: int, seeds: dict[str, Path], dst: str 
     path = dst / src.name
     shutil.copytree(src, path)
     for _ in range(n_ops):
-        whats.append(_folder_ops(rng, path, seeds, family, json_only=fmt == "json"))
+        whats.append(_guarded(_folder_ops, rng, path, seeds, family, fmt == "json"))
     return Case(fmt, index, path, "checkpoint" if family == "checkpoint" else "engine", "; ".join(whats))
 
 
@@ -659,6 +674,27 @@ def load_case(kind: str, path: str | os.PathLike) -> None:
         model = load_llama2c(path)
         with torch.no_grad():
             model(torch.tensor([[1, 2, 3][:model.config.max_position_embeddings]]) % model.config.vocab_size)
+    elif kind.startswith("selftest-"):  # the harness's own tests: each failure class on purpose
+        what = kind.split("-", 1)[1]
+        if what == "segv":
+            import ctypes
+
+            ctypes.string_at(0)
+        elif what == "hang":
+            time.sleep(3600)
+        elif what == "alloc":
+            bytearray(64 << 30)
+        elif what == "unnamed":
+            raise ValueError("an error that does not say which file")
+        elif what == "named":
+            raise ValueError(f"'{path}' is broken")
+        elif what == "panic":
+            from tokenizers import Tokenizer
+
+            Tokenizer.from_str(json.dumps({"model": {"type": "BPE", "vocab": {"a": 0},
+                                                     "merges": ["a a"], "continuing_subword_prefix": "None"}}))
+        elif what == "recursion":
+            json.loads("[" * 100_000 + "]" * 100_000)
     else:
         raise ValueError(f"kind {kind!r} is unknown")
 
@@ -698,6 +734,7 @@ def _worker_main(conn, mem_bytes: int, cache: str, log: str) -> None:
         torch.set_num_threads(1)  # tiny models: intra-op threads only add overhead
     except ImportError:
         pass
+    conn.send("ready")  # the case timer starts now, not while the fork server boots
     while True:
         job = conn.recv()
         if job is None:
@@ -756,7 +793,7 @@ class _Worker:
                                 args=(child, mem_bytes, self.cache, str(workdir / f"worker{n}.log")))
         self.proc.start()
         child.close()
-        self.conn, self.case, self.t0 = parent, None, 0.0
+        self.conn, self.case, self.t0, self.ready, self.born = parent, None, 0.0, False, time.perf_counter()
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -780,45 +817,75 @@ def run(formats=FORMATS, cases: int = 30, seed: int = 0, workers: int = 2, timeo
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="onebit-fuzz-") if own else workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        seeds = build_seeds(workdir / "seeds", formats)
+        makers = [lambda f=f, i=i: make_case(f, i, seed, seeds, workdir / "cases" / f"{f}-{i}")
+                  for i in range(cases) for f in formats]
+        report = run_cases(makers, formats, workers, timeout, mem_gib, workdir, keep, progress)
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def run_cases(makers, formats, workers: int = 2, timeout: float = 60.0, mem_gib: float = 4.0,
+              workdir: str | os.PathLike | None = None, keep: str | os.PathLike | None = None,
+              progress=None) -> Report:
+    """The pool: ``makers`` are callables returning a ``Case`` (built when a worker is free; the
+    case's folder, ``case.path.parent``, is deleted after its result). Reused by ``run`` and by
+    the harness's own tests (cases that crash, hang or allocate on purpose)."""
+    t_start = time.perf_counter()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="onebit-fuzz-"))
     report = Report(counts={f: collections.Counter() for f in formats})
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["onebit.testing.fuzz"])
+    mem = int(mem_gib * (1 << 30))
+    todo = collections.deque(makers)
+    total, done = len(todo), 0
     pool: list[_Worker] = []
+
+    def finish(w: _Worker, outcome: str, detail: str) -> None:
+        nonlocal done
+        case: Case = w.case
+        r = CaseResult(case.fmt, case.index, outcome, case.what, detail, time.perf_counter() - w.t0)
+        report.counts.setdefault(case.fmt, collections.Counter())[outcome] += 1
+        report.results.append(r)
+        if outcome in FAILURES:
+            report.failures.append(r)
+            if keep is not None:
+                dst = Path(keep) / f"{case.fmt}-{case.index}"
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(case.path.parent, dst)
+        shutil.rmtree(case.path.parent, ignore_errors=True)
+        w.case = None
+        done += 1
+        if progress:
+            progress(done, total)
+
     try:
-        seeds = build_seeds(workdir / "seeds", formats)
-        todo = collections.deque((f, i) for i in range(cases) for f in formats)
-        total, done = len(todo), 0
-        mem = int(mem_gib * (1 << 30))
         pool = [_Worker(ctx, mem, workdir, n) for n in range(max(1, workers))]
-
-        def finish(w: _Worker, outcome: str, detail: str) -> None:
-            nonlocal done
-            case: Case = w.case
-            r = CaseResult(case.fmt, case.index, outcome, case.what, detail, time.perf_counter() - w.t0)
-            report.counts[case.fmt][outcome] += 1
-            report.results.append(r)
-            if outcome in FAILURES:
-                report.failures.append(r)
-                if keep is not None:
-                    dst = Path(keep) / f"{case.fmt}-{case.index}"
-                    shutil.rmtree(dst, ignore_errors=True)
-                    shutil.copytree(case.path.parent, dst)
-            shutil.rmtree(case.path.parent, ignore_errors=True)
-            w.case = None
-            done += 1
-            if progress:
-                progress(done, total)
-
         while todo or any(w.case for w in pool):
-            for i, w in enumerate(pool):
-                if w.case is None and todo:
-                    fmt, idx = todo.popleft()
-                    w.case = make_case(fmt, idx, seed, seeds, workdir / "cases" / f"{fmt}-{idx}")
+            for w in pool:
+                if w.ready and w.case is None and todo:
+                    w.case = todo.popleft()()
                     w.t0 = time.perf_counter()
                     w.conn.send((w.case.kind, str(w.case.path)))
+            booting = [w for w in pool if not w.ready]
+            for w in booting:
+                if time.perf_counter() - w.born > STARTUP_TIMEOUT:
+                    raise RuntimeError(f"a fuzz worker did not start in {STARTUP_TIMEOUT} s (exit code "
+                                       f"{w.proc.exitcode}); see {workdir}/worker*.log")
             busy = [w for w in pool if w.case is not None]
-            wait = max(0.05, min(w.t0 + timeout for w in busy) - time.perf_counter())
-            ready = connection.wait([w.conn for w in busy], timeout=wait)
+            wait = min([w.t0 + timeout for w in busy] + [time.perf_counter() + 1.0]) - time.perf_counter()
+            ready = connection.wait([w.conn for w in busy + booting], timeout=max(0.05, wait))
+            for w in booting:
+                if w.conn in ready:
+                    try:
+                        w.ready = w.conn.recv() == "ready"
+                    except (EOFError, OSError):
+                        raise RuntimeError(f"a fuzz worker died while starting (exit code "
+                                           f"{w.proc.exitcode}); see {workdir}/worker*.log") from None
             for i, w in enumerate(pool):
                 if w.case is None:
                     continue
@@ -845,7 +912,5 @@ def run(formats=FORMATS, cases: int = 30, seed: int = 0, workers: int = 2, timeo
             except (OSError, ValueError):
                 pass
             w.kill()
-        if own:
-            shutil.rmtree(workdir, ignore_errors=True)
     report.seconds = time.perf_counter() - t_start
     return report
