@@ -69,10 +69,12 @@ def test_layout_swap_is_refused_not_a_segfault(tmp_path):
     """hidden/intermediate 1280: i2 rows are 320 bytes, t1_6 rows 256. The per-tensor checks used
     the tensor's declared layout and the C layer the config's, so the kernel read rows past the
     mapped file (SIGSEGV in `onebit generate`)."""
-    folder = _packed(tmp_path, layout="t1_6", vocab_size=256, hidden_size=1280, intermediate_size=1280,
+    folder = _packed(tmp_path, layout="t1_6", hidden_size=1280, intermediate_size=1280,
                      num_hidden_layers=1, num_attention_heads=10, num_key_value_heads=5)
+    (folder / "tokenizer.json").write_text(_tokenizer(300))  # so that generate reaches the kernels
     _edit_json(folder / "config.json", lambda c: c["packed"].update(layout="i2"))
-    r = subprocess.run([sys.executable, "-m", "onebit", "generate", "--model", str(folder), "Hi"],
+    r = subprocess.run([sys.executable, "-m", "onebit", "generate", "--model", str(folder), "Hi",
+                        "--max-new-tokens", "4"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "onebit generate: error:" in r.stderr and f"{folder}/config.json" in r.stderr
@@ -120,14 +122,18 @@ def test_absurd_hidden_size_fails_at_once_naming_the_field(tmp_path, value):
     _edit_json(folder / "config.json",
                lambda c: c["model"].update(hidden_size=value, num_attention_heads=3))
     r = _isolated(f"""
+        import time
         import onebit
+        t0 = time.perf_counter()
         try:
             onebit.load({str(folder)!r})
         except ValueError as e:
             print("refused:", e)
+        print(f"seconds {{time.perf_counter() - t0:.1f}}")
     """, timeout=60)
     assert r.returncode == 0 and "refused:" in r.stdout, (r.returncode, r.stderr[-1000:])
     assert "hidden_size" in r.stdout and str(folder) in r.stdout
+    assert float(r.stdout.split("seconds ")[1]) < 5, r.stdout  # 200,000,000 took ~20 s
 
 
 def test_train_override_of_an_absurd_size_fails_at_once():
