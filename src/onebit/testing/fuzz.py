@@ -247,6 +247,12 @@ def _mutate_json_file(rng: random.Random, path: Path) -> str:
     return f"{path.name}: {what}"
 
 
+def _int(v, default: int) -> int:
+    """v if it is a plain int of a sane size, else default: arithmetic on what an earlier mutation
+    left (a string, a list) must not build something huge in the harness itself."""
+    return v if type(v) is int and abs(v) < 1 << 64 else default
+
+
 def _config_consistent(rng: random.Random, folder: Path) -> str:
     """Config edits that keep config.json valid but no longer true of the weights."""
     path = folder / "config.json"
@@ -264,7 +270,7 @@ def _config_consistent(rng: random.Random, folder: Path) -> str:
     L = L if isinstance(L, int) else 2
     edits = {
         "layers-1": ("num_hidden_layers", max(L - 1, 1)), "layers+1": ("num_hidden_layers", L + 1),
-        "hidden*2": ("hidden_size", 2 * table.get("hidden_size", 64)), "vocab-1": ("vocab_size", 319),
+        "hidden*2": ("hidden_size", 2 * _int(table.get("hidden_size"), 64)), "vocab-1": ("vocab_size", 319),
         "vocab=2^31": ("vocab_size", 2**31), "hidden=192000": ("hidden_size", 192000),
         "layers=2^40": ("num_hidden_layers", 2**40), "heads": ("num_attention_heads", 8),
         "kv_heads": ("num_key_value_heads", 1), "head_dim": ("head_dim", rng.choice([32, 80, 10**308])),
@@ -343,11 +349,13 @@ def _st_mutate(rng: random.Random, path: Path) -> str:
     op = rng.choice(["dim", "dim", "reshape", "reshape", "dtype", "dtype", "offsets", "rename",
                      "rename", "drop", "meta", "meta", "deep"])
     what = op
-    if op == "dim" and t["shape"]:
+    if op == "dim" and isinstance(t.get("shape"), list) and t["shape"]:
         i = rng.randrange(len(t["shape"]))
         t["shape"][i] = rng.choice(_BIG_INTS + [1e308, "7", None, []])
         what = f"{name} shape[{i}] = {str(t['shape'][i])[:24]}"
-    elif op == "reshape":  # the same bytes, another shape: passes the container's own checks
+    elif op == "reshape" and all(type(v) is int and 0 <= v < 1 << 40 for v in t["shape"]):
+        # the same bytes, another shape: passes the container's own checks. (Only on int dims: an
+        # earlier edit may have left "7" there, and math.prod(["7", 2**40]) is a 1 TB string.)
         s = t["shape"]
         count = math.prod(s)
         new = rng.choice([s[::-1], [count], [1, count], [count, 1], s + [1]])
@@ -401,7 +409,8 @@ def _declared_edit(rng: random.Random, decl: dict) -> tuple[dict, str]:
         d["layout"] = "i2" if d.get("layout") == "t1_6" else "t1_6"
         return decl, f"{name} layout -> {d['layout']}"
     i = rng.randrange(2)
-    d["shape"][i] = rng.choice([d["shape"][i] + 1, d["shape"][i] * 2, 2**31, 2**63 - 1, 1])
+    v = _int(d["shape"][i], 7)
+    d["shape"][i] = rng.choice([v + 1, v * 2, 2**31, 2**63 - 1, 1])
     return decl, f"{name} shape[{i}] = {d['shape'][i]}"
 
 
@@ -423,7 +432,7 @@ def _gguf_fields(data: bytes) -> dict[str, list]:
         f["str"].append(p)
         return p + 8 + n, data[p + 8:p + 8 + n].decode("utf-8", "replace")
 
-    for _ in range(n_kv):
+    for _ in range(min(n_kv, len(data))):  # every entry takes bytes: the file bounds the loops
         pos, key = string(pos)
         typ = struct.unpack_from("<I", data, pos)[0]
         f["kv"].append((key, typ, pos, pos + 4))
@@ -436,13 +445,15 @@ def _gguf_fields(data: bytes) -> dict[str, list]:
             sub, n = struct.unpack_from("<IQ", data, pos)
             pos += 12
             if sub == 8:
-                for _ in range(n):
+                for _ in range(min(n, len(data))):
                     pos, _ = string(pos)
             else:
                 pos += n * _G_SIZE[sub]
-    for _ in range(n_tensors):
+    for _ in range(min(n_tensors, len(data))):
         pos, name = string(pos)
         nd = struct.unpack_from("<I", data, pos)[0]
+        if nd > 8:  # a mutated count: never build a list of 2^32 positions here
+            raise ValueError(f"tensor {name!r} has {nd} dims")
         dims = [pos + 4 + 8 * i for i in range(nd)]
         f["tensor"].append((name, pos, dims, pos + 4 + 8 * nd, pos + 8 + 8 * nd))
         pos += 4 + 8 * nd + 12
