@@ -83,10 +83,11 @@ def packed_config(folder: Path, raw: Any = None) -> dict[str, Any]:
     if not isinstance(p, dict):
         raise ValueError(f"'{folder}/config.json' has no 'packed' table: this is not a packed model "
                          f"folder; write one with `onebit export` (formats.packed_model.export_packed)")
-    if p.get("format_version") != PACKED_VERSION:
+    if type(p.get("format_version")) is not int or p["format_version"] != PACKED_VERSION:
         raise ValueError(f"'{folder}' is packed format version {p.get('format_version')!r}; this "
                          f"onebit reads version {PACKED_VERSION}: re-export the model")
-    if p.get("layout") not in LAYOUTS or p.get("embedding") not in EMBEDDINGS:
+    if not (isinstance(p.get("layout"), str) and p["layout"] in LAYOUTS
+            and isinstance(p.get("embedding"), str) and p["embedding"] in EMBEDDINGS):
         raise ValueError(f"'{folder}/config.json': packed layout {p.get('layout')!r} / embedding "
                          f"{p.get('embedding')!r} unknown (layouts {sorted(LAYOUTS)}, embeddings "
                          f"{list(EMBEDDINGS)}); re-export the model")

@@ -73,7 +73,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 raise _fail(path, f"tensor {name!r} entry {str(d)[:80]} needs exactly dtype, shape "
                                   f"and data_offsets")
             dt, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
-            if dt not in _DTYPES:
+            if not isinstance(dt, str) or dt not in _DTYPES:
                 raise _fail(path, f"tensor {name!r} has unknown dtype {dt!r}")
             if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
                 raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
