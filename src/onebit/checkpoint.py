@@ -115,13 +115,15 @@ def check_weights_header(cfg: ModelConfig, file: Path) -> None:
     of ``cfg`` built on the meta device (no memory), so a config.json that does not match the
     weights (hidden_size=192000, vocab_size=2**31 beside a small model) fails before the model is
     allocated. Raises CheckpointError / SafetensorsError naming the file."""
-    from .formats.safetensors_mmap import read_safetensors
+    from .formats.safetensors_mmap import SafetensorsError, read_safetensors
     from .model import CausalLM
 
     try:
         tensors, _ = read_safetensors(file)  # the header checked against the file; no data read
     except FileNotFoundError:
         raise CheckpointError(f"'{file}' is missing; the checkpoint folder is incomplete") from None
+    except SafetensorsError as e:  # names the file; "truncated or corrupt"
+        raise CheckpointError(f"{e} (or use an earlier checkpoint)") from None
     # cheap first: the embedding's shape and the layer count (a meta model of 1,000 layers takes
     # seconds to build)
     emb = tensors.get("model.embed_tokens.weight")
