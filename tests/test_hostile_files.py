@@ -326,7 +326,7 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
     tok = Tokenizer.from_str(_tokenizer(300))
     tok.add_tokens([f"<extra{i}>" for i in range(400 - tok.get_vocab_size())])
     (folder / "tokenizer.json").write_text(tok.to_str())  # 400 tokens, embeddings for 320
-    with pytest.raises(EngineError, match="holds 400 tokens but the model's vocab_size is 320"):
+    with pytest.raises(EngineError, match=r"token ids up to 399 \(400 tokens\) but the model's vocab_size is 320"):
         onebit.load(folder)
 
 
@@ -335,3 +335,41 @@ def test_valid_models_still_load_and_run(tmp_path):
     for layout in ("i2", "t1_6"):
         m = onebit.load(_packed(tmp_path, layout, layout=layout))
         assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+def test_tokenizer_with_an_id_past_the_vocabulary_is_refused(tmp_path):
+    """Found by the fuzz run: a vocab entry edited to id 4294967295 kept the token count (300) but
+    encoded to an id the embedding does not have; the API then refused the *prompt* without
+    naming the file."""
+    folder = _packed(tmp_path)
+    tok = json.loads(_tokenizer(300))
+    tok["model"]["vocab"]["o"] = 4294967295
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(EngineError, match="token ids up to 4294967295") as e:
+        onebit.load(folder)
+    assert f"{folder}/tokenizer.json" in str(e.value)
+
+
+def test_weights_out_of_float_range_name_the_model(tmp_path, checkpoint):
+    """Found by the fuzz run: finite weights (3e38) overflow to inf logits, and the sampler's
+    error ("logits contain NaN/inf") did not say which model."""
+    from safetensors.numpy import load_file, save_file
+
+    from onebit.generate import generate
+
+    folder = write_random_model(tmp_path / "m", ModelConfig(**{**SMALL, "tie_word_embeddings": False}),
+                                embedding="f32", seed=0)
+    t = load_file(str(folder / "model.safetensors"))
+    meta = read_safetensors(folder / "model.safetensors")[1]
+    t["lm_head.weight"][:] = 3e38  # finite; its dot products overflow
+    save_file(t, str(folder / "model.safetensors"), metadata=meta)
+    with pytest.raises(EngineError, match="logits are NaN/inf") as e:
+        onebit.load(folder).logits([1, 2])
+    assert str(folder) in str(e.value)
+    t = load_file(str(checkpoint / "model.safetensors"))
+    t["model.norm.weight"][:] = 3e38
+    save_file(t, str(checkpoint / "model.safetensors"), metadata={"format": "onebit", "format_version": "1"})
+    model, _, _ = load_model(checkpoint)
+    with pytest.raises(ValueError, match="logits are NaN/inf") as e:
+        list(generate(model, [1, 2], 2, temperature=0))
+    assert str(checkpoint) in str(e.value)

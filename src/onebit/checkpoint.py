@@ -169,6 +169,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     check_weights_header(cfg, folder / MODEL_FILE)  # before CausalLM(cfg) allocates anything
     model = CausalLM(cfg)
     load_state_into(model, folder / MODEL_FILE)
+    model.source = str(folder)  # named by generation errors (generate.py)
     model.to(device).eval()
     tokenizer = None
     if (folder / TOKENIZER_FILE).is_file():

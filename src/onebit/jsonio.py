@@ -72,11 +72,13 @@ def read_tokenizer(path: str | os.PathLike, error: type[ValueError] = ValueError
         tok = Tokenizer.from_file(str(path))
         # some broken settings load and panic only when used (continuing_subword_prefix = "None")
         tok.decode(tok.encode(TOKENIZER_PROBE, add_special_tokens=False).ids)
-        n = tok.get_vocab_size(with_added_tokens=True)
-        if vocab_size is not None and n > vocab_size:
-            raise error(f"'{path}' holds {n} tokens but the model's vocab_size is {vocab_size}: it "
-                        f"is not this model's tokenizer; copy the tokenizer.json the model was "
-                        f"trained with")
+        if vocab_size is not None:  # the largest id, not the count: ids may have gaps
+            ids = tok.get_vocab(with_added_tokens=True).values()
+            n = max(ids, default=-1) + 1
+            if n > vocab_size:
+                raise error(f"'{path}' has token ids up to {n - 1} ({len(ids)} tokens) but the "
+                            f"model's vocab_size is {vocab_size}: it is not this model's tokenizer; "
+                            f"copy the tokenizer.json the model was trained with")
         return tok
     except ValueError as e:
         if isinstance(e, error) and str(path) in str(e):

@@ -366,7 +366,8 @@ class Runtime:
             return out
         # row by row, always: BLAS picks other kernels (and summation orders) for a matrix than for
         # a vector, and a batched decode must give the floats of one sequence alone
-        return np.stack([self.head @ row for row in h])
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite names the file instead
+            return np.stack([self.head @ row for row in h])
 
     # -- cache ---------------------------------------------------------------------------------
     def reset(self, max_len: int | None = None, slots: int = 1) -> None:
@@ -419,7 +420,7 @@ class Runtime:
             self._raise(st, li)
         if last_only:
             x = x[-1:]
-        logits = self._logits(np.ascontiguousarray(x))                      # [T, V]
+        logits = self._finite(self._logits(np.ascontiguousarray(x)))        # [T, V]
         return logits[0] if last_only else logits
 
     def forward_batch(self, tokens, positions, slots) -> np.ndarray:
@@ -442,7 +443,7 @@ class Runtime:
             st = self._batch_fn(sp, x.ctypes.data, B, lens, ps, self._cos_p, self._sin_p,
                                 self.max_len, ck, cv, self.max_len)
             self._raise(st, li)
-        return self._logits(x)
+        return self._finite(self._logits(x))
 
     def _check(self, ids: np.ndarray, pos: list[int], lens: list[int], slots: list[int]) -> None:
         V = self.config.vocab_size
@@ -456,6 +457,12 @@ class Runtime:
             if p < 0 or p + n > self.max_len:
                 raise ValueError(f"positions {p}..{p + n - 1} do not fit the KV cache of "
                                  f"{self.max_len}; call reset(max_len) with a larger max_len")
+
+    def _finite(self, logits: np.ndarray) -> np.ndarray:
+        if not np.isfinite(logits).all():  # V floats per row: cheap next to the LM head itself
+            raise EngineError(f"'{self.folder}': the logits are NaN/inf: weights out of float range "
+                              f"(the file is corrupt); re-export the model")
+        return logits
 
     def _raise(self, st: int, li: int) -> None:
         if st:
