@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
 
+def short(value: Any, limit: int = 40) -> str:
+    """repr(value) for an error message, cut to about ``limit`` characters: a value read from a
+    hostile file (a 1,000-character string, a 309-digit number) must not flood the one-line error."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 10]}... ({len(r)} characters)"
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -42,15 +49,15 @@ def coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
                 return coerce(cls_name, name, a, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{cls_name}.{name}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{cls_name}.{name}: bad value {short(value)}")
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{cls_name}.{name} must be a list, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name} must be a list, got {short(value)}")
         elem = args[0] if args else str
         return tuple(coerce(cls_name, name, elem, v) for v in value)
-    bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {value!r} "
+    bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {short(value)} "
                       f"({type(value).__name__}): fix the value in the config or the --{name}= override")
     if tp is bool:
         if isinstance(value, bool):
@@ -127,7 +134,7 @@ def to_dict(obj) -> dict[str, Any]:
 
 def _choice(cls: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{cls}.{name}={value!r} is not valid: use one of {list(choices)}")
+        raise ConfigError(f"{cls}.{name}={short(value)} is not valid: use one of {list(choices)}")
 
 
 def check_types(obj) -> None:
@@ -153,7 +160,7 @@ def check_types(obj) -> None:
         else:
             ok = not set(allowed) & {bool, int, float, str}  # other field types are not checked here
         if not ok:
-            raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {v!r} "
+            raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {short(v)} "
                               f"({type(v).__name__}): fix the value in the config or the "
                               f"--{f.name}= override")
         if v is not getattr(obj, f.name):
@@ -163,7 +170,7 @@ def check_types(obj) -> None:
 def _positive(cls: str, name: str, value: Any) -> None:
     # `not value > 0` also refuses NaN; floats must be finite
     if value is None or not value > 0 or (isinstance(value, float) and value == float("inf")):
-        raise ConfigError(f"{cls}.{name}={value!r} must be a finite number > 0")
+        raise ConfigError(f"{cls}.{name}={short(value)} must be a finite number > 0")
 
 
 # Upper bounds of ModelConfig's sizes: several times the largest released models (Llama-3.1-405B:
@@ -185,8 +192,7 @@ MAX_SIZES: dict[str, int] = {
 def _bounded(cls: str, name: str, value: Any) -> None:
     top = MAX_SIZES[name]
     if value is not None and value > top:
-        text = repr(value) if len(repr(value)) <= 24 else f"{str(value)[:8]}... ({len(str(value))} digits)"
-        raise ConfigError(f"{cls}.{name}={text} is larger than onebit's limit of {top:,} (several "
+        raise ConfigError(f"{cls}.{name}={short(value)} is larger than onebit's limit of {top:,} (several "
                           f"times any released model); the config is corrupt or mistyped: fix the "
                           f"value in the config or the --{name}= override")
 

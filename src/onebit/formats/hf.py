@@ -214,7 +214,7 @@ def _model_config(layout: str, hf: dict, folder: Path) -> ModelConfig:
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         if isinstance(e, HFFormatError):
             raise
-        raise HFFormatError(f"'{folder}/config.json' does not describe a valid model: {e}") from None
+        raise HFFormatError(f"'{folder}/config.json' does not describe a valid model: {str(e)[:300]}") from None
 
 
 def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
@@ -252,7 +252,7 @@ def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=get("bos_token_id", 1), eos_token_id=eos, norm_placement=placement)
     except (TypeError, ValueError) as e:
-        raise HFFormatError(f"'{folder}/config.json' does not map onto an onebit model: {e}") from None
+        raise HFFormatError(f"'{folder}/config.json' does not map onto an onebit model: {str(e)[:300]}") from None
 
 
 _SUBNORM_NAMES = {"bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),

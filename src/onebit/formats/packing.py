@@ -25,6 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..config import short
+
 FORMAT_NAME = "onebit-packed"
 FORMAT_VERSION = "1"
 META_FORMAT = "onebit.format"
@@ -348,10 +350,10 @@ def read_declared(path: Path, meta: dict[str, str]) -> dict[str, tuple[str, tupl
     ``path``."""
     if meta.get(META_FORMAT) != FORMAT_NAME:
         raise PackedFormatError(f"'{path}' is not an onebit packed file (metadata {META_FORMAT!r} is "
-                                f"{meta.get(META_FORMAT)!r}, expected {FORMAT_NAME!r}); write it with "
+                                f"{short(meta.get(META_FORMAT))}, expected {FORMAT_NAME!r}); write it with "
                                 f"save_packed")
     if meta.get(META_VERSION) != FORMAT_VERSION:
-        raise PackedFormatError(f"'{path}' has packed format version {meta.get(META_VERSION)!r}; this "
+        raise PackedFormatError(f"'{path}' has packed format version {short(meta.get(META_VERSION))}; this "
                                 f"onebit reads version {FORMAT_VERSION!r}: use a matching onebit or "
                                 f"re-export the file")
     from ..jsonio import loads_checked
@@ -368,7 +370,7 @@ def read_declared(path: Path, meta: dict[str, str]) -> dict[str, tuple[str, tupl
               and isinstance(d["shape"], list) and len(d["shape"]) == 2
               and all(type(v) is int and v >= 1 for v in d["shape"]))
         if not ok:
-            raise PackedFormatError(f"'{path}': tensor {name!r} has an invalid declaration {d!r} in "
+            raise PackedFormatError(f"'{path}': tensor {short(name)} has an invalid declaration {short(d)} in "
                                     f"{META_TENSORS!r}: expected {{\"layout\": one of "
                                     f"{sorted(LAYOUTS)}, \"shape\": [N, K]}}; re-create the file")
         declared[name] = (d["layout"], (d["shape"][0], d["shape"][1]))
