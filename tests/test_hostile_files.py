@@ -373,3 +373,32 @@ def test_weights_out_of_float_range_name_the_model(tmp_path, checkpoint):
     with pytest.raises(ValueError, match="logits are NaN/inf") as e:
         list(generate(model, [1, 2], 2, temperature=0))
     assert str(checkpoint) in str(e.value)
+
+
+def _hf(tmp_path, **kw):
+    from onebit.formats.convert import convert
+
+    src = _packed(tmp_path, "src", **kw)
+    (src / "tokenizer.json").write_text(_tokenizer(300))
+    convert(src, tmp_path / "hf", "hf", verify=False)
+    return tmp_path / "hf"
+
+
+def test_hf_import_checks_the_source_tokenizer(tmp_path, monkeypatch):
+    """A broken tokenizer.json in a transformers folder was copied into the converted cache and
+    refused from there: the error named the cache, not the user's file."""
+    monkeypatch.setenv("ONEBIT_CACHE", str(tmp_path / "cache"))
+    hf = _hf(tmp_path)
+    (hf / "tokenizer.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a valid tokenizer") as e:
+        onebit.load(hf)
+    assert f"{hf}/tokenizer.json" in str(e.value)
+
+
+def test_hf_import_of_a_short_context_model(tmp_path, monkeypatch):
+    """The conversion check probed 8 tokens whatever the model's context: a model with
+    max_position_embeddings = 4 failed with "max_len=9 must be in [1, 4]", naming nothing."""
+    monkeypatch.setenv("ONEBIT_CACHE", str(tmp_path / "cache"))
+    hf = _hf(tmp_path, max_position_embeddings=4)
+    m = onebit.load(hf)
+    assert np.isfinite(m.logits([1, 2, 3])).all()
