@@ -103,7 +103,8 @@ def main() -> None:
                 acc = np.empty((m, n), np.int32)
 
                 def direct():
-                    lib.ob_gemm_i2(packed.ctypes.data, n, k, x.ctypes.data, m, k, acc.ctypes.data)
+                    lib.ob_gemm_i2(packed.ctypes.data, packed.nbytes, n, k, x.ctypes.data, m, k,
+                                   acc.ctypes.data)
 
                 pre, _keep = _repacked_fn(packed, k, x)
                 assert np.array_equal(pre(), want), "repacked LUT differs"

@@ -113,13 +113,15 @@ def kernel_times(threads: int, reps: int, sp: dict, min_zeros: float) -> dict:
     for name, (n, k) in SHAPES_2B4T.items():
         x = codes(k, 0.0)
         calls[f"{name} dense"] = lambda d, name=name, n=n, k=k, x=x: lib.ob_linear_i2_unchecked(
-            d[name][0].ctypes.data, n, k, x.ctypes.data, 1, k, 1.0, xs.ctypes.data, out.ctypes.data)
+            d[name][0].ctypes.data, d[name][0].nbytes, n, k, x.ctypes.data, 1, k, 1.0, xs.ctypes.data,
+            out.ctypes.data)
 
     def colsparse(proj: str, zeros: float):
         n, k = SHAPES_2B4T[proj]
         x = codes(k, zeros)
-        return lambda d: lib.ob_linear_colsparse_i2(d[proj][1].ctypes.data, n, k, x.ctypes.data, 1, k,
-                                                    1.0, xs.ctypes.data, out.ctypes.data)
+        return lambda d: lib.ob_linear_colsparse_i2(d[proj][1].ctypes.data, d[proj][1].nbytes, n, k,
+                                                    x.ctypes.data, 1, k, 1.0, xs.ctypes.data,
+                                                    out.ctypes.data)
     for role, key, proj in (("b158", "down", "down"), ("a48", "down", "down"), ("a48", "o", "o")):
         z = sp[role]["input_zeros"][key]
         calls[f"{proj} column-sparse ({role}: {z:.0%} zeros)"] = colsparse(proj, z)
@@ -130,11 +132,13 @@ def kernel_times(threads: int, reps: int, sp: dict, min_zeros: float) -> dict:
         rows = np.sort(rng.permutation(6912)[int(round(skipped * 6912)):]).astype(np.int64)
         x = codes(2560, 0.0)
         calls[f"up rows ({role}: {skipped:.0%} skipped)"] = (
-            lambda d, rows=rows, x=x: lib.ob_linear_rows(0, d["up"][0].ctypes.data, 6912, 2560, x.ctypes.data,
-                                                         rows.ctypes.data, rows.size, 1.0, 1.0, out.ctypes.data))
+            lambda d, rows=rows, x=x: lib.ob_linear_rows(0, d["up"][0].ctypes.data, d["up"][0].nbytes, 6912,
+                                                         2560, x.ctypes.data, rows.ctypes.data, rows.size,
+                                                         1.0, 1.0, out.ctypes.data))
     hx = codes(2560, 0.0)
-    calls["LM head, i4"] = lambda d: lib.ob_linear_i4(head_q.ctypes.data, head_s.ctypes.data, VOCAB_2B4T, 2560,
-                                                      hx.ctypes.data, 1, 2560, xs.ctypes.data, out.ctypes.data)
+    calls["LM head, i4"] = lambda d: lib.ob_linear_i4(head_q.ctypes.data, head_q.nbytes, head_s.ctypes.data,
+                                                      VOCAB_2B4T, 2560, hx.ctypes.data, 1, 2560,
+                                                      xs.ctypes.data, out.ctypes.data)
     for label, fn in calls.items():  # each entry point once through its checked status
         if fn(sets[0]) != 0:
             raise RuntimeError(f"{label}: kernel failed")

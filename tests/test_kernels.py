@@ -507,13 +507,19 @@ def test_c_status_codes():
     lib = K._lib()
     packed, x = rand_case(np.random.default_rng(1), 2, 3, 300, "i2")
     acc = np.empty((2, 3), np.int32)
-    args = (packed.ctypes.data, 3, 300, x.ctypes.data, 2, 300, acc.ctypes.data)
+    args = (packed.ctypes.data, packed.nbytes, 3, 300, x.ctypes.data, 2, 300, acc.ctypes.data)
     assert lib.ob_gemm_i2(*args) == 0
     np.testing.assert_array_equal(acc, oracle(packed, 300, "i2", x))
     assert lib.ob_gemm_i2(None, *args[1:]) == -1                      # OB_ERR_NULL
-    assert lib.ob_gemm_i2(*args[:2], 0, *args[3:]) == -2              # OB_ERR_SIZE
-    assert lib.ob_gemm_i2(*args[:2], (1 << 24) + 1, *args[3:]) == -2  # k > OB_MAX_K
-    assert lib.ob_gemm_i2(*args[:5], 299, args[6]) == -3              # OB_ERR_STRIDE
+    assert lib.ob_gemm_i2(*args[:3], 0, *args[4:]) == -2              # OB_ERR_SIZE
+    assert lib.ob_gemm_i2(*args[:3], (1 << 24) + 1, *args[4:]) == -2  # k > OB_MAX_K
+    assert lib.ob_gemm_i2(*args[:6], 299, args[7]) == -3              # OB_ERR_STRIDE
+    # OB_ERR_BUFFER: the buffer length must be exactly n * row_bytes(k, layout); a t1_6 matrix
+    # read as i2 (the engine's old layout-swap crash) is refused before any byte is read
+    for w_bytes in (packed.nbytes - 1, packed.nbytes + 1, 3 * packed_row_bytes(300, "t1_6"), 0, -1):
+        assert lib.ob_gemm_i2(args[0], w_bytes, *args[2:]) == -8
+        assert lib.ob_validate_packed(args[0], w_bytes, 3, 300, 0) == -8
+    assert lib.ob_gemm_i2(args[0], 1 << 62, 1 << 60, 300, *args[4:]) == -2  # n * row bytes overflows
     assert lib.ob_set_isa(b"avx9000") == -5                           # OB_ERR_ISA
     assert lib.ob_packed_row_bytes(300, 0) == packed_row_bytes(300, "i2") == 96
     assert lib.ob_packed_row_bytes(300, 1) == packed_row_bytes(300, "t1_6") == 64

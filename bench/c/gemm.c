@@ -13,7 +13,7 @@ int main(){
     int8_t *x=malloc((size_t)M*k); for(long i=0;i<(long)M*k;i++) x[i]=rand()%255-127;
     int32_t *acc=malloc(4L*M*n);
     for(int nt=1;nt<=2;nt++){ ob_set_num_threads(nt); double best=1e9;
-      for(int r=0;r<8;r++){double t=now(); ob_gemm_i2(w,n,k,x,M,k,acc); t=now()-t; if(t<best)best=t;}
+      for(int r=0;r<8;r++){double t=now(); ob_gemm_i2(w,(int64_t)n*rb,n,k,x,M,k,acc); t=now()-t; if(t<best)best=t;}
       printf("%dx%d m=%d %dt: %.2f ms  %.0f GOPS\n",n,k,M,nt,best*1e3,2.0*M*n*k/best/1e9);}
   }
 }

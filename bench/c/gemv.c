@@ -12,9 +12,9 @@ static void *halloc(size_t n){ if(!getenv("HUGE")) return malloc(n); size_t N=(n
 static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+t.tv_nsec*1e-9;}
 float xs1[1]={1.0f}; float *outf;
 #ifdef UNCHECKED
-#define GEMV(W) ob_linear_i2_unchecked(W,n,k,x,1,k,1.0f,xs1,outf)
+#define GEMV(W) ob_linear_i2_unchecked(W,(int64_t)n*rb,n,k,x,1,k,1.0f,xs1,outf)
 #else
-#define GEMV(W) ob_gemm_i2(W,n,k,x,1,k,acc)
+#define GEMV(W) ob_gemm_i2(W,(int64_t)n*rb,n,k,x,1,k,acc)
 #endif
 int main(int argc, char**argv){ outf = malloc(4*8192);
   int shapes[][2] = {{1536,1536},{4096,1536},{1536,4096},{2560,2560},{6912,2560},{2560,6912}};

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write_text, write_dir_atomic
 from .config import ConfigError, ModelConfig
+from .jsonio import read_json, read_tokenizer
 
 FORMAT = "onebit"
 MODEL_FILE = "model.safetensors"
@@ -82,12 +83,9 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def read_config(folder: Path) -> dict[str, Any]:
     cfg_path = folder / CONFIG_FILE
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"'{cfg_path}' is missing; the checkpoint folder is incomplete") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"'{cfg_path}' is not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not cfg_path.exists():
+        raise CheckpointError(f"'{cfg_path}' is missing; the checkpoint folder is incomplete")
+    raw = read_json(cfg_path, CheckpointError, fix="the checkpoint is corrupt")
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
         raise CheckpointError(f"'{cfg_path}' has no 'model' table; it was not written by onebit")
     return raw
@@ -100,6 +98,52 @@ def read_model_config(folder: Path) -> ModelConfig:
         raise CheckpointError(f"'{folder / CONFIG_FILE}': {e}") from None
 
 
+def _check_names_and_shapes(expected: dict[str, tuple], got: dict[str, tuple], file: Path) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"'{file}' was written for a different model config: missing tensors "
+                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; load it with "
+                              f"the config.json saved beside it")
+    for k, shape in expected.items():
+        if tuple(got[k]) != tuple(shape):
+            raise CheckpointError(f"'{file}': tensor {k} has shape {tuple(got[k])} but the model "
+                                  f"expects {tuple(shape)}; the checkpoint is from a different config")
+
+
+def check_weights_header(cfg: ModelConfig, file: Path) -> None:
+    """Check the tensor names and shapes in ``file``'s safetensors header against a ``CausalLM``
+    of ``cfg`` built on the meta device (no memory), so a config.json that does not match the
+    weights (hidden_size=192000, vocab_size=2**31 beside a small model) fails before the model is
+    allocated. Raises CheckpointError / SafetensorsError naming the file."""
+    from .formats.safetensors_mmap import SafetensorsError, read_safetensors
+    from .model import CausalLM
+
+    try:
+        tensors, _ = read_safetensors(file)  # the header checked against the file; no data read
+    except FileNotFoundError:
+        raise CheckpointError(f"'{file}' is missing; the checkpoint folder is incomplete") from None
+    except SafetensorsError as e:  # names the file; "truncated or corrupt"
+        raise CheckpointError(f"{e} (or use an earlier checkpoint)") from None
+    # cheap first: the embedding's shape and the layer count (a meta model of 1,000 layers takes
+    # seconds to build)
+    emb = tensors.get("model.embed_tokens.weight")
+    layers = {n.split(".")[2] for n in tensors if n.startswith("model.layers.")}
+    if emb is not None and tuple(emb.shape) != (cfg.vocab_size, cfg.hidden_size):
+        raise CheckpointError(f"'{file}': tensor model.embed_tokens.weight has shape {tuple(emb.shape)} "
+                              f"but the config (vocab_size={cfg.vocab_size}, hidden_size="
+                              f"{cfg.hidden_size}) expects {(cfg.vocab_size, cfg.hidden_size)}; the "
+                              f"checkpoint is from a different config")
+    if len(layers) != cfg.num_hidden_layers:
+        raise CheckpointError(f"'{file}' holds {len(layers)} layers but the config says "
+                              f"num_hidden_layers={cfg.num_hidden_layers}; the checkpoint is from a "
+                              f"different config")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CausalLM(cfg).state_dict().items()}
+    _check_names_and_shapes(expected, {k: v.shape for k, v in tensors.items()}, file)
+
+
 def load_state_into(model: torch.nn.Module, file: Path) -> None:
     """Load a safetensors state_dict into ``model``, checking every key, shape and dtype first."""
     try:
@@ -110,17 +154,9 @@ def load_state_into(model: torch.nn.Module, file: Path) -> None:
         raise CheckpointError(f"'{file}' is not a readable safetensors file ({e}); the checkpoint "
                               f"is corrupt: re-export it or use an earlier checkpoint") from None
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"'{file}' was written for a different model config: missing tensors "
-                              f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                              f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}; load it with "
-                              f"the config.json saved beside it")
+    _check_names_and_shapes({k: tuple(v.shape) for k, v in expected.items()},
+                            {k: tuple(v.shape) for k, v in state.items()}, file)
     for k, v in expected.items():
-        if state[k].shape != v.shape:
-            raise CheckpointError(f"'{file}': tensor {k} has shape {tuple(state[k].shape)} but the model "
-                                  f"expects {tuple(v.shape)}; the checkpoint is from a different config")
         if not state[k].is_floating_point() or not torch.isfinite(state[k]).all():
             raise CheckpointError(f"'{file}': tensor {k} is not finite floating point; the checkpoint is corrupt")
     model.load_state_dict(state, strict=True)
@@ -132,16 +168,14 @@ def load_model(path: str | Path, device: str = "cpu"):
 
     folder = resolve_model_dir(path)
     cfg = read_model_config(folder)
+    check_weights_header(cfg, folder / MODEL_FILE)  # before CausalLM(cfg) allocates anything
     model = CausalLM(cfg)
     load_state_into(model, folder / MODEL_FILE)
+    model.source = str(folder)  # named by generation errors (generate.py)
     model.to(device).eval()
     tokenizer = None
     if (folder / TOKENIZER_FILE).is_file():
-        from tokenizers import Tokenizer
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-            raise CheckpointError(f"'{folder / TOKENIZER_FILE}' is not a valid tokenizer ({e})") from None
+        tokenizer = read_tokenizer(folder / TOKENIZER_FILE, CheckpointError, cfg.vocab_size)
     return model, tokenizer, folder
 
 
@@ -158,8 +192,12 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     pointer = Path(ckpt_root) / LATEST
     if not pointer.is_file():
         return None
-    folder = Path(ckpt_root) / pointer.read_text(encoding="utf-8").strip()
-    if not (folder / MODEL_FILE).is_file():
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = ""
+    folder = Path(ckpt_root) / name
+    if not name or "\0" in name or not (folder / MODEL_FILE).is_file():
         raise CheckpointError(f"'{pointer}' names '{folder.name}' which is missing or incomplete; "
                               f"point it at an existing step_* folder or delete it")
     return folder

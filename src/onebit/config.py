@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import numbers
 import re
 import types
@@ -21,6 +22,13 @@ FORMAT_VERSION = 1
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+def short(value: Any, limit: int = 40) -> str:
+    """repr(value) for an error message, cut to about ``limit`` characters: a value read from a
+    hostile file (a 1,000-character string, a 309-digit number) must not flood the one-line error."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit - 10]}... ({len(r)} characters)"
 
 
 def _type_name(tp: Any) -> str:
@@ -49,15 +57,15 @@ def coerce(cls_name: str, name: str, tp: Any, value: Any) -> Any:
                 return coerce(cls_name, name, a, value)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{cls_name}.{name}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{cls_name}.{name}: bad value {short(value)}")
     if origin in (tuple, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{cls_name}.{name} must be a list, got {value!r}")
+            raise ConfigError(f"{cls_name}.{name} must be a list, got {short(value)}")
         elem = args[0] if args else str
         return tuple(coerce(cls_name, name, elem, v) for v in value)
-    bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {value!r} "
+    bad = ConfigError(f"{cls_name}.{name} must be of type {_type_name(tp)}, got {short(value)} "
                       f"({type(value).__name__}): fix the value in the config or the "
                       f"{override_flag(cls_name, name)} override")
     if tp is bool:
@@ -202,7 +210,7 @@ def options_help(sections: dict[str, type], defaults: dict[str, dict[str, Any]] 
 
 def _choice(cls: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
-        raise ConfigError(f"{cls}.{name}={value!r} is not valid: use one of {list(choices)}")
+        raise ConfigError(f"{cls}.{name}={short(value)} is not valid: use one of {list(choices)}")
 
 
 def check_types(obj) -> None:
@@ -228,7 +236,7 @@ def check_types(obj) -> None:
         else:
             ok = not set(allowed) & {bool, int, float, str}  # other field types are not checked here
         if not ok:
-            raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {v!r} "
+            raise ConfigError(f"{cls.__name__}.{f.name} must be of type {_type_name(tp)}, got {short(v)} "
                               f"({type(v).__name__}): fix the value in the config or the "
                               f"{override_flag(cls.__name__, f.name)} override")
         if v is not getattr(obj, f.name):
@@ -236,8 +244,33 @@ def check_types(obj) -> None:
 
 
 def _positive(cls: str, name: str, value: Any) -> None:
-    if value is None or value <= 0:
-        raise ConfigError(f"{cls}.{name}={value!r} must be > 0")
+    # `not value > 0` also refuses NaN; floats must be finite
+    if value is None or not value > 0 or (isinstance(value, float) and value == float("inf")):
+        raise ConfigError(f"{cls}.{name}={short(value)} must be a finite number > 0")
+
+
+# Upper bounds of ModelConfig's sizes: several times the largest released models (Llama-3.1-405B:
+# hidden 16,384, intermediate 53,248, 126 layers, 128 heads; vocabularies up to ~262k; contexts up
+# to 1M), so a real model always fits and an absurd or corrupt value (hidden_size=2**31,
+# num_hidden_layers=2**40) fails at once, naming the field, instead of allocating or looping.
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 1 << 22,               # 4,194,304
+    "hidden_size": 1 << 16,              # 65,536
+    "intermediate_size": 1 << 18,        # 262,144
+    "num_hidden_layers": 1 << 10,        # 1,024
+    "num_attention_heads": 1 << 10,      # 1,024
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,                 # 4,096
+    "max_position_embeddings": 1 << 20,  # 1,048,576
+}
+
+
+def _bounded(cls: str, name: str, value: Any) -> None:
+    top = MAX_SIZES[name]
+    if value is not None and value > top:
+        raise ConfigError(f"{cls}.{name}={short(value)} is larger than onebit's limit of {top:,} (several "
+                          f"times any released model); the config is corrupt or mistyped: fix the "
+                          f"value in the config or the --{name}= override")
 
 
 @dataclass(frozen=True)
@@ -256,6 +289,9 @@ class ModelConfig:
     (``onebit.quant.fake_kv``, docs/formats.md §10): 16 (off), 8, 4 or 3 (position 0 at 4 bits).
     ``qkv_bias``: q/k/v projections add a full-precision bias (a fine-tuned Qwen2), kept as float32
     ``*.bias`` tensors in the packed folder (the engine adds them; GGUF export refuses them).
+    Sizes are bounded by ``MAX_SIZES`` (hidden_size <= 65,536, intermediate_size <= 262,144,
+    vocab_size <= 4,194,304, num_hidden_layers / heads <= 1,024, head_dim <= 4,096,
+    max_position_embeddings <= 1,048,576); floats must be finite.
     """
 
     vocab_size: int = 8192
@@ -292,6 +328,10 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "max_position_embeddings"):
             _positive(c, name, getattr(self, name))
+        for name in MAX_SIZES:  # before anything loops over or allocates by a size
+            _bounded(c, name, getattr(self, name))
+        if not (self.initializer_range >= 0 and self.initializer_range < float("inf")):
+            raise ConfigError(f"{c}.initializer_range={self.initializer_range!r} must be finite and >= 0")
         _positive(c, "rms_norm_eps", self.rms_norm_eps)
         _positive(c, "rope_theta", self.rope_theta)
         for name, choices in self.CHOICES.items():
@@ -358,8 +398,11 @@ class ModelConfig:
 
 
 def _divisor_hint(n: int, near: int) -> int:
-    divs = [k for k in range(1, n + 1) if n % k == 0 and (n // k) % 2 == 0]
-    return min(divs, key=lambda k: abs(k - near)) if divs else 1
+    """The divisor k of n nearest ``near`` with n // k even (an even head_dim); 1 if none.
+    O(sqrt(n)): divisors come in pairs (d, n // d) with d <= sqrt(n)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    divs = [k for d in small for k in {d, n // d} if (n // k) % 2 == 0]
+    return min(divs, key=lambda k: (abs(k - near), k)) if divs else 1
 
 
 # Presets. The two big shapes are those of the peer benchmarks (BITNET.md §4, the engine issue).

@@ -105,6 +105,16 @@ def generate(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int,
     return _generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, stop)
 
 
+def _check_finite(model: CausalLM, logits: torch.Tensor) -> None:
+    """NaN/inf logits come from weights out of float range (a corrupt file): name it
+    (``model.source``, set by checkpoint.load_model) rather than blame the sampler."""
+    if not torch.isfinite(logits).all():
+        src = getattr(model, "source", None)
+        where = f"'{src}': " if src else ""
+        raise ValueError(f"{where}the model's logits are NaN/inf: its weights overflow float "
+                         f"arithmetic (a corrupt checkpoint); use an earlier checkpoint or retrain")
+
+
 @torch.no_grad()  # on a generator function torch re-enters no_grad at every resume, not across yields
 def _generate(model: CausalLM, ids: list[int], max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, seed: int | None,
@@ -123,6 +133,7 @@ def _generate(model: CausalLM, ids: list[int], max_new_tokens: int, temperature:
         with _eval_mode(model):
             logits = prefill(model, torch.tensor([ids], dtype=torch.long, device=weight.device))
         for i in range(max_new_tokens):
+            _check_finite(model, logits)
             token = sample(logits, temperature, top_k, top_p, rng)
             if token in stop:
                 return

@@ -10,7 +10,8 @@
  *     partial sums a kernel can see, for int16/int32 overflow), long k;
  *   - corrupt bytes: every one of the 256 byte values planted once in a packed row (padding
  *     included), expecting OB_ERR_CORRUPT exactly when the reference rejects the byte, and the
- *     reference's result otherwise; plus planted bad bytes in the share of the second thread.
+ *     reference's result otherwise; plus planted bad bytes in the share of the second thread;
+ *   - buffer lengths: a w_bytes that does not fit n, k and the layout is OB_ERR_BUFFER.
  * Prints a summary; exit status 0 only if everything matched.
  *
  * Usage: parity [--seed N] [--expect-neon dot|base] [--variants a,b,..] [--expect-auto NAME]
@@ -58,8 +59,9 @@ static void *xmalloc(size_t n) {
 
 static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                 int64_t ldx, int32_t *acc) {
-    return layout == OB_LAYOUT_I2 ? ob_gemm_i2(w, n, k, x, m, ldx, acc)
-                                  : ob_gemm_t1_6(w, n, k, x, m, ldx, acc);
+    int64_t w_bytes = n * ob_packed_row_bytes(k, layout); /* the buffers here hold exactly w */
+    return layout == OB_LAYOUT_I2 ? ob_gemm_i2(w, w_bytes, n, k, x, m, ldx, acc)
+                                  : ob_gemm_t1_6(w, w_bytes, n, k, x, m, ldx, acc);
 }
 
 static void fail(const char *what, const char *variant, int layout, int64_t m, int64_t k, int64_t n,
@@ -250,6 +252,34 @@ static void corrupt_in_share(int layout, int64_t m, int64_t k) {
     free(codes);
 }
 
+/* A buffer length (w_bytes) that is not n * row_bytes(k) -- one byte short or long, or the
+ * other layout's size (a t1_6 matrix read as i2) -- is OB_ERR_BUFFER from every variant before any
+ * weight byte is read: w is NULL-free but points at a 1-byte buffer, so a read would be caught by
+ * ASan/valgrind, and the status must not depend on its contents. */
+static void buffer_lengths(int layout) {
+    const int64_t n = 3, k = 300, m = 2;
+    int64_t rb = ob_packed_row_bytes(k, layout), other = ob_packed_row_bytes(k, 1 - layout);
+    uint8_t one = 0x55;
+    int8_t x[2 * 300] = {0};
+    int32_t acc[6];
+    const int64_t bad[] = {n * rb - 1, n * rb + 1, n * other, 0, -1};
+    for (int v = 0; v < g_nvar; v++) {
+        ob_set_isa(g_variants[v]);
+        for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+            int st = layout == OB_LAYOUT_I2 ? ob_gemm_i2(&one, bad[i], n, k, x, m, k, acc)
+                                            : ob_gemm_t1_6(&one, bad[i], n, k, x, m, k, acc);
+            g_checks++;
+            g_var_checks[v][layout]++;
+            if (st != OB_ERR_BUFFER) {
+                char msg[100];
+                snprintf(msg, sizeof msg, "w_bytes %lld: status %d, want OB_ERR_BUFFER",
+                         (long long)bad[i], st);
+                fail("buffer length", g_variants[v], layout, m, k, n, 1, msg);
+            }
+        }
+    }
+}
+
 /* 1 if name is an entry of the comma-separated list */
 static int in_list(const char *list, const char *name) {
     size_t n = strlen(name);
@@ -348,6 +378,7 @@ int main(int argc, char **argv) {
         byte_sweep(layout, 9, 300, 17); /* panel GEMM, edge panel */
         corrupt_in_share(layout, 4, 2560);
         corrupt_in_share(layout, 9, 2560);
+        buffer_lengths(layout);
     }
     ob_set_isa(NULL);
 

@@ -205,13 +205,14 @@ def _raw_gemm(copies: list[np.ndarray], k: int, layout: str, x: np.ndarray) -> C
     acc = np.empty((m, n), dtype=np.int32)
     xp, accp = x.ctypes.data, acc.ctypes.data
     ptrs = [w.ctypes.data for w in copies]
-    st = fn(ptrs[0], n, k, xp, m, k, accp)
+    nbytes = copies[0].nbytes  # every copy has the same shape
+    st = fn(ptrs[0], nbytes, n, k, xp, m, k, accp)
     if st != 0 or not np.array_equal(acc, K.gemm(copies[0], k, layout, x)):
         raise RuntimeError(f"the raw ob_gemm_{layout} call disagrees with kernels.gemm (status {st}): "
                            f"the bench's ctypes call is out of date with the ABI; update _raw_gemm")
 
     def call(p: int, _alive=(acc, x, copies)) -> int:  # the pointers are valid while these live
-        return fn(p, n, k, xp, m, k, accp)
+        return fn(p, nbytes, n, k, xp, m, k, accp)
     return _rotating(ptrs, call)
 
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,13 +58,12 @@ class ChatPrompt:
 
 
 def _tokenizer_config(folder: Path) -> dict:
+    from ..jsonio import read_json
+
     p = folder / "tokenizer_config.json"
     if not p.is_file():
         return {}
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"'{p}' is not valid JSON ({e}); fix or remove it") from None
+    cfg = read_json(p, EngineError, fix="fix or remove it")
     return cfg if isinstance(cfg, dict) else {}
 
 
@@ -117,10 +116,28 @@ class Model:
         conv = self.bos_convention
         if add_bos is not None and add_bos != conv.add_bos:
             conv = BosConvention((self.bos_id,) if add_bos else (), "add_bos argument")
-        return encode_prompt(self._need_tokenizer(), text, conv)
+        tok = self._need_tokenizer()
+        with self._tokenizer_errors():
+            return encode_prompt(tok, text, conv)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._need_tokenizer().decode(list(ids))
+        tok = self._need_tokenizer()
+        with self._tokenizer_errors():
+            return tok.decode(list(ids))
+
+    @contextlib.contextmanager
+    def _tokenizer_errors(self):
+        """A Rust panic in the tokenizers library (a BaseException) as an error naming the file."""
+        from ..jsonio import is_panic
+
+        try:
+            yield
+        except BaseException as e:
+            if not is_panic(e):
+                raise
+            raise EngineError(f"'{self.runtime.folder / 'tokenizer.json'}' failed on this text "
+                              f"({str(e)[:160]}); the tokenizer is broken: copy the one the model "
+                              f"was trained with") from None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits [T, V] of every position of ``ids`` (a fresh cache)."""
@@ -455,10 +472,7 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
     runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from ..jsonio import read_tokenizer
 
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises a bare Exception on bad JSON
-            raise EngineError(f"'{folder / 'tokenizer.json'}' is not a valid tokenizer ({e})") from None
+        tokenizer = read_tokenizer(folder / "tokenizer.json", EngineError, runtime.config.vocab_size)
     return Model(runtime, tokenizer)

@@ -20,7 +20,6 @@ dequantized by the C attention); buffers are preallocated so a decode step alloc
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 from pathlib import Path
 
@@ -30,8 +29,9 @@ from .. import kernels
 from ..config import ModelConfig
 from ..formats.packed_model import I8_SCALE_SUFFIX, packed_config, unpack_i4_rows
 from ..formats.packing import (META_TENSORS, QWEIGHT_SUFFIX, SCALE_SUFFIX, PackedFormatError,
-                               _read_declared, packed_row_bytes)
+                               packed_row_bytes, read_declared)
 from ..formats.safetensors_mmap import read_safetensors
+from ..jsonio import read_json
 
 __all__ = ["Runtime", "EngineError"]
 
@@ -44,22 +44,27 @@ class EngineError(ValueError):
 
 
 class _Linear:
-    """One packed projection: validated once, then called straight through ctypes."""
+    """One packed projection: validated once, then called straight through ctypes. ``layout`` is
+    the tensor's own declaration in model.safetensors (the one source of truth; the caller has
+    checked ``q`` is uint8 [n, packed_row_bytes(k, layout)]), and C checks it again by the byte
+    length."""
 
-    def __init__(self, name: str, q: np.ndarray, scale: float, layout: str, n: int, k: int):
+    def __init__(self, name: str, q: np.ndarray, scale: float, layout: str, n: int, k: int,
+                 where: str = ""):
         self.name, self.q, self.scale, self.n, self.k = name, q, float(scale), n, k
+        self.layout = layout
         lib = kernels._lib()
         # validated once here, so every call can skip the per-block code check
-        st = lib.ob_validate_packed(q.ctypes.data, n, k, 0 if layout == "i2" else 1)
+        st = lib.ob_validate_packed(q.ctypes.data, q.nbytes, n, k, 0 if layout == "i2" else 1)
         if st:
-            raise PackedFormatError(f"packed weight {name!r} holds an invalid code (status {st}): "
-                                    f"the model file is corrupt; re-export it")
+            raise PackedFormatError(f"{where}packed weight {name!r} holds an invalid code (status "
+                                    f"{st}): the model file is corrupt; re-export it")
         self._fn = lib.ob_linear_i2_unchecked if layout == "i2" else lib.ob_linear_t1_6_unchecked
         self._w = q.ctypes.data
 
     def __call__(self, xc: np.ndarray, xs: np.ndarray, out: np.ndarray) -> np.ndarray:
         m = xc.shape[0]
-        st = self._fn(self._w, self.n, self.k, xc.ctypes.data, m, self.k, self.scale,
+        st = self._fn(self._w, self.q.nbytes, self.n, self.k, xc.ctypes.data, m, self.k, self.scale,
                       xs.ctypes.data, out.ctypes.data)
         if st:
             if st == -4:
@@ -72,8 +77,8 @@ class _Linear:
 class _Quantizer:
     """Fused RMSNorm (optional weight) + per-token INT8 into preallocated code/scale buffers."""
 
-    def __init__(self, k: int, weight: np.ndarray | None, eps: float):
-        self.k, self.eps = k, float(eps)
+    def __init__(self, k: int, weight: np.ndarray | None, eps: float, where: str = ""):
+        self.k, self.eps, self.where = k, float(eps), where
         self.w = None if weight is None else np.ascontiguousarray(weight, dtype=np.float32)
         self._fn = kernels._lib().ob_quantize_act_i8
 
@@ -84,8 +89,8 @@ class _Quantizer:
         st = self._fn(x.ctypes.data, m, self.k, self.k, None if self.w is None else self.w.ctypes.data,
                       self.eps, codes.ctypes.data, scale.ctypes.data)
         if st:
-            raise EngineError("the activations became NaN or inf (status %d): the model or its "
-                              "input is broken" % st)
+            raise EngineError(f"{self.where}the activations became NaN or inf (status {st}): the "
+                              f"model or its input is broken")
         return codes, scale
 
 
@@ -104,7 +109,8 @@ def _transposed(lin: "_Linear") -> np.ndarray:
         except OSError:
             pass
     wt = np.frombuffer(buf, dtype=np.uint8, count=size).reshape(lin.k, rbt)
-    st = kernels._lib().ob_transpose_packed_i2(lin.q.ctypes.data, lin.n, lin.k, wt.ctypes.data)
+    st = kernels._lib().ob_transpose_packed_i2(lin.q.ctypes.data, lin.q.nbytes, lin.n, lin.k,
+                                               wt.ctypes.data)
     if st != 0:
         raise EngineError(f"projection {lin.name!r}: building its transposed copy failed (status {st})")
     return wt
@@ -142,11 +148,13 @@ class Runtime:
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
                               f"model.safetensors); create one with `onebit export`")
+        raw = read_json(folder / "config.json", EngineError, fix="re-export the model")
+        self.packed = packed_config(folder, raw)
         try:
-            raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-            self.packed = packed_config(folder)
+            if not isinstance(raw.get("model"), dict):
+                raise ValueError("it has no 'model' table")
             cfg = ModelConfig.from_dict(raw["model"])
-        except (ValueError, KeyError, TypeError) as e:
+        except ValueError as e:
             raise EngineError(f"'{folder}/config.json': {e}") from None
         self.folder, self.config = folder, cfg
         self.options = dict(sparse=sparse, activation_scheme=activation_scheme,
@@ -164,8 +172,17 @@ class Runtime:
                           f"--train.a48_switch=0.95", stacklevel=2)
         self.activation_scheme = scheme
         tensors, meta = read_safetensors(folder / "model.safetensors")
-        declared = _read_declared(folder / "model.safetensors", meta)
+        declared = read_declared(folder / "model.safetensors", meta)
+        # one source of truth for the layout: each tensor's own declaration, which lin() checks
+        # against the tensor's byte size; the config's must agree (the C layer runs one layout)
+        layouts = sorted({d[0] for d in declared.values()})
+        if layouts != [self.packed["layout"]]:
+            raise EngineError(f"'{folder}/config.json' says packed layout {self.packed['layout']!r} but "
+                              f"'{folder}/model.safetensors' declares {' and '.join(layouts)} tensors: "
+                              f"the config does not belong to these weights; re-export the model")
+        self.layout = layouts[0]
         self._tensors = tensors
+        used: set[str] = set()  # every tensor must be accounted for (no silently ignored layers)
         D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
         H, Hkv, hd = cfg.num_attention_heads, cfg.kv_heads, cfg.resolved_head_dim
         self.H, self.Hkv, self.hd = H, Hkv, hd
@@ -183,6 +200,10 @@ class Runtime:
             if t is None or t.shape != (n,) or t.dtype != np.float32:
                 raise EngineError(f"'{folder}': tensor {name!r} must be float32 [{n}], got "
                                   f"{None if t is None else (t.dtype, t.shape)}; re-export the model")
+            if not np.isfinite(t).all():
+                raise EngineError(f"'{folder}': tensor {name!r} holds NaN or inf; the model file is "
+                                  f"corrupt: re-export it")
+            used.add(name)
             return t
 
         def lin(name: str, n: int, k: int) -> _Linear:
@@ -195,7 +216,8 @@ class Runtime:
                     or s.dtype != np.float32 or s.shape != (1,) or not (math.isfinite(s[0]) and s[0] >= 0):
                 raise EngineError(f"'{folder}': tensors of {name!r} are missing or malformed (see "
                                   f"{META_TENSORS}); re-export the model")
-            return _Linear(name, q, float(s[0]), d[0], n, k)
+            used.update((name + QWEIGHT_SUFFIX, name + SCALE_SUFFIX))
+            return _Linear(name, q, float(s[0]), d[0], n, k, where=f"'{folder}': ")
 
         def quantizer(k: int, norm: str | None) -> _Quantizer:
             return _Quantizer(k, None if norm is None else vec(norm, k), eps)
@@ -219,10 +241,10 @@ class Runtime:
                 L["mlp_in"] = quantizer(D, p + "post_attention_layernorm.weight")
                 L["down_in"] = quantizer(F, p + "mlp.ffn_sub_norm.weight" if sub else None)
             self.layers.append(L)
-        if sparse and self.packed["layout"] != "i2":
+        if sparse and self.layout != "i2":
             raise EngineError(f"sparse decoding needs the i2 layout; '{folder}' is "
-                              f"{self.packed['layout']}: re-export with --layout i2 or pass sparse=False")
-        i2 = self.packed["layout"] == "i2"
+                              f"{self.layout}: re-export with --layout i2 or pass sparse=False")
+        i2 = self.layout == "i2"
         # column-sparse copies cost RAM; by default only where a4.8 makes sparsity certain
         columns = bool(sparse) or (sparse is None and i2 and scheme == "a4.8")
         self.sparse = bool(sparse) or (sparse is None and i2 and (self.relu2 or scheme == "a4.8"))
@@ -239,7 +261,7 @@ class Runtime:
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
         for L in self.layers:
             st = kernels.Layer(hidden=D, ffn=F, heads=H, kv_heads=Hkv, head_dim=hd,
-                               layout=0 if self.packed["layout"] == "i2" else 1,
+                               layout=0 if self.layout == "i2" else 1,
                                relu2=int(self.relu2), inner=int(inner), eps=eps,
                                kv_bits=self.kv_bits, act_scheme=int(scheme == "a4.8"),
                                topk_keep=cfg.topk_keep,
@@ -248,12 +270,14 @@ class Runtime:
                                batch_invariant=int(bool(batch_invariant)))
             transposed = []
             for j, role in enumerate(roles):
+                assert L[role].layout == self.layout
                 st.w[j], st.w_scale[j] = L[role].q.ctypes.data, L[role].scale
+                st.w_bytes[j] = L[role].q.nbytes  # C refuses a buffer of another length
                 if role + ".bias" in L:
                     st.bias[j] = L[role + ".bias"].ctypes.data
                 if role in sparse_roles:
                     wt = _transposed(L[role])
-                    st.wt[j] = wt.ctypes.data
+                    st.wt[j], st.wt_bytes[j] = wt.ctypes.data, wt.nbytes
                     transposed.append(wt)
                     self.sparse_bytes += wt.nbytes
             if inner:
@@ -268,11 +292,20 @@ class Runtime:
         self._layer_fn = kernels._lib().ob_decoder_layer
         self._batch_fn = kernels._lib().ob_decoder_layer_batch
         self.norm_w = vec("model.norm.weight", D)
+        self._stored_names: set[str] = set()
         self.embed = self._stored("model.embed_tokens.weight", V, D)
         head = self.embed if cfg.tie_word_embeddings else self._stored("lm_head.weight", V, D)
+        used.update(self._stored_names)
+        stray = sorted(set(tensors) - used)
+        if stray:
+            raise EngineError(f"'{folder}/model.safetensors' holds tensors the config does not account "
+                              f"for ({', '.join(stray[:4])}{', ...' if len(stray) > 4 else ''}; "
+                              f"config.json: num_hidden_layers={cfg.num_hidden_layers}, "
+                              f"tie_word_embeddings={cfg.tie_word_embeddings}): the config does not "
+                              f"belong to these weights; re-export the model")
         if head[0].dtype in (np.int8, np.uint8):  # 8/4-bit: fused final norm + INT8, int kernel
             self.head_i8 = head
-            self.head_quant = _Quantizer(D, self.norm_w, eps)
+            self.head_quant = _Quantizer(D, self.norm_w, eps, where=f"'{folder}': ")
             self.head = None
         else:                         # float16: the f16 kernel; float32: numpy (BLAS) GEMV
             self.head_i8 = None
@@ -293,6 +326,7 @@ class Runtime:
         """Embedding / LM head as stored: (float32 or float16 [V, D], None), (int8 [V, D], scale
         [V]) or (4-bit: uint8 [V, ceil(D/64)*32], scale [V])."""
         t = self._tensors.get(name)
+        self._stored_names.update((name, name + I8_SCALE_SUFFIX))
         i4 = t is not None and t.dtype == np.uint8
         shape = (V, -(-D // 64) * 32) if i4 else (V, D)
         if t is None or t.shape != shape:
@@ -324,22 +358,23 @@ class Runtime:
             out = np.empty((x.shape[0], q.shape[0]), np.float32)
             D = self.config.hidden_size
             fn = self._i8 if q.dtype == np.int8 else self._i4
-            st = fn(q.ctypes.data, s.ctypes.data, q.shape[0], D, xc.ctypes.data, x.shape[0], D,
-                    xs.ctypes.data, out.ctypes.data)
+            st = fn(q.ctypes.data, q.nbytes, s.ctypes.data, q.shape[0], D, xc.ctypes.data,
+                    x.shape[0], D, xs.ctypes.data, out.ctypes.data)
             if st:
-                raise EngineError(f"int8 LM head kernel failed (status {st})")
+                raise EngineError(f"'{self.folder}': int8 LM head kernel failed (status {st})")
             return out
         h = np.ascontiguousarray(_rms_norm(x, self.norm_w, self.eps), dtype=np.float32)
         if self.head.dtype == np.float16:
             out = np.empty((x.shape[0], self.head.shape[0]), np.float32)
-            st = self._f16(self.head.ctypes.data, self.head.shape[0], self.head.shape[1],
-                           h.ctypes.data, h.shape[0], h.shape[1], out.ctypes.data)
+            st = self._f16(self.head.ctypes.data, self.head.nbytes, self.head.shape[0],
+                           self.head.shape[1], h.ctypes.data, h.shape[0], h.shape[1], out.ctypes.data)
             if st:
-                raise EngineError(f"fp16 LM head kernel failed (status {st})")
+                raise EngineError(f"'{self.folder}': fp16 LM head kernel failed (status {st})")
             return out
         # row by row, always: BLAS picks other kernels (and summation orders) for a matrix than for
         # a vector, and a batched decode must give the floats of one sequence alone
-        return np.stack([self.head @ row for row in h])
+        with np.errstate(over="ignore", invalid="ignore"):  # _finite names the file instead
+            return np.stack([self.head @ row for row in h])
 
     # -- cache ---------------------------------------------------------------------------------
     def reset(self, max_len: int | None = None, slots: int = 1) -> None:
@@ -392,7 +427,7 @@ class Runtime:
             self._raise(st, li)
         if last_only:
             x = x[-1:]
-        logits = self._logits(np.ascontiguousarray(x))                      # [T, V]
+        logits = self._finite(self._logits(np.ascontiguousarray(x)))        # [T, V]
         return logits[0] if last_only else logits
 
     def forward_batch(self, tokens, positions, slots) -> np.ndarray:
@@ -436,7 +471,7 @@ class Runtime:
         rows = np.asarray(logit_rows, dtype=np.int64).reshape(-1)
         if rows.size == 0:
             return np.empty((0, self.config.vocab_size), np.float32)
-        return self._logits(np.ascontiguousarray(x[rows]))
+        return self._finite(self._logits(np.ascontiguousarray(x[rows])))
 
     def forward_seqs(self, seqs, positions, slots, all_rows=None) -> list[np.ndarray]:
         """``forward_step`` for scoring: token ids ``seqs[i]`` [T_i] at positions
@@ -488,8 +523,13 @@ class Runtime:
                 raise ValueError(f"positions {p}..{p + n - 1} do not fit the KV cache of "
                                  f"{self.max_len}; call reset(max_len) with a larger max_len")
 
-    @staticmethod
-    def _raise(st: int, li: int) -> None:
+    def _finite(self, logits: np.ndarray) -> np.ndarray:
+        if not np.isfinite(logits).all():  # V floats per row: cheap next to the LM head itself
+            raise EngineError(f"'{self.folder}': the logits are NaN/inf: weights out of float range "
+                              f"(the file is corrupt); re-export the model")
+        return logits
+
+    def _raise(self, st: int, li: int) -> None:
         if st:
-            raise EngineError(f"layer {li} failed (kernel status {st}): "
+            raise EngineError(f"'{self.folder}': layer {li} failed (kernel status {st}): "
                               + ("NaN/inf activations" if st == -7 else "see onebit_kernels.h"))

@@ -12,7 +12,6 @@ earlier onebit output only with ``force``). Torch-free.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from pathlib import Path
@@ -40,10 +39,9 @@ def detect_format(path: str | Path) -> str:
         raise ValueError(f"'{p}' does not exist")
     cfg = p / "config.json"
     if cfg.is_file():
-        try:
-            raw = json.loads(cfg.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"'{cfg}' is not valid JSON ({e})") from None
+        from ..jsonio import read_json
+
+        raw = read_json(cfg)
         if isinstance(raw, dict) and "packed" in raw:
             return "onebit"
         if is_hf_folder(p):
@@ -81,7 +79,7 @@ def _engine_logits(folder: Path):
     m = load(folder)
 
     def run(ids: np.ndarray) -> np.ndarray:
-        m.runtime.reset(len(ids) + 1)
+        m.runtime.reset(len(ids))
         return np.asarray(m.runtime.forward(ids, 0, last_only=False), np.float64)
     return run
 
@@ -89,7 +87,7 @@ def _engine_logits(folder: Path):
 def _batched(tm: TernaryModel):
     """out_logits for _check from a reference forward of ``tm``, computed once for all probes."""
     cfg = tm.config
-    seqs = probe_ids(cfg.vocab_size, cfg.bos_token_id)
+    seqs = probe_ids(cfg.vocab_size, cfg.bos_token_id, length=min(8, cfg.max_position_embeddings))
     refs = reference_logits(tm, np.stack(seqs))
     table = {s.tobytes(): r for s, r in zip(seqs, refs)}
     return lambda ids: table[np.asarray(ids, np.int64).tobytes()]
@@ -107,7 +105,8 @@ ENGINE = 0.25
 def _check(src: TernaryModel, out_logits, what: str, rtol: float, cache: dict) -> dict:
     cfg = src.config
     if "refs" not in cache:  # one pass over the source's weights for all probes and checks
-        cache["seqs"] = probe_ids(cfg.vocab_size, cfg.bos_token_id)
+        cache["seqs"] = probe_ids(cfg.vocab_size, cfg.bos_token_id,
+                                  length=min(8, cfg.max_position_embeddings))  # fits the context
         cache["refs"] = reference_logits(src, np.stack(cache["seqs"]))
     worst = {"max_rel_err": 0.0, "top1_agree": 1.0, "positions": 0, "decisive": 0}
     for ids, ref in zip(cache["seqs"], cache["refs"]):
@@ -192,13 +191,17 @@ def _declared(tm: TernaryModel, fmt: str) -> dict[str, bytes]:
         return tm.files
     from tokenizers import Tokenizer
 
+    from ..jsonio import is_panic, loads_checked
     from ..tokenizer_convention import bos_convention, declare_files
 
     try:
         tok = Tokenizer.from_str(tm.files["tokenizer.json"].decode("utf-8"))
-        tc = json.loads(tm.files.get("tokenizer_config.json", b"{}"))
-    except Exception as e:  # the tokenizers library raises a bare Exception
-        raise ValueError(f"{tm.source}: its tokenizer files cannot be read ({e})") from None
+    except BaseException as e:  # a bare Exception, or a Rust panic (PanicException)
+        if not (isinstance(e, Exception) or is_panic(e)):
+            raise
+        raise ValueError(f"{tm.source}: its tokenizer.json cannot be read ({str(e)[:200]})") from None
+    tc = loads_checked(tm.files.get("tokenizer_config.json", b"{}"),
+                       f"{tm.source}: tokenizer_config.json")
     conv = bos_convention(tok, tc if isinstance(tc, dict) else {}, onebit_folder=fmt == "onebit",
                           bos_id=tm.config.bos_token_id)
     return declare_files(tm.files, conv, tok)

@@ -283,24 +283,41 @@ def read_gguf(path: str | os.PathLike) -> TernaryModel:
             raise GGUFError(f"'{path}' lacks metadata {arch}.{key}")
         return v
 
-    D, L = meta("embedding_length"), meta("block_count")
-    H = meta("attention.head_count")
-    vocab = g.tensors.get("token_embd.weight", (0, (0, 0)))[1][0]
+    def meta_int(key, default=None) -> int:  # a size: checked before any arithmetic with it
+        v = meta(key, default)
+        if type(v) is not int or v < 1:
+            raise GGUFError(f"'{path}': metadata {arch}.{key} = {str(v)[:40]} must be an integer >= 1; "
+                            f"the file is corrupt: re-create it")
+        return v
+
+    D, L = meta_int("embedding_length"), meta_int("block_count")
+    H = meta_int("attention.head_count")
+    # the layers present must be exactly 0..L-1 (checked before anything loops over L): a lower
+    # block_count would silently run a truncated model, a huge one allocate per layer
+    present = {int(n.split(".")[1]) for n in g.tensors
+               if n.startswith("blk.") and n.split(".")[1].isdecimal() and len(n.split(".")[1]) < 10}
+    if len(present) != L or present != set(range(L)):
+        have = f"{min(present)}..{max(present)}" if present else "none"
+        raise GGUFError(f"'{path}': metadata {arch}.block_count = {L} but the file holds tensors of "
+                        f"{len(present)} blocks ({have}); the file is corrupt: re-create it")
+    if "token_embd.weight" not in g.tensors:
+        raise GGUFError(f"'{path}': tensor 'token_embd.weight' is missing")
+    vocab = g.tensors["token_embd.weight"][1][0]
     act = g.kv.get("onebit.hidden_act", "relu2" if arch == "bitnet-b1.58" else "silu")
     tied = "output.weight" not in g.tensors
+    rope_dim = meta_int("rope.dimension_count", D // H)
     try:
         cfg = ModelConfig(
-            vocab_size=vocab, hidden_size=D, intermediate_size=meta("feed_forward_length"),
+            vocab_size=vocab, hidden_size=D, intermediate_size=meta_int("feed_forward_length"),
             num_hidden_layers=L, num_attention_heads=H,
-            num_key_value_heads=meta("attention.head_count_kv", H),
-            head_dim=(g.kv.get(f"{arch}.rope.dimension_count") if
-                      g.kv.get(f"{arch}.rope.dimension_count", D // H) != D // H else None),
-            hidden_act=act, max_position_embeddings=meta("context_length", 2048),
+            num_key_value_heads=meta_int("attention.head_count_kv", H),
+            head_dim=rope_dim if rope_dim != D // H else None,
+            hidden_act=act, max_position_embeddings=meta_int("context_length", 2048),
             rms_norm_eps=_f32_decimal(meta("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=_f32_decimal(meta("rope.freq_base", 10000.0)), tie_word_embeddings=tied,
             bos_token_id=g.kv.get("tokenizer.ggml.bos_token_id", 0),
             eos_token_id=g.kv.get("tokenizer.ggml.eos_token_id", 0), norm_placement="subln")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise GGUFError(f"'{path}': its metadata does not describe a valid model: {e}") from None
 
     def tensor(name: str, shape: tuple[int, int] | tuple[int]) -> tuple[int, np.ndarray]:
@@ -365,6 +382,14 @@ def read_gguf(path: str | os.PathLike) -> TernaryModel:
     dense_map["model.embed_tokens.weight"] = dense("token_embd.weight", (vocab, D))
     if not tied:
         dense_map["lm_head.weight"] = dense("output.weight", (vocab, D))
+    used = {"output_norm.weight", "token_embd.weight", "output.weight"}
+    for i in range(L):
+        used.update(f"blk.{i}.{t}.weight" for t in (*_PROJ, *_NORMS))
+        used.update(f"blk.{i}.{t}.scale" for t in _PROJ)  # optional per-tensor scales
+    stray = sorted(set(g.tensors) - used)
+    if stray:
+        raise GGUFError(f"'{path}': tensors {stray[:4]} are not part of the {arch} layout onebit "
+                        f"reads (block_count = {L}); refusing to drop them silently")
     from .gguf_tokenizer import GGUFTokenizerError, tokenizer_files
 
     try:

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from .model_io import TOKENIZER_FILES, Dense, TernaryModel, projections, write_model_dir
+from .model_io import (TOKENIZER_FILES, Dense, TernaryModel, check_tokenizer_files, projections,
+                       write_model_dir)
 from .safetensors_mmap import bf16_to_f32, read_safetensors
 
 __all__ = [
@@ -52,14 +53,9 @@ class HFFormatError(ValueError):
 
 
 def _json(path: Path) -> dict:
-    if not path.is_file():
-        raise HFFormatError(f"'{path}' does not exist")
-    if path.stat().st_size > MAX_JSON:
-        raise HFFormatError(f"'{path}' is {path.stat().st_size} bytes, too large for a config file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFormatError(f"'{path}' is not valid JSON ({e}); re-download it") from None
+    from ..jsonio import read_json
+
+    d = read_json(path, HFFormatError, fix="re-download it", max_bytes=MAX_JSON)
     if not isinstance(d, dict):
         raise HFFormatError(f"'{path}' must hold a JSON object")
     return d
@@ -67,10 +63,12 @@ def _json(path: Path) -> dict:
 
 def is_hf_folder(folder: str | Path) -> bool:
     """True for a folder whose config.json is a transformers config (not an onebit one)."""
+    from ..jsonio import read_json
+
     cfg = Path(folder) / "config.json"
     try:
-        d = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else None
-    except (OSError, ValueError):
+        d = read_json(cfg) if cfg.is_file() else None
+    except ValueError:
         return False
     return isinstance(d, dict) and "model_type" in d and "packed" not in d and "model" not in d
 
@@ -135,11 +133,14 @@ def _weights(folder: Path) -> dict[str, np.ndarray]:
         wm = _json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise HFFormatError(f"'{index}' has no weight_map")
+        for f in wm.values():
+            if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith(".") or not f:
+                raise HFFormatError(f"'{index}' names the shard {str(f)[:80]!r}; shards must be plain "
+                                    f"file names inside the folder")
+            if not (folder / f).is_file():
+                raise HFFormatError(f"'{index}' names the shard {f!r}, which is not a file in "
+                                    f"'{folder}'; the download is incomplete")
         files = sorted(set(wm.values()))
-        for f in files:
-            if not isinstance(f, str) or "/" in f or "\\" in f or f.startswith("."):
-                raise HFFormatError(f"'{index}' names the shard {f!r}; shards must be plain file "
-                                    f"names inside the folder")
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
@@ -213,7 +214,7 @@ def _model_config(layout: str, hf: dict, folder: Path) -> ModelConfig:
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         if isinstance(e, HFFormatError):
             raise
-        raise HFFormatError(f"'{folder}/config.json' does not describe a valid model: {e}") from None
+        raise HFFormatError(f"'{folder}/config.json' does not describe a valid model: {str(e)[:300]}") from None
 
 
 def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
@@ -258,23 +259,40 @@ def _model_config_unchecked(layout: str, hf: dict, folder: Path) -> ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=get("bos_token_id", 1), eos_token_id=eos, norm_placement=placement)
     except (TypeError, ValueError) as e:
-        raise HFFormatError(f"'{folder}/config.json' does not map onto an onebit model: {e}") from None
+        raise HFFormatError(f"'{folder}/config.json' does not map onto an onebit model: {str(e)[:300]}") from None
 
 
 _SUBNORM_NAMES = {"bitnet": ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm"),
                   "1bitllm": ("self_attn.inner_attn_ln", "mlp.ffn_layernorm")}
 
 
+def _naming(folder: Path, fn):
+    """``fn`` whose HFFormatError names ``folder`` (the tensor-level checks name only the tensor)."""
+    def call(*a):
+        try:
+            return fn(*a)
+        except HFFormatError as e:
+            if str(folder) in str(e):
+                raise
+            raise HFFormatError(f"'{folder}': {e}") from None
+    return call
+
+
 def read_hf(folder: str | Path) -> TernaryModel:
     """A transformers checkpoint folder (layouts in the module docstring) as a TernaryModel.
     Every expected tensor is checked for presence, shape and dtype; unknown tensors are an error
-    (nothing is silently dropped)."""
+    (nothing is silently dropped). Every HFFormatError names the folder or the file."""
     folder = Path(folder)
+    return _naming(folder, _read_hf)(folder)
+
+
+def _read_hf(folder: Path) -> TernaryModel:
     layout, hf = describe_hf(folder)
     tensors = _weights(folder)
     n_layers = hf.get("num_hidden_layers")
     present = {int(n.split(".")[2]) for n in tensors
-               if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+               if n.startswith("model.layers.") and n.split(".")[2].isdecimal()
+               and len(n.split(".")[2]) < 10}  # int() of a 5,000-digit name raises
     if (type(n_layers) is not int or n_layers != len(present)  # before range(): no huge set
             or present != set(range(n_layers))):
         raise HFFormatError(f"'{folder}/config.json' says num_hidden_layers={n_layers!r} but the "
@@ -308,12 +326,13 @@ def read_hf(folder: str | Path) -> TernaryModel:
             if not math.isfinite(s) or s <= 0:
                 raise HFFormatError(f"'{folder}': {name}.weight_scale = {s}; it must be finite and > 0")
             scale = 1.0 / s if divide else s
-            ternary[name] = (lambda w=w, n=n, name=name, scale=scale:
-                             (unpack_hf_rows(w, n, name), scale))
+            ternary[name] = _naming(folder, lambda w=w, n=n, name=name, scale=scale:
+                                    (unpack_hf_rows(w, n, name), scale))
         else:
             w = take(name + ".weight", (n, k))
             dt = st_dtypes.get(name + ".weight")
-            ternary[name] = (lambda w=w, dt=dt, name=name: absmean_codes(_float(w, dt, name)))
+            ternary[name] = _naming(folder, lambda w=w, dt=dt, name=name:
+                                    absmean_codes(_float(w, dt, name)))
     D = cfg.hidden_size
     QD, F = cfg.num_attention_heads * cfg.resolved_head_dim, cfg.intermediate_size
     sub = _SUBNORM_NAMES["1bitllm" if layout.startswith("1bitllm") else "bitnet"]
@@ -349,6 +368,7 @@ def read_hf(folder: str | Path) -> TernaryModel:
         raise HFFormatError(f"'{folder}': tensors {stray[:5]} are not part of the {layout} layout "
                             f"onebit reads; refusing to drop them silently")
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+    check_tokenizer_files(folder, cfg.vocab_size, HFFormatError)
     if "tokenizer.json" not in files and "tokenizer.model" in files:
         files["tokenizer.json"] = _sentencepiece_to_json(folder)
     return TernaryModel(cfg, ternary, dense, files, f"{folder} ({layout})")

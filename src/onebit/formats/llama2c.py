@@ -132,6 +132,12 @@ def read_llama2c(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
                num_key_value_heads=h.n_kv_heads, hidden_act="silu", max_position_embeddings=h.seq_len,
                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=h.shared_classifier,
                bos_token_id=1, eos_token_id=2, linear="fp", norm_placement="pre")
+    from ..config import ModelConfig
+
+    try:  # the sizes onebit's model takes (the header's were only checked for plausibility)
+        ModelConfig(**cfg)
+    except ValueError as e:
+        raise Llama2cError(f"'{path}': its header does not describe a model onebit runs: {e}") from None
     sd = {"model.embed_tokens.weight": blocks["tok_embeddings"], "model.norm.weight": blocks["rms_final"]}
     for i in range(h.n_layers):
         pre = f"model.layers.{i}."

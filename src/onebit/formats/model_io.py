@@ -31,7 +31,9 @@ __all__ = [
     "TOKENIZER_FILES",
     "Dense",
     "TernaryModel",
+    "check_tokenizer_files",
     "compare_logits",
+    "dense_shapes",
     "projections",
     "read_packed_folder",
     "reference_logits",
@@ -89,27 +91,99 @@ def projections(cfg: ModelConfig) -> list[tuple[str, int, int]]:
 # onebit packed folders
 # --------------------------------------------------------------------------------------------
 
+def dense_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of every high-precision tensor but the embeddings / LM head: norms (by
+    ``norm_placement``), the final norm and q/k/v biases (``qkv_bias``)."""
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    QD = cfg.num_attention_heads * cfg.resolved_head_dim
+    out: dict[str, tuple[int, ...]] = {"model.norm.weight": (D,)}
+    for name, n, k in projections(cfg):
+        role = name.split(".", 3)[3]
+        if cfg.norm_placement == "inner":
+            out[name + ".norm.weight"] = (k,)
+        if cfg.qkv_bias and role in ROLES[:3]:
+            out[name + ".bias"] = (n,)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if cfg.norm_placement != "inner":
+            out[p + "input_layernorm.weight"] = out[p + "post_attention_layernorm.weight"] = (D,)
+        if cfg.norm_placement == "subln":
+            out[p + "self_attn.attn_sub_norm.weight"], out[p + "mlp.ffn_sub_norm.weight"] = (QD,), (F,)
+    return out
+
+
+def check_tokenizer_files(folder: Path, vocab_size: int, error) -> None:
+    """The tokenizer files a conversion copies must load (and fit the vocabulary) here, where the
+    error names the source, not later from the converted copy."""
+    from ..jsonio import read_json, read_tokenizer
+
+    if (folder / "tokenizer.json").is_file():
+        read_tokenizer(folder / "tokenizer.json", error, vocab_size)
+    if (folder / "tokenizer_config.json").is_file():
+        read_json(folder / "tokenizer_config.json", error, fix="fix or remove it")
+
+
 def read_packed_folder(folder: str | Path) -> TernaryModel:
-    """A packed model folder (``onebit export``) as a TernaryModel (codes decoded on demand)."""
-    from .packing import load_packed, unpack
+    """A packed model folder (``onebit export``) as a TernaryModel (codes decoded on demand).
+    Every tensor is checked against the config (names, shapes, dtypes, the layout config.json
+    names) before anything is decoded, and tensors the config does not account for are refused.
+    Raises PackedFormatError (a ValueError) naming the file."""
+    from ..jsonio import read_json
+    from .packing import PackedFormatError, load_packed, unpack
 
     folder = Path(folder)
-    p = packed_config(folder)
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    cfg = ModelConfig.from_dict(raw["model"])
-    packed, extra, _ = load_packed(folder / "model.safetensors")
+    raw = read_json(folder / "config.json", PackedFormatError, fix="re-export the model")
+    p = packed_config(folder, raw)
+    try:
+        if not isinstance(raw.get("model"), dict):
+            raise ValueError("it has no 'model' table")
+        cfg = ModelConfig.from_dict(raw["model"])
+    except ValueError as e:
+        raise PackedFormatError(f"'{folder}/config.json': {e}") from None
+    weights = folder / "model.safetensors"
+    packed, extra, _ = load_packed(weights)
+
+    def bad(what: str) -> PackedFormatError:
+        return PackedFormatError(f"'{weights}': {what}; the folder does not match its config.json "
+                                 f"(num_hidden_layers={cfg.num_hidden_layers}, hidden_size="
+                                 f"{cfg.hidden_size}): re-export the model")
+
+    want = {name: (n, k) for name, n, k in projections(cfg)}
+    for name in sorted(set(want) | set(packed)):
+        t = packed.get(name)
+        if name not in want or t is None or t.shape != want[name] or t.layout != p["layout"]:
+            raise bad(f"packed tensor {name!r} is {t and (t.layout, list(t.shape))}, the config "
+                      f"expects {name in want and (p['layout'], list(want[name]))}")
     ternary = {}
     for name, t in packed.items():
         ternary[name] = (lambda t=t: (unpack(t.packed, t.shape[1], t.layout), t.scale))
+    D, V, emb = cfg.hidden_size, cfg.vocab_size, p["embedding"]
+    shapes: dict[str, tuple[tuple[int, ...], tuple]] = {
+        n: (s, (np.float32, np.float16)) for n, s in dense_shapes(cfg).items()}
+    heads = ["model.embed_tokens.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    for name in heads:
+        kinds = {"f32": (np.float32, np.float16), "f16": (np.float32, np.float16),  # as the engine
+                 "i8": (np.int8,), "i4": (np.uint8,)}
+        shapes[name] = ((V, -(-D // 64) * 32) if emb == "i4" else (V, D), kinds[emb])
+        if emb in ("i8", "i4"):
+            shapes[name + I8_SCALE_SUFFIX] = ((V,), (np.float32,))
+    for name in sorted(set(shapes) | set(extra)):
+        arr = extra.get(name)
+        if name not in shapes or arr is None or arr.shape != shapes[name][0] \
+                or arr.dtype not in shapes[name][1]:
+            raise bad(f"tensor {name!r} is {arr is not None and (str(arr.dtype), list(arr.shape))}, "
+                      f"the config expects {name in shapes and list(shapes[name][0])} "
+                      f"({emb} embeddings)")
     dense: dict[str, Dense] = {}
     for name, arr in extra.items():
         if name.endswith(I8_SCALE_SUFFIX):
             continue
-        if name in ("model.embed_tokens.weight", "lm_head.weight") and p["embedding"] in ("i8", "i4"):
-            dense[name] = Dense(arr, p["embedding"], extra[name + I8_SCALE_SUFFIX], cfg.hidden_size)
+        if name in ("model.embed_tokens.weight", "lm_head.weight") and emb in ("i8", "i4"):
+            dense[name] = Dense(arr, emb, extra[name + I8_SCALE_SUFFIX], cfg.hidden_size)
         else:
             dense[name] = Dense(arr, "f16" if arr.dtype == np.float16 else "f32")
     files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+    check_tokenizer_files(folder, cfg.vocab_size, PackedFormatError)
     return TernaryModel(cfg, ternary, dense, files, str(folder))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import short
 from .packing import LAYOUTS, save_packed
 
 __all__ = ["EMBEDDINGS", "PACKED_VERSION", "export_packed", "quantize_rows_i8", "quantize_rows_i4",
@@ -72,19 +73,24 @@ def quantize_rows_i4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pack_i4(q), scale
 
 
-def packed_config(folder: Path) -> dict[str, Any]:
-    """The "packed" table of a packed folder's config.json (checked), or raise ValueError."""
-    raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+def packed_config(folder: Path, raw: Any = None) -> dict[str, Any]:
+    """The "packed" table of a packed folder's config.json (checked; ``raw``: the file's JSON if
+    already read), or raise ValueError naming the file."""
+    if raw is None:
+        from ..jsonio import read_json
+
+        raw = read_json(Path(folder) / "config.json", fix="re-export the model")
     p = raw.get("packed") if isinstance(raw, dict) else None
     if not isinstance(p, dict):
         raise ValueError(f"'{folder}/config.json' has no 'packed' table: this is not a packed model "
                          f"folder; write one with `onebit export` (formats.packed_model.export_packed)")
-    if p.get("format_version") != PACKED_VERSION:
-        raise ValueError(f"'{folder}' is packed format version {p.get('format_version')!r}; this "
+    if type(p.get("format_version")) is not int or p["format_version"] != PACKED_VERSION:
+        raise ValueError(f"'{folder}' is packed format version {short(p.get('format_version'))}; this "
                          f"onebit reads version {PACKED_VERSION}: re-export the model")
-    if p.get("layout") not in LAYOUTS or p.get("embedding") not in EMBEDDINGS:
-        raise ValueError(f"'{folder}/config.json': packed layout {p.get('layout')!r} / embedding "
-                         f"{p.get('embedding')!r} unknown (layouts {sorted(LAYOUTS)}, embeddings "
+    if not (isinstance(p.get("layout"), str) and p["layout"] in LAYOUTS
+            and isinstance(p.get("embedding"), str) and p["embedding"] in EMBEDDINGS):
+        raise ValueError(f"'{folder}/config.json': packed layout {short(p.get('layout'))} / embedding "
+                         f"{short(p.get('embedding'))} unknown (layouts {sorted(LAYOUTS)}, embeddings "
                          f"{list(EMBEDDINGS)}); re-export the model")
     return p
 

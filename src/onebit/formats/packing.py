@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..atomic import atomic_file
+from ..config import short
 
 FORMAT_NAME = "onebit-packed"
 FORMAT_VERSION = "1"
@@ -49,6 +50,7 @@ __all__ = [
     "validate_packed",
     "save_packed",
     "load_packed",
+    "read_declared",
 ]
 
 
@@ -333,30 +335,33 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     return arrays, dict(meta or {})
 
 
-def _read_declared(path: Path, meta: dict[str, str]) -> dict[str, tuple[str, tuple[int, int]]]:
+def read_declared(path: Path, meta: dict[str, str]) -> dict[str, tuple[str, tuple[int, int]]]:
+    """``{name: (layout, (N, K))}`` from a packed file's metadata (its ``onebit.tensors``): each
+    tensor's layout as declared, the one the readers trust. Raises PackedFormatError naming
+    ``path``."""
     if meta.get(META_FORMAT) != FORMAT_NAME:
         raise PackedFormatError(f"'{path}' is not an onebit packed file (metadata {META_FORMAT!r} is "
-                                f"{meta.get(META_FORMAT)!r}, expected {FORMAT_NAME!r}); write it with "
+                                f"{short(meta.get(META_FORMAT))}, expected {FORMAT_NAME!r}); write it with "
                                 f"save_packed")
     if meta.get(META_VERSION) != FORMAT_VERSION:
-        raise PackedFormatError(f"'{path}' has packed format version {meta.get(META_VERSION)!r}; this "
+        raise PackedFormatError(f"'{path}' has packed format version {short(meta.get(META_VERSION))}; this "
                                 f"onebit reads version {FORMAT_VERSION!r}: use a matching onebit or "
                                 f"re-export the file")
-    try:
-        raw = json.loads(meta.get(META_TENSORS, ""))
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"'{path}': metadata {META_TENSORS!r} is not valid JSON ({e}); the "
-                                f"file is corrupt: re-create it with save_packed") from None
+    from ..jsonio import loads_checked
+
+    raw = loads_checked(meta.get(META_TENSORS, ""), f"'{path}': metadata {META_TENSORS!r}",
+                        PackedFormatError, "the file is corrupt: re-create it with save_packed")
     if not isinstance(raw, dict) or not raw:
         raise PackedFormatError(f"'{path}': metadata {META_TENSORS!r} must be a non-empty JSON object "
                                 f"{{name: {{layout, shape}}}}; re-create the file with save_packed")
     declared = {}
     for name, d in raw.items():
-        ok = (isinstance(d, dict) and set(d) == {"layout", "shape"} and d["layout"] in LAYOUTS
+        ok = (isinstance(d, dict) and set(d) == {"layout", "shape"} and isinstance(d["layout"], str)
+              and d["layout"] in LAYOUTS
               and isinstance(d["shape"], list) and len(d["shape"]) == 2
               and all(type(v) is int and v >= 1 for v in d["shape"]))
         if not ok:
-            raise PackedFormatError(f"'{path}': tensor {name!r} has an invalid declaration {d!r} in "
+            raise PackedFormatError(f"'{path}': tensor {short(name)} has an invalid declaration {short(d)} in "
                                     f"{META_TENSORS!r}: expected {{\"layout\": one of "
                                     f"{sorted(LAYOUTS)}, \"shape\": [N, K]}}; re-create the file")
         declared[name] = (d["layout"], (d["shape"][0], d["shape"][1]))
@@ -375,7 +380,7 @@ def load_packed(path: str | os.PathLike, *, check_codes: bool = True
     """
     path = Path(path)
     arrays, meta = _read_safetensors(path)
-    declared = _read_declared(path, meta)
+    declared = read_declared(path, meta)
     result: dict[str, PackedTensor] = {}
     for name, (layout, (n, k)) in declared.items():
         qn, sn = name + QWEIGHT_SUFFIX, name + SCALE_SUFFIX

@@ -57,8 +57,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _fail(path, f"the header is not UTF-8 JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # deep nesting recurses
+            what = "nested too deeply" if isinstance(e, RecursionError) else e
+            raise _fail(path, f"the header is not UTF-8 JSON ({what})") from None
         if not isinstance(header, dict):
             raise _fail(path, "the header is not a JSON object")
         meta = header.pop("__metadata__", {}) or {}
@@ -72,7 +73,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
                 raise _fail(path, f"tensor {name!r} entry {str(d)[:80]} needs exactly dtype, shape "
                                   f"and data_offsets")
             dt, shape, offs = d["dtype"], d["shape"], d["data_offsets"]
-            if dt not in _DTYPES:
+            if not isinstance(dt, str) or dt not in _DTYPES:
                 raise _fail(path, f"tensor {name!r} has unknown dtype {dt!r}")
             if not (isinstance(shape, list) and all(type(s) is int and s >= 0 for s in shape)):
                 raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")

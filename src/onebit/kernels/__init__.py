@@ -43,8 +43,8 @@ VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to
 _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
-           -7: "non-finite value"}
-_ABI_VERSION = 13  # OB_ABI_VERSION
+           -7: "non-finite value", -8: "a weight buffer's length does not match its sizes"}
+_ABI_VERSION = 14  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -58,7 +58,8 @@ class Layer(ctypes.Structure):
                 ("norm", ctypes.c_void_p * 7), ("act_scheme", ctypes.c_int32),
                 ("topk_keep", ctypes.c_double), ("wt", ctypes.c_void_p * 7), ("skip_up", ctypes.c_int32),
                 ("sparse_min_zeros", ctypes.c_int32), ("bias", ctypes.c_void_p * 7),
-                ("batch_invariant", ctypes.c_int32)]
+                ("batch_invariant", ctypes.c_int32),
+                ("w_bytes", ctypes.c_int64 * 7), ("wt_bytes", ctypes.c_int64 * 7)]
 
 
 def _find_library() -> Path:
@@ -90,16 +91,17 @@ def _lib() -> ctypes.CDLL:
         "ob_quantize_act_i8": (i32, [p, i64, i64, i64, p, f32, p, p]),
         "ob_quantize_act_i4": (i32, [p, i64, i64, i64, p, f32, p, p]),
         "ob_quantize_act_topk_i8": (i32, [p, i64, i64, i64, p, f32, ctypes.c_double, p, p]),
-        "ob_transpose_packed_i2": (i32, [p, i64, i64, p]),
-        "ob_linear_colsparse_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
-        "ob_linear_rows": (i32, [i32, p, i64, i64, p, p, i64, f32, f32, p]),
-        "ob_gemm_i2": (i32, [p, i64, i64, p, i64, i64, p]),
-        "ob_gemm_t1_6": (i32, [p, i64, i64, p, i64, i64, p]),
-        "ob_linear_i2": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
-        "ob_linear_t1_6": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
-        "ob_linear_i2_unchecked": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
-        "ob_linear_t1_6_unchecked": (i32, [p, i64, i64, p, i64, i64, f32, p, p]),
-        "ob_validate_packed": (i32, [p, i64, i64, i32]),
+        # every weight pointer is followed by the byte length of its buffer (w_bytes)
+        "ob_transpose_packed_i2": (i32, [p, i64, i64, i64, p]),
+        "ob_linear_colsparse_i2": (i32, [p, i64, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_rows": (i32, [i32, p, i64, i64, i64, p, p, i64, f32, f32, p]),
+        "ob_gemm_i2": (i32, [p, i64, i64, i64, p, i64, i64, p]),
+        "ob_gemm_t1_6": (i32, [p, i64, i64, i64, p, i64, i64, p]),
+        "ob_linear_i2": (i32, [p, i64, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_t1_6": (i32, [p, i64, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_i2_unchecked": (i32, [p, i64, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_linear_t1_6_unchecked": (i32, [p, i64, i64, i64, p, i64, i64, f32, p, p]),
+        "ob_validate_packed": (i32, [p, i64, i64, i64, i32]),
         "ob_set_num_threads": (i32, [i32]),
         "ob_get_num_threads": (i32, []),
         "ob_isa": (ctypes.c_char_p, []),
@@ -107,12 +109,12 @@ def _lib() -> ctypes.CDLL:
         "ob_set_isa": (i32, [ctypes.c_char_p]),
         "ob_abi_version": (i32, []),
         "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
-        "ob_unpack": (i32, [p, i64, i64, i32, p]),
+        "ob_unpack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
         "ob_glu": (i32, [p, p, i64, i32]),
-        "ob_linear_i8": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
-        "ob_linear_f16": (i32, [p, i64, i64, p, i64, i64, p]),
-        "ob_linear_i4": (i32, [p, p, i64, i64, p, i64, i64, p, p]),
+        "ob_linear_i8": (i32, [p, i64, p, i64, i64, p, i64, i64, p, p]),
+        "ob_linear_f16": (i32, [p, i64, i64, i64, p, i64, i64, p]),
+        "ob_linear_i4": (i32, [p, i64, p, i64, i64, p, i64, i64, p, p]),
         "ob_attention": (i32, [p, p, p, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p]),
         "ob_kv_row_bytes": (i64, [i64, i32]),
         "ob_kv_quantize_rows": (i32, [p, i64, i64, i32, p, p]),
@@ -378,7 +380,7 @@ def transpose_packed_i2(packed, k: int) -> np.ndarray:
     if n > _MAX_K:
         raise ValueError(f"n={n} rows is more than {_MAX_K}: the transposed rows would overflow")
     wt = np.empty((k, packed_row_bytes(n, "i2")), dtype=np.uint8)
-    _check_status(_lib().ob_transpose_packed_i2(packed.ctypes.data, n, k, wt.ctypes.data),
+    _check_status(_lib().ob_transpose_packed_i2(packed.ctypes.data, packed.nbytes, n, k, wt.ctypes.data),
                   "transpose_packed_i2")
     return wt
 
@@ -407,7 +409,7 @@ def linear_colsparse_i2(wt, n: int, w_scale: float, x_codes, x_scale) -> np.ndar
     if not (math.isfinite(w_scale) and w_scale >= 0):
         raise ValueError(f"w_scale={w_scale} must be finite and >= 0 (the tensor's mean|W|)")
     out = np.empty((m, int(n)), dtype=np.float32)
-    _check_status(_lib().ob_linear_colsparse_i2(wt.ctypes.data, int(n), k, x.ctypes.data, m, ldx,
+    _check_status(_lib().ob_linear_colsparse_i2(wt.ctypes.data, wt.nbytes, int(n), k, x.ctypes.data, m, ldx,
                                                 w_scale, xs.ctypes.data, out.ctypes.data),
                   "linear_colsparse_i2")
     return out
@@ -427,7 +429,7 @@ def linear_rows(packed, k: int, layout: str, w_scale: float, x_codes, x_scale: f
     w_scale, x_scale = float(w_scale), float(x_scale)
     out = np.full(n, np.nan, dtype=np.float32)
     _check_status(_lib().ob_linear_rows(0 if layout == "i2" else 1,
-                                        packed.ctypes.data, n, k, x.ctypes.data,
+                                        packed.ctypes.data, packed.nbytes, n, k, x.ctypes.data,
                                         r.ctypes.data if r.size else None, r.size, w_scale, x_scale,
                                         out.ctypes.data), "linear_rows")
     return out
@@ -444,7 +446,8 @@ def gemm(packed, k: int, layout: str, x_codes) -> np.ndarray:
     m, n = x.shape[0], packed.shape[0]
     acc = np.empty((m, n), dtype=np.int32)
     fn = _lib().ob_gemm_i2 if layout == "i2" else _lib().ob_gemm_t1_6
-    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, acc.ctypes.data), "gemm")
+    _check_status(fn(packed.ctypes.data, packed.nbytes, n, k, x.ctypes.data, m, ldx, acc.ctypes.data),
+                  "gemm")
     return acc
 
 
@@ -467,8 +470,8 @@ def _linear(packed, k, layout, w_scale, x_codes, x_scale, *, checked: bool) -> n
         fn = lib.ob_linear_i2 if layout == "i2" else lib.ob_linear_t1_6
     else:
         fn = lib.ob_linear_i2_unchecked if layout == "i2" else lib.ob_linear_t1_6_unchecked
-    _check_status(fn(packed.ctypes.data, n, k, x.ctypes.data, m, ldx, w_scale, xs.ctypes.data,
-                     out.ctypes.data), "linear" if checked else "linear_unchecked")
+    _check_status(fn(packed.ctypes.data, packed.nbytes, n, k, x.ctypes.data, m, ldx, w_scale,
+                     xs.ctypes.data, out.ctypes.data), "linear" if checked else "linear_unchecked")
     return out
 
 
@@ -496,7 +499,8 @@ def unpack(packed, k: int, layout: str) -> np.ndarray:
     """
     packed, k = _weights(packed, k, layout)
     out = np.empty((packed.shape[0], k), dtype=np.int8)
-    st = _lib().ob_unpack(packed.ctypes.data, packed.shape[0], k, _LAYOUT_ID[layout], out.ctypes.data)
+    st = _lib().ob_unpack(packed.ctypes.data, packed.nbytes, packed.shape[0], k, _LAYOUT_ID[layout],
+                          out.ctypes.data)
     if st == -4:
         raise PackedFormatError("unpack: packed weights hold an invalid code/byte or nonzero "
                                 "padding; locate it with formats.packing.validate_packed")
@@ -519,7 +523,7 @@ def linear_i8(w, w_scale, x_codes, x_scale) -> np.ndarray:
     m = x.shape[0]
     xs = _vector(x_scale, "x_scale", np.float32, m)
     out = np.empty((m, n), dtype=np.float32)
-    st = _lib().ob_linear_i8(w.ctypes.data, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
+    st = _lib().ob_linear_i8(w.ctypes.data, w.nbytes, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
                              xs.ctypes.data, out.ctypes.data)
     if st == -7:
         raise ValueError("linear_i8: an activation code is -128; the int8 head takes codes in "
@@ -573,7 +577,8 @@ def validate(packed, k: int, layout: str) -> None:
     """Check every packed byte is a valid code byte (C, threaded, memory speed); raise
     PackedFormatError otherwise. Padding values are not checked (kernels ignore them)."""
     packed, k = _weights(packed, k, layout)
-    st = _lib().ob_validate_packed(packed.ctypes.data, packed.shape[0], k, _LAYOUT_ID[layout])
+    st = _lib().ob_validate_packed(packed.ctypes.data, packed.nbytes, packed.shape[0], k,
+                                   _LAYOUT_ID[layout])
     _check_status(st, "validate")
 
 
@@ -593,7 +598,7 @@ def linear_f16(w, x) -> np.ndarray:
         raise ValueError(f"x has {x.shape[1]} columns but w has k={k}")
     ldx = _rows(x, "x")
     out = np.empty((x.shape[0], n), dtype=np.float32)
-    _check_status(_lib().ob_linear_f16(w.ctypes.data, n, k, x.ctypes.data, x.shape[0], ldx,
+    _check_status(_lib().ob_linear_f16(w.ctypes.data, w.nbytes, n, k, x.ctypes.data, x.shape[0], ldx,
                                        out.ctypes.data), "linear_f16")
     return out
 
@@ -613,7 +618,7 @@ def linear_i4(w_packed, k: int, w_scale, x_codes, x_scale) -> np.ndarray:
     m = x.shape[0]
     xs = _vector(x_scale, "x_scale", np.float32, m)
     out = np.empty((m, n), dtype=np.float32)
-    st = _lib().ob_linear_i4(w.ctypes.data, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
+    st = _lib().ob_linear_i4(w.ctypes.data, w.nbytes, ws.ctypes.data, n, k, x.ctypes.data, m, ldx,
                              xs.ctypes.data, out.ctypes.data)
     if st == -7:
         raise ValueError("linear_i4: an activation code is -128; use codes in [-127, 127]")

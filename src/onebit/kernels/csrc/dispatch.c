@@ -255,20 +255,31 @@ static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8
     return st;
 }
 
-int ob_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-               int32_t *acc) {
+/* the public packed-weight entry points check the buffer's length first (ob_check_packed) */
+#define CHECK_W(layout)                                                                         \
+    do {                                                                                        \
+        int st_ = ob_check_packed(w, w_bytes, n, k, layout);                                    \
+        if (st_) return st_;                                                                    \
+    } while (0)
+
+int ob_gemm_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x, int64_t m,
+               int64_t ldx, int32_t *acc) {
+    CHECK_W(OB_LAYOUT_I2);
     return gemm(OB_LAYOUT_I2, w, n, k, x, m, ldx, acc);
 }
-int ob_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                 int32_t *acc) {
+int ob_gemm_t1_6(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x,
+                 int64_t m, int64_t ldx, int32_t *acc) {
+    CHECK_W(OB_LAYOUT_T1_6);
     return gemm(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, acc);
 }
-int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                 float w_scale, const float *x_scale, float *out) {
+int ob_linear_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x, int64_t m,
+                 int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    CHECK_W(OB_LAYOUT_I2);
     return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
 }
-int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
-                   float w_scale, const float *x_scale, float *out) {
+int ob_linear_t1_6(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x,
+                   int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    CHECK_W(OB_LAYOUT_T1_6);
     return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 1);
 }
 int ob_linear_multi_unchecked(int layout, int nseg, const uint8_t *const *w, const int64_t *n,
@@ -298,12 +309,15 @@ int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, cons
     if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
     return linear(layout, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
 }
-int ob_linear_i2_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                           int64_t ldx, float w_scale, const float *x_scale, float *out) {
+int ob_linear_i2_unchecked(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x,
+                           int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out) {
+    CHECK_W(OB_LAYOUT_I2);
     return linear(OB_LAYOUT_I2, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
 }
-int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                             int64_t ldx, float w_scale, const float *x_scale, float *out) {
+int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                             const int8_t *x, int64_t m, int64_t ldx, float w_scale,
+                             const float *x_scale, float *out) {
+    CHECK_W(OB_LAYOUT_T1_6);
     return linear(OB_LAYOUT_T1_6, w, n, k, x, m, ldx, w_scale, x_scale, out, 0);
 }
 
@@ -329,10 +343,11 @@ static void validate_task(void *ctx, int t, int nt) {
     J->bad[t] = bad;
 }
 
-int ob_validate_packed(const uint8_t *w, int64_t n, int64_t k, int layout) {
+int ob_validate_packed(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, int layout) {
     if (!w) return OB_ERR_NULL;
     if (n < 1 || k < 1 || k > OB_MAX_K || (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6))
         return OB_ERR_SIZE;
+    CHECK_W(layout);
     validate_job_t J = {w, n * ob_packed_row_bytes(k, layout), layout, {0}};
     int64_t want = J.bytes / (1 << 20);
     int nt = ob_parallel(validate_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
@@ -362,10 +377,12 @@ static void i8_task(void *ctx, int t, int nt) {
     ob_ref_linear_i8(&J->a, j0, j1);
 }
 
-int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k, const int8_t *x,
-                 int64_t m, int64_t ldx, const float *x_scale, float *out) {
+int ob_linear_i8(const int8_t *w, int64_t w_bytes, const float *w_scale, int64_t n, int64_t k,
+                 const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out) {
     if (!w || !w_scale || !x || !x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    int bst = ob_check_bytes(w_bytes, n, k);
+    if (bst) return bst;
     if (ldx < k) return OB_ERR_STRIDE;
     for (int64_t r = 0; r < m; r++)
         for (int64_t e = 0; e < k; e++)
@@ -394,10 +411,12 @@ static void i4_task(void *ctx, int t, int nt) {
     ob_ref_linear_i4(&J->a, j0, j1);
 }
 
-int ob_linear_i4(const uint8_t *w, const float *w_scale, int64_t n, int64_t k, const int8_t *x,
-                 int64_t m, int64_t ldx, const float *x_scale, float *out) {
+int ob_linear_i4(const uint8_t *w, int64_t w_bytes, const float *w_scale, int64_t n, int64_t k,
+                 const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out) {
     if (!w || !w_scale || !x || !x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    int bst = ob_check_bytes(w_bytes, n, ob_i4_row_bytes(k));
+    if (bst) return bst;
     if (ldx < k) return OB_ERR_STRIDE;
     int64_t kp = (k + 63) / 64 * 64;
     int8_t *xp = (int8_t *)calloc((size_t)(m * kp), 1); /* zero-padded rows: padding meets x = 0 */
@@ -440,10 +459,12 @@ static void f16_task(void *ctx, int t, int nt) {
     ob_ref_linear_f16(&J->a, j0, j1);
 }
 
-int ob_linear_f16(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m, int64_t ldx,
-                  float *out) {
+int ob_linear_f16(const uint16_t *w, int64_t w_bytes, int64_t n, int64_t k, const float *x,
+                  int64_t m, int64_t ldx, float *out) {
     if (!w || !x || !out) return OB_ERR_NULL;
-    if (n < 1 || k < 1 || m < 1) return OB_ERR_SIZE;
+    if (n < 1 || k < 1 || m < 1 || k > INT64_MAX / 2) return OB_ERR_SIZE;
+    int bst = ob_check_bytes(w_bytes, n, 2 * k);
+    if (bst) return bst;
     if (ldx < k) return OB_ERR_STRIDE;
     int simd = 0;
 #ifdef OB_HAVE_X86

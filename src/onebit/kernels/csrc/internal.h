@@ -4,11 +4,25 @@
 #define ONEBIT_KERNELS_INTERNAL_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include "onebit_kernels.h"
 
 #define OB_I2_BLOCK 128    /* values per 32-byte block, 2.0 bpw */
 #define OB_T1_6_BLOCK 160  /* values per 32-byte block, 1.6 bpw */
 #define OB_BLOCK_BYTES 32
+
+/* A weight buffer of `bytes` must hold exactly n rows of rb bytes: OB_OK, OB_ERR_SIZE when n or rb
+ * is < 1 or n * rb overflows, else OB_ERR_BUFFER (checked before any weight byte is read). */
+static inline int ob_check_bytes(int64_t bytes, int64_t n, int64_t rb) {
+    if (n < 1 || rb < 1 || n > INT64_MAX / rb) return OB_ERR_SIZE;
+    return bytes == n * rb ? OB_OK : OB_ERR_BUFFER;
+}
+/* a packed matrix [n, k] of `layout` in a buffer of w_bytes: NULL, then sizes, then the length */
+static inline int ob_check_packed(const void *w, int64_t w_bytes, int64_t n, int64_t k, int layout) {
+    if (!w) return OB_ERR_NULL;
+    if (n < 1 || k < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    return ob_check_bytes(w_bytes, n, ob_packed_row_bytes(k, layout));
+}
 
 /* One GEMM call as every variant sees it, arguments already checked by dispatch.c.
  * xp holds the activations zero-padded to kp = padded k (a multiple of the layout's block), row

@@ -136,6 +136,17 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
         if (L->bias[i]) return OB_ERR_VALUE;
     int64_t QD = H * hd, KD = Hkv * hd, maxk = D > F ? D : F;
     maxk = maxk > QD ? maxk : QD;
+    if (L->layout != OB_LAYOUT_I2 && L->layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
+    { /* every weight buffer holds exactly its projection (n x k at the layer's layout) */
+        const int64_t pn[7] = {QD, KD, KD, D, F, F, D}, pk[7] = {D, D, D, QD, D, D, F};
+        for (int i = 0; i < 7; i++) {
+            int bst = ob_check_packed(L->w[i], L->w_bytes[i], pn[i], pk[i], L->layout);
+            if (!bst && L->wt[i])
+                bst = L->layout != OB_LAYOUT_I2 ? OB_ERR_BUFFER
+                                                : ob_check_packed(L->wt[i], L->wt_bytes[i], pk[i], pn[i], OB_LAYOUT_I2);
+            if (bst) return bst;
+        }
+    }
     /* one scratch block: codes, scales, q, k, v, y, o, gate, up */
     size_t bytes = (size_t)(T * maxk) + (size_t)T * 4 * (size_t)(1 + QD + 2 * KD + QD + D + 2 * F) + 64 +
                    (size_t)F * sizeof(int64_t);
@@ -166,7 +177,7 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
     do {                                                                                            \
         if ((st = sparse && L->wt[idx] && lay == OB_LAYOUT_I2 &&                                     \
                           mostly_zero(xc, T * (k_), L->sparse_min_zeros)                            \
-                      ? ob_linear_colsparse_i2(L->wt[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out) \
+                      ? ob_linear_colsparse_i2(L->wt[idx], L->wt_bytes[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out) \
                       : ob_linear_unchecked(lay, L->w[idx], n_, k_, xc, T, k_, L->w_scale[idx], xs, out))) \
             goto done;                                                                              \
     } while (0)
@@ -232,7 +243,7 @@ int ob_decoder_layer_batch(const ob_layer *L, float *x, int64_t nseq, const int6
                 if ((st = ob_linear_unchecked(lay, L->w[UP], F, D, xc + r * D, 1, D, L->w_scale[UP],
                                               xs + r, ur)))
                     goto done;
-            } else if ((st = ob_linear_rows(lay, L->w[UP], F, D, xc + r * D, rows, n_on,
+            } else if ((st = ob_linear_rows(lay, L->w[UP], L->w_bytes[UP], F, D, xc + r * D, rows, n_on,
                                             L->w_scale[UP], xs[r], ur)))
                 goto done;
         }

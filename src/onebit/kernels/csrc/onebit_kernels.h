@@ -7,6 +7,10 @@
  * Padding columns (>= k) never contribute: the kernels multiply them by zero activations.
  *
  * Every function returns OB_OK (0) or a negative status below; on error the outputs are unspecified.
+ * Every weight pointer comes with the byte length of the buffer behind it (w_bytes: a mapped file's
+ * tensor is only that long); the sizes n, k (and the layout) must make exactly that many bytes, else
+ * OB_ERR_BUFFER before any weight byte is read, so a file whose header disagrees with its sizes
+ * cannot make a kernel read past the buffer.
  * Variants ("reference", "avx2", "avx512vnni") give bit-identical integer results; the variant is
  * chosen once, at first use, by CPU detection (avx512vnni where the CPU has AVX-512 F/BW/VL/VNNI:
  * verified under emulation by scripts/check_avx512.sh, never timed), or forced with the environment variable
@@ -29,7 +33,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 13
+#define OB_ABI_VERSION 14
 
 enum {
     OB_OK = 0,
@@ -39,7 +43,10 @@ enum {
     OB_ERR_CORRUPT = -4,  /* packed weights hold an invalid code/byte (i2 code 3, t1_6 unused byte) */
     OB_ERR_ISA = -5,      /* unknown variant name, or the CPU lacks it */
     OB_ERR_NOMEM = -6,    /* scratch allocation failed */
-    OB_ERR_VALUE = -7     /* non-finite activation (after the norm), or eps < 0 / non-finite */
+    OB_ERR_VALUE = -7,    /* non-finite activation (after the norm), or eps < 0 / non-finite */
+    OB_ERR_BUFFER = -8    /* a weight buffer's byte length (w_bytes) is not what n, k and the layout
+                           * make it: the buffer does not hold this matrix (e.g. a t1_6 tensor
+                           * read as i2); nothing was read */
 };
 
 enum { OB_LAYOUT_I2 = 0, OB_LAYOUT_T1_6 = 1 };
@@ -76,32 +83,34 @@ OB_API int ob_quantize_act_topk_i8(const float *x, int64_t m, int64_t k, int64_t
                                    int8_t *out, float *out_scale);
 
 /* acc[m, n] (row stride n) = x[m, k] (int8, row stride ldx) @ W[n, k]^T, exact int32. M = 1 is GEMV.
+ * w_bytes = n * ob_packed_row_bytes(k, layout) (else OB_ERR_BUFFER).
  * Returns OB_ERR_CORRUPT if a packed byte is invalid. */
-OB_API int ob_gemm_i2(const uint8_t *w, int64_t n, int64_t k,
+OB_API int ob_gemm_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
                       const int8_t *x, int64_t m, int64_t ldx, int32_t *acc);
-OB_API int ob_gemm_t1_6(const uint8_t *w, int64_t n, int64_t k,
+OB_API int ob_gemm_t1_6(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
                         const int8_t *x, int64_t m, int64_t ldx, int32_t *acc);
 
 /* out[m, n] = (float)acc * w_scale * x_scale[row]  (float32, in that order), acc as ob_gemm_*. */
-OB_API int ob_linear_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                        int64_t ldx, float w_scale, const float *x_scale, float *out);
-OB_API int ob_linear_t1_6(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                          int64_t ldx, float w_scale, const float *x_scale, float *out);
+OB_API int ob_linear_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x,
+                        int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out);
+OB_API int ob_linear_t1_6(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, const int8_t *x,
+                          int64_t m, int64_t ldx, float w_scale, const float *x_scale, float *out);
 
 /* For weights that passed ob_validate_packed (the engine validates once at load): the same as
  * ob_linear_*, minus the per-call code check. Invalid codes give wrong sums, never a memory error. */
-OB_API int ob_validate_packed(const uint8_t *w, int64_t n, int64_t k, int layout);
-OB_API int ob_linear_i2_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                                  int64_t ldx, float w_scale, const float *x_scale, float *out);
-OB_API int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
-                                    int64_t m, int64_t ldx, float w_scale, const float *x_scale,
-                                    float *out);
+OB_API int ob_validate_packed(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, int layout);
+OB_API int ob_linear_i2_unchecked(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                                  const int8_t *x, int64_t m, int64_t ldx, float w_scale,
+                                  const float *x_scale, float *out);
+OB_API int ob_linear_t1_6_unchecked(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                                    const int8_t *x, int64_t m, int64_t ldx, float w_scale,
+                                    const float *x_scale, float *out);
 
 /* int8 x int8 (the 8-bit LM head / embeddings): out[m, n] = (sum_e w[j,e] * x[r,e]) * w_scale[j]
  * * x_scale[r] (float32, in that order). w int8 [n, k] (row stride k), per-row scales w_scale[n];
  * x int8 [m, k] (row stride ldx) with x in [-127, 127] (what ob_quantize_act_i8 writes);
- * OB_ERR_VALUE if an activation is -128. Exact int32 accumulation. */
-OB_API int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k,
+ * OB_ERR_VALUE if an activation is -128. Exact int32 accumulation. w_bytes = n * k. */
+OB_API int ob_linear_i8(const int8_t *w, int64_t w_bytes, const float *w_scale, int64_t n, int64_t k,
                         const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out);
 
 /* One attention step of a decoder layer, float32, T new tokens at positions pos..pos+T-1:
@@ -176,6 +185,11 @@ typedef struct {
      * never splits a decode step's keys over threads: split-K's combined floats depend on them).
      * The batched server engine sets it; 0 keeps split-K for single-stream long-context decode. */
     int32_t batch_invariant;
+    /* Byte lengths of the buffers behind w[i] (= n_i * ob_packed_row_bytes(k_i, layout), n_i x k_i
+     * the projection's shape from the sizes above) and behind wt[i] when set (= k_i *
+     * ob_packed_row_bytes(n_i, OB_LAYOUT_I2)); any other value: OB_ERR_BUFFER, nothing read. */
+    int64_t w_bytes[7];
+    int64_t wt_bytes[7];
 } ob_layer;
 enum { OB_ACT_A8 = 0, OB_ACT_A4_8 = 1 };
 #define OB_SPARSE_MAX_T 4
@@ -202,34 +216,39 @@ OB_API int ob_decoder_layer_batch(const ob_layer *layer, float *x, int64_t nseq,
  * ob_linear_colsparse_i2: out [m, n] = (sum over the nonzero x[r, e] of x[r, e] * w[:, e]) *
  * w_scale * x_scale[r], reading only the wt rows e where x[r, e] != 0; exact int32 sums, so
  * bit-identical to ob_linear_i2 on w. Rows of x run one after another (meant for decoding).
+ * (w_bytes of w [n, k]; wt_bytes = k * ob_packed_row_bytes(n, OB_LAYOUT_I2) for wt.)
  * ob_linear_rows: ob_linear_i2/t1_6 for ONE activation row, computing only the output rows
  * listed in rows[0..nrows) (each in [0, n), any order; out[j] of unlisted j untouched).
  * Like the *_unchecked linears, these two trust their weights (ob_validate_packed once, or wt from
  * ob_transpose_packed_i2): an invalid code gives a wrong sum, never an out-of-bounds access. */
-OB_API int ob_transpose_packed_i2(const uint8_t *w, int64_t n, int64_t k, uint8_t *wt);
-OB_API int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t *x,
-                                  int64_t m, int64_t ldx, float w_scale, const float *x_scale,
-                                  float *out);
-OB_API int ob_linear_rows(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
-                          const int64_t *rows, int64_t nrows, float w_scale, float x_scale,
-                          float *out);
+OB_API int ob_transpose_packed_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                                  uint8_t *wt);
+OB_API int ob_linear_colsparse_i2(const uint8_t *wt, int64_t wt_bytes, int64_t n, int64_t k,
+                                  const int8_t *x, int64_t m, int64_t ldx, float w_scale,
+                                  const float *x_scale, float *out);
+OB_API int ob_linear_rows(int layout, const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                          const int8_t *x, const int64_t *rows, int64_t nrows, float w_scale,
+                          float x_scale, float *out);
 
 /* 4-bit weights x int8 (a 4-bit LM head): rows of ceil(k/64)*32 bytes; in each 32-byte block the
  * low nibbles hold elements 0..31 and the high nibbles 32..63 of the block, as u = q + 8 with q in
- * [-8, 7] (padding: u = 8). out[m, n] = (sum q*x) * w_scale[j] * x_scale[r]; x in [-127, 127]. */
-OB_API int ob_linear_i4(const uint8_t *w, const float *w_scale, int64_t n, int64_t k,
+ * [-8, 7] (padding: u = 8). out[m, n] = (sum q*x) * w_scale[j] * x_scale[r]; x in [-127, 127].
+ * w_bytes = n * ceil(k/64) * 32. */
+OB_API int ob_linear_i4(const uint8_t *w, int64_t w_bytes, const float *w_scale, int64_t n, int64_t k,
                         const int8_t *x, int64_t m, int64_t ldx, const float *x_scale, float *out);
 
 /* float16 weights x float32 activations (an fp16 LM head): out[m, n] = x[m, k] . w[n, k] (w as
- * IEEE binary16 bits, row stride k; x row stride ldx), float32 accumulation. Threaded over n. */
-OB_API int ob_linear_f16(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m,
-                         int64_t ldx, float *out);
+ * IEEE binary16 bits, row stride k; x row stride ldx), float32 accumulation. Threaded over n.
+ * w_bytes = n * k * 2. */
+OB_API int ob_linear_f16(const uint16_t *w, int64_t w_bytes, int64_t n, int64_t k, const float *x,
+                         int64_t m, int64_t ldx, float *out);
 
 /* codes int8 [n, k] in {-1,0,1} (row stride ldc) -> out uint8 [n, ob_packed_row_bytes(k)],
  * byte-identical to onebit.formats.packing.pack. OB_ERR_VALUE for a code outside {-1,0,1}. */
 OB_API int ob_pack(const int8_t *codes, int64_t n, int64_t k, int64_t ldc, int layout, uint8_t *out);
-/* The inverse: out int8 [n, k]. OB_ERR_CORRUPT for an invalid byte/code or nonzero padding. */
-OB_API int ob_unpack(const uint8_t *w, int64_t n, int64_t k, int layout, int8_t *out);
+/* The inverse: out int8 [n, k]. OB_ERR_CORRUPT for an invalid byte/code or nonzero padding;
+ * w_bytes as ob_gemm_*. */
+OB_API int ob_unpack(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, int layout, int8_t *out);
 
 /* Threads used by the GEMM kernels: ob_set_num_threads(n >= 1), else the environment variable
  * ONEBIT_NUM_THREADS, else the physical cores this process may run on. Pool workers spin

@@ -36,10 +36,12 @@ int ob_pack(const int8_t *codes, int64_t n, int64_t k, int64_t ldc, int layout, 
     return OB_OK;
 }
 
-int ob_unpack(const uint8_t *w, int64_t n, int64_t k, int layout, int8_t *out) {
+int ob_unpack(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, int layout, int8_t *out) {
     int block = layout_block(layout);
     if (!w || !out) return OB_ERR_NULL;
     if (!block || n < 1 || k < 1 || k > OB_MAX_K) return OB_ERR_SIZE;
+    int bst = ob_check_packed(w, w_bytes, n, k, layout);
+    if (bst) return bst;
     int64_t rb = ob_packed_row_bytes(k, layout), kp = rb / OB_BLOCK_BYTES * block;
     for (int64_t r = 0; r < n; r++)
         for (int64_t e = 0; e < kp; e++) {

@@ -130,9 +130,11 @@ int ob_quantize_act_topk_i8(const float *x, int64_t m, int64_t k, int64_t ldx,
 
 /* ---- transposed i2 copy ------------------------------------------------------------------- */
 
-int ob_transpose_packed_i2(const uint8_t *w, int64_t n, int64_t k, uint8_t *wt) {
+int ob_transpose_packed_i2(const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k, uint8_t *wt) {
     if (!w || !wt) return OB_ERR_NULL;
     if (n < 1 || k < 1 || k > OB_MAX_K || n > OB_MAX_K) return OB_ERR_SIZE;
+    int bst = ob_check_packed(w, w_bytes, n, k, OB_LAYOUT_I2);
+    if (bst) return bst;
     int64_t rb = ob_packed_row_bytes(k, OB_LAYOUT_I2), rbt = ob_packed_row_bytes(n, OB_LAYOUT_I2);
     for (int64_t i = 0; i < n * rb; i++)
         if (w[i] & (w[i] >> 1) & 0x55) return OB_ERR_CORRUPT;
@@ -219,10 +221,13 @@ static void cs_task(void *ctx, int t, int nt) {
     ob_ref_colsparse_i2(&A, 0, J->nb);
 }
 
-int ob_linear_colsparse_i2(const uint8_t *wt, int64_t n, int64_t k, const int8_t *x, int64_t m,
-                           int64_t ldx, float w_scale, const float *x_scale, float *out) {
+int ob_linear_colsparse_i2(const uint8_t *wt, int64_t wt_bytes, int64_t n, int64_t k,
+                           const int8_t *x, int64_t m, int64_t ldx, float w_scale,
+                           const float *x_scale, float *out) {
     if (!wt || !x || !x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || k < 1 || m < 1 || k > OB_MAX_K || n > OB_MAX_K) return OB_ERR_SIZE;
+    int bst = ob_check_packed(wt, wt_bytes, k, n, OB_LAYOUT_I2); /* wt: k rows of n weights */
+    if (bst) return bst;
     if (ldx < k) return OB_ERR_STRIDE;
     int64_t rbt = ob_packed_row_bytes(n, OB_LAYOUT_I2), nb = rbt / OB_BLOCK_BYTES;
     int32_t *idx = (int32_t *)malloc((size_t)(k + OB_CS_PAD) * sizeof(int32_t));
@@ -301,11 +306,14 @@ static void rows_task(void *ctx, int t, int nt) {
     ob_ref_rows(J->a, i0, i1);
 }
 
-int ob_linear_rows(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
-                   const int64_t *rows, int64_t nrows, float w_scale, float x_scale, float *out) {
+int ob_linear_rows(int layout, const uint8_t *w, int64_t w_bytes, int64_t n, int64_t k,
+                   const int8_t *x, const int64_t *rows, int64_t nrows, float w_scale, float x_scale,
+                   float *out) {
     if (!w || !x || !out || (!rows && nrows)) return OB_ERR_NULL;
     if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
     if (n < 1 || k < 1 || k > OB_MAX_K || nrows < 0) return OB_ERR_SIZE;
+    int bst = ob_check_packed(w, w_bytes, n, k, layout);
+    if (bst) return bst;
     for (int64_t i = 0; i < nrows; i++)
         if (rows[i] < 0 || rows[i] >= n) return OB_ERR_SIZE;
     if (nrows == 0) return OB_OK;
