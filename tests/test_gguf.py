@@ -22,7 +22,9 @@ from onebit.formats.gguf_export import (
     encode_tq1_0,
     encode_tq2_0,
     export_gguf,
+    write_gguf_model,
 )
+from onebit.formats.model_io import Dense, projections, read_packed_folder
 from onebit.formats.packed_model import PACKED_VERSION
 from onebit.formats.packing import pack, save_packed
 
@@ -186,8 +188,15 @@ def test_export_refusals(tmp_path):
     raw = json.loads((folder / "config.json").read_text())
     raw["model"]["qkv_bias"] = True
     (folder / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(GGUFExportError, match="qkv_bias"):
+    with pytest.raises(ValueError, match="k_proj.bias': found missing"):  # config without tensors
         export_gguf(folder, tmp_path / "e.gguf", "tq2_0")
+    tm = read_packed_folder(write_model(tmp_path / "e2")[0])
+    tm.config = tm.config.replace(qkv_bias=True)
+    for name, n, _ in projections(tm.config):
+        if name.rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj"):
+            tm.dense[name + ".bias"] = Dense(np.zeros(n, np.float32))
+    with pytest.raises(GGUFExportError, match="qkv_bias"):  # a real Qwen2-style model: refused
+        write_gguf_model(tm, tmp_path / "e.gguf", "tq2_0")
     folder, _, _ = write_model(tmp_path / "d", tokenizer=False)
     with pytest.raises(GGUFExportError, match="tokenizer.json"):
         export_gguf(folder, tmp_path / "d.gguf", "tq2_0")

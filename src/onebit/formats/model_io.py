@@ -152,8 +152,9 @@ def read_packed_folder(folder: str | Path) -> TernaryModel:
     for name in sorted(set(want) | set(packed)):
         t = packed.get(name)
         if name not in want or t is None or t.shape != want[name] or t.layout != p["layout"]:
-            raise bad(f"packed tensor {name!r} is {t and (t.layout, list(t.shape))}, the config "
-                      f"expects {name in want and (p['layout'], list(want[name]))}")
+            got = "missing" if t is None else f"{t.layout} {list(t.shape)}"
+            exp = f"{p['layout']} {list(want[name])}" if name in want else "no such tensor"
+            raise bad(f"packed tensor {name!r}: found {got}, the config expects {exp}")
     ternary = {}
     for name, t in packed.items():
         ternary[name] = (lambda t=t: (unpack(t.packed, t.shape[1], t.layout), t.scale))
@@ -171,9 +172,9 @@ def read_packed_folder(folder: str | Path) -> TernaryModel:
         arr = extra.get(name)
         if name not in shapes or arr is None or arr.shape != shapes[name][0] \
                 or arr.dtype not in shapes[name][1]:
-            raise bad(f"tensor {name!r} is {arr is not None and (str(arr.dtype), list(arr.shape))}, "
-                      f"the config expects {name in shapes and list(shapes[name][0])} "
-                      f"({emb} embeddings)")
+            got = "missing" if arr is None else f"{arr.dtype} {list(arr.shape)}"
+            exp = f"{list(shapes[name][0])}" if name in shapes else "no such tensor"
+            raise bad(f"tensor {name!r}: found {got}, the config expects {exp} ({emb} embeddings)")
     dense: dict[str, Dense] = {}
     for name, arr in extra.items():
         if name.endswith(I8_SCALE_SUFFIX):
