@@ -340,8 +340,10 @@ def check_sharded(folder: Path, expected: dict[str, tuple[tuple[int, ...], torch
     for key, (shape, dtype) in expected.items():
         m = md[key]
         if tuple(m.size) != tuple(shape) or m.properties.dtype != dtype:
-            raise CheckpointError(f"sharded checkpoint '{d}': {key} is {tuple(m.size)} {m.properties.dtype}, "
-                                  f"the model expects {tuple(shape)} {dtype}; it is from a different config")
+            raise CheckpointError(f"sharded checkpoint '{d}': the shards of {key} make a {tuple(m.size)} "
+                                  f"{m.properties.dtype} tensor, the model expects {tuple(shape)} {dtype}; the "
+                                  f"checkpoint is incomplete or from a different config: resume from an "
+                                  f"earlier checkpoint, or with the config.json saved beside it")
         boxes = [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks]
         covered = 0
         for off, size in boxes:

@@ -75,6 +75,8 @@ def choose_parallel(requested: str, world: int, saved: str | None, n_params: int
 
 
 def check_resume_layout(parallel: str, saved: str | None, folder, saved_world: int | None) -> None:
+    """A requested layout ("ddp" or "fsdp") that cannot resume a checkpoint of layout ``saved``:
+    ConfigError naming the fix (the other layout; fsdp reshards, so any number of ranks)."""
     if saved == "sharded" and parallel != "fsdp":
         raise ConfigError(f"cannot resume: checkpoint '{folder}' is sharded (written by train.parallel=fsdp "
                           f"on {saved_world} process(es)); resume it with --train.parallel=fsdp (or auto) "

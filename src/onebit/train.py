@@ -381,12 +381,18 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     if resume and existing is None:
         raise ConfigError(f"--resume given but '{ckpt_root}' has no checkpoint to resume from")
     saved_layout, saved_world = ckpt.checkpoint_layout(existing) if existing is not None else (None, None)
+    if existing is not None and tc.parallel != "auto":  # (auto takes the checkpoint's layout)
+        par.check_resume_layout(tc.parallel, saved_layout, existing, saved_world)
     if tc.parallel == "fsdp":
         par.require_torchrun("train.parallel=fsdp")
     elif tc.parallel == "auto" and saved_layout == "sharded":
         par.require_torchrun(f"resuming the sharded checkpoint '{existing}' (train.parallel=fsdp)")
     d, device = init_distributed(group=tc.parallel == "fsdp" or (tc.parallel == "auto"
                                                                  and saved_layout == "sharded"))
+    if tc.batch_size % d.world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {d.world} processes: "
+                          f"use a batch_size that is a multiple of {d.world}, or a --nproc_per_node that "
+                          f"divides {tc.batch_size}")
 
     # Data (rank 0 builds the token cache first; the others then reuse it).
     if d.main:  # the first run on a corpus trains the tokenizer (a minute on Gutenberg): say so
@@ -420,10 +426,6 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                               f"model config (fields {diff}); resume with the same [model] settings")
 
     # Batch geometry: global batch -> per rank -> micro-batches.
-    if tc.batch_size % d.world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {d.world} processes: "
-                          f"use a batch_size that is a multiple of {d.world}, or a --nproc_per_node that "
-                          f"divides {tc.batch_size}")
     per_rank = tc.batch_size // d.world
     micro = tc.micro_batch_size or per_rank
     if per_rank % micro:
@@ -438,8 +440,6 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     model = CausalLM(mc)  # (fsdp: built on the CPU, then sharded onto the device)
     parallel = par.choose_parallel(tc.parallel, d.world, saved_layout, model.num_params(), device,
                                    int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
-    if existing is not None:
-        par.check_resume_layout(parallel, saved_layout, existing, saved_world)
     fsdp = parallel == "fsdp"
     if not fsdp:
         model = model.to(device)
