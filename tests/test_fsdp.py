@@ -70,6 +70,31 @@ def run_ok(cmd: list[str]) -> subprocess.CompletedProcess:
     return r
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (Linux /proc)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, todo = [], [pid]
+    while todo:
+        here = todo.pop()
+        kids = [c for c, p in parent.items() if p == here]
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
 def close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> None:
     """Equal within the tolerance of the DDP test (test_train.py): other ranks sum in another order."""
     assert [s for s, _ in a] == [s for s, _ in b]
@@ -182,16 +207,26 @@ def test_killed_fsdp_run_resumes_on_one_and_two_ranks(fsdp_runs, corpus):
     killed = root / "killed"
     args = run_args(corpus, killed, cache, "--train.parallel=fsdp", "--train.activation_checkpointing=true",
                     "--train.ckpt_every=2")
-    proc = subprocess.Popen(torchrun(2, "-m", "onebit", "train", *args), env=env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # niced, so that this process sees the first checkpoint and kills the run long before its end
+    proc = subprocess.Popen(["nice", "-n", "19", *torchrun(2, "-m", "onebit", "train", *args)], env=env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     latest = killed / "checkpoints" / "latest"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not latest.exists():
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+        time.sleep(0.005)
+    workers = descendants(proc.pid)  # torchrun starts each worker in a session of its own
+    for pid in [*workers, proc.pid]:  # the whole job dies at once, mid-training
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    err = proc.communicate(timeout=60)[1]
+    for pid in workers:  # dead (or a zombie) before the copies below
+        while alive(pid) and time.time() < deadline:
+            time.sleep(0.01)
     stopped = records(killed)[-1]["step"]
-    assert 2 <= stopped < STEPS, "the run finished before it was killed"
+    assert 2 <= stopped < STEPS, f"the run ended at step {stopped} before it was killed: {err[-2000:]}"
     assert curve(killed) == ref[:stopped]  # activation checkpointing: the same losses, bit for bit
     for n in (2, 1):
         run = root / f"resumed{n}"

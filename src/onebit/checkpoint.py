@@ -436,8 +436,8 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, 
         return ckpt_root / checkpoint_name(step)
 
     def fill(tmp: Path) -> None:
+        (tmp / SHARDED_DIR).mkdir()  # before the other ranks know the name (their writers make it too)
         _broadcast_name(str(tmp), device)
-        (tmp / SHARDED_DIR).mkdir()
         write_shards(tmp)
         write_model_files(tmp, None, config, tokenizer_json)
         save_file({"rng.torch": torch.get_rng_state()}, str(tmp / STATE_FILE), metadata={"format": FORMAT})
