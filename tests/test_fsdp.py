@@ -41,7 +41,9 @@ def run_args(corpus: Path, out: Path, cache: Path, *extra: str) -> list[str]:
             f"--data.paths={corpus}", "--data.tokenizer=bpe:320", "--data.seq_len=32",
             "--data.val_fraction=0.25", f"--data.cache_dir={cache}",
             f"--train.steps={STEPS}", "--train.batch_size=4", "--train.micro_batch_size=1",
-            "--train.eval_every=8", "--train.eval_tokens=512", "--train.log_every=1", "--train.ckpt_every=4",
+            # 15 validation windows: rank 0 evaluates 8, rank 1 7 (plus one uncounted, as fsdp's
+            # forwards are collective: without it the ranks would wait on each other forever)
+            "--train.eval_every=8", "--train.eval_tokens=480", "--train.log_every=1", "--train.ckpt_every=4",
             "--train.progress=false", "--train.tensorboard=false", "--train.warmup_steps=2",
             f"--train.out_dir={out}", "--train.threads=1", *extra]
 
@@ -138,6 +140,23 @@ def test_unsharded_checkpoint_is_not_resumed_by_fsdp(corpus, tmp_path):
     train(load_run_config(None, args))
     with pytest.raises(ConfigError, match=r"holds unsharded state .* --train.parallel=ddp \(or auto\)"):
         train(load_run_config(None, [*args, "--train.steps=8", "--train.parallel=fsdp"]), resume=True)
+
+
+def test_auto_layout_choice():
+    """auto: the checkpoint's layout; else no wrapper on one process, ddp where 16 B/parameter take
+    under half a rank's memory, fsdp where not; an explicit choice is kept."""
+    from onebit.parallel import choose_parallel, rank_memory_bytes
+
+    cpu = torch.device("cpu")
+    mem = rank_memory_bytes(cpu, 2)
+    assert choose_parallel("auto", 1, None, 10**6, cpu, 1) == "single"
+    assert choose_parallel("auto", 2, None, 10**6, cpu, 2) == "ddp"
+    assert choose_parallel("auto", 2, None, mem // 16, cpu, 2) == "fsdp"   # 16 B/param = all of it
+    assert choose_parallel("auto", 2, "full", mem, cpu, 2) == "ddp"
+    assert choose_parallel("auto", 1, "sharded", 10**6, cpu, 1) == "fsdp"
+    assert choose_parallel("fsdp", 1, None, 10**6, cpu, 1) == "fsdp"
+    assert choose_parallel("ddp", 2, None, mem, cpu, 2) == "ddp"
+    assert choose_parallel("ddp", 1, None, 10**6, cpu, 1) == "single"
 
 
 # ---------------------------------------------------------------- FSDP2 itself (2 processes)
@@ -331,3 +350,22 @@ def test_checkpoint_of_the_other_layout_and_damaged_shards_are_refused(fsdp_runs
         assert err.startswith("onebit export: error: ") and str(d) in err and "\n" not in err, err
         assert not (tmp_path / f"packed_{name}").exists()
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- CUDA (nccl, bf16 gathers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the fsdp CUDA path: nccl, "
+                                                          "bf16 parameters / fp32 reduction)")
+def test_fsdp_two_steps_on_cuda(corpus, tmp_path):
+    n = min(torch.cuda.device_count(), 2)
+    out = tmp_path / "cuda"
+    r = run_ok(torchrun(n, "-m", "onebit", "train", *run_args(corpus, out, tmp_path / "cache"),
+                        "--train.parallel=fsdp", "--train.dtype=bf16", "--train.steps=2",
+                        "--train.activation_checkpointing=true"))
+    assert f"{n} process(es) (fsdp)" in r.stdout
+    assert [s for s, _ in curve(out)] == [1, 2] and all(0 < loss < 10 for _, loss in curve(out))
+    assert ckpt.latest_checkpoint(out / "checkpoints").joinpath("sharded").is_dir()
+    model, _, _ = ckpt.load_model(out)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
