@@ -1,6 +1,6 @@
 """Regenerate the "training past one device" memory section of docs/results.md.
 
-    .venv/bin/python bench/results_fsdp.py             # 4 runs (~5 min on 2 busy cores), then the report
+    .venv/bin/python bench/results_fsdp.py             # 8 runs (~13 min on 2 busy cores), then the report
     .venv/bin/python bench/results_fsdp.py --report    # only rebuild the section from docs/results_fsdp.json
 
 Per rank, for one BitNet b1.58 model (hidden 1024, 12 layers, vocab 32000; 187 M parameters), under
@@ -29,6 +29,10 @@ SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hid
              hidden_act="relu2", norm_placement="subln", tie_word_embeddings=True)
 GLOBAL_BATCH, SEQ, STEPS = 2, 64, 2
 RUNS = [("single", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)]
+# glibc keeps freed tensors in its heap once its dynamic mmap threshold has grown (RSS then counts
+# memory no tensor uses); a fixed threshold returns every freed tensor >= 64 KiB to the system, so
+# the peak RSS is the peak of live memory. Both are measured.
+MALLOCS = {"default": {}, "mmap64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                  hidden_act="silu", norm_placement="subln", tie_word_embeddings=False, rope_theta=500000.0)
@@ -62,6 +66,7 @@ def worker(parallel: str, out: Path) -> None:
     elif parallel == "fsdp":
         par.shard_model(model, par.device_mesh(torch.device("cpu"), world))
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
+    init_peak = _peak_rss()
     x = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH // world, SEQ), generator=torch.Generator().manual_seed(1))
     held = {}
     for _ in range(STEPS):
@@ -72,7 +77,8 @@ def worker(parallel: str, out: Path) -> None:
         held = par.local_bytes(model, opt)  # gradients still there
         opt.zero_grad(set_to_none=True)
     rec = {"parallel": parallel, "world": world, "rank": rank, "params": n_params, "held": held,
-           "peak_rss": _peak_rss(), "floor_rss": floor, "loss": loss.item()}
+           "peak_rss": _peak_rss(), "init_peak_rss": init_peak, "floor_rss": floor, "loss": loss.item(),
+           "malloc": os.environ.get("MALLOC_MMAP_THRESHOLD_", "default")}
     (out / f"{parallel}{world}_rank{rank}.json").write_text(json.dumps(rec))
     if parallel != "single":
         dist.destroy_process_group()
@@ -82,14 +88,16 @@ def run_all() -> list[dict]:
     import tempfile
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    for malloc, extra_env in MALLOCS.items():
         for parallel, world in RUNS:
-            me = [str(Path(__file__).resolve()), "--worker", parallel, "--out", tmp]
-            cmd = [sys.executable, *me] if parallel == "single" else [
-                sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *me]
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            rows += [json.loads((Path(tmp) / f"{parallel}{world}_rank{r}.json").read_text()) for r in range(world)]
+            with tempfile.TemporaryDirectory() as tmp:
+                me = [str(Path(__file__).resolve()), "--worker", parallel, "--out", tmp]
+                cmd = [sys.executable, *me] if parallel == "single" else [
+                    sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", *me]
+                print(malloc, " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **extra_env})
+                rows += [{**json.loads((Path(tmp) / f"{parallel}{world}_rank{r}.json").read_text()),
+                          "malloc": malloc} for r in range(world)]
     return rows
 
 
@@ -121,7 +129,7 @@ def report(rows: list[dict], proj: list[dict]) -> str:
 
     n = rows[0]["params"]
     lines = [
-        "Regenerate: `.venv/bin/python bench/results_fsdp.py` (4 runs, ~5 min here; `--report` rebuilds this "
+        "Regenerate: `.venv/bin/python bench/results_fsdp.py` (8 runs, ~13 min here; `--report` rebuilds this "
         "section from `docs/results_fsdp.json`).",
         "",
         f"Model: BitNet b1.58, hidden {SHAPE['hidden_size']}, {SHAPE['num_hidden_layers']} layers, FFN "
@@ -133,29 +141,35 @@ def report(rows: list[dict], proj: list[dict]) -> str:
         f"steps); *torch floor* = its RSS after `import torch`. Machine: the project machine (2 cores AMD "
         f"EPYC, 23 GB RAM, shared with other work; RSS is not a timing).",
         "",
-        "| layout | ranks | held per rank (GB) | bytes / parameter held | peak RSS per rank (GB) | peak RSS - torch floor (GB) |",
-        "|---|---|---|---|---|---|",
+        "| layout | ranks | held per rank (GB) | bytes / parameter held | peak RSS per rank (GB) | "
+        "peak RSS, MALLOC_MMAP_THRESHOLD_=65536 (GB) | the same, after model build + sharding (GB) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    ddp_held = None
+
+    def pick(parallel, world, malloc):
+        return [r for r in rows if r["parallel"] == parallel and r["world"] == world and r["malloc"] == malloc]
+
+    held_of = {}
     for parallel, world in RUNS:
-        rs = [r for r in rows if r["parallel"] == parallel and r["world"] == world]
-        held = max(sum(r["held"].values()) for r in rs)
-        peak = max(r["peak_rss"] for r in rs)
-        above = max(r["peak_rss"] - r["floor_rss"] for r in rs)
-        if parallel == "ddp":
-            ddp_held = held
+        rs, ms = pick(parallel, world, "default"), pick(parallel, world, "mmap64k")
+        held = max(sum(r["held"].values()) for r in rs + ms)
+        held_of[parallel, world] = held
         label = {"single": "one process (no wrapper)", "ddp": "ddp", "fsdp": "fsdp (FSDP2)"}[parallel]
-        lines.append(f"| {label} | {world} | {gb(held)} | {held / n:.2f} | {gb(peak)} | {gb(above)} |")
-    fsdp2 = max(sum(r["held"].values()) for r in rows if r["parallel"] == "fsdp" and r["world"] == 2)
-    fsdp1 = max(sum(r["held"].values()) for r in rows if r["parallel"] == "fsdp" and r["world"] == 1)
+        lines.append(f"| {label} | {world} | {gb(held)} | {held / n:.2f} | {gb(max(r['peak_rss'] for r in rs))} | "
+                     f"{gb(max(r['peak_rss'] for r in ms))} | {gb(max(r['init_peak_rss'] for r in ms))} |")
+    floor = max(r["floor_rss"] for r in rows)
+    peak = {k: max(r["peak_rss"] for r in pick(*k, "mmap64k")) for k in RUNS}
     lines += [
         "",
-        f"fsdp on 2 ranks holds {fsdp2 / ddp_held:.2f}x of what each ddp rank holds (goal 1/N = 0.50); on 1 "
-        f"rank fsdp holds {fsdp1 / ddp_held:.2f}x. Peak RSS also counts what is not sharded: the torch "
-        f"libraries (the floor), the full fp32 model every rank builds once before sharding it (4 B/parameter, "
-        f"freed after `fully_shard`; building on the meta device is not done yet), AdamW foreach's temporaries, "
-        f"a gathered block during its forward/backward, and DDP's gradient buckets (another 4 B/parameter: "
-        f"`gradient_as_bucket_view` is off).",
+        f"fsdp on 2 ranks holds {held_of['fsdp', 2] / held_of['ddp', 2]:.2f}x of what each ddp rank holds "
+        f"(goal 1/N = 0.50; exactly 16/N bytes per parameter); its peak RSS above the torch floor "
+        f"({gb(floor)} GB, the RSS after `import torch`) is "
+        f"{(peak['fsdp', 2] - floor) / (peak['ddp', 2] - floor):.2f}x ddp's (with the fixed mmap threshold). "
+        f"The peak also counts what is not sharded: the full fp32 model every rank builds once before "
+        f"`fully_shard` shards it (4 B/parameter; building on the meta device is not done yet), AdamW foreach's "
+        f"temporaries (4 B per held parameter), the root (embeddings) gathered from forward to backward and "
+        f"one block at a time, and, under ddp, its gradient buckets (4 B/parameter, `gradient_as_bucket_view` "
+        f"off). fsdp on 1 rank holds the same 16 B/parameter as one process, plus its gathered copies.",
         "",
         "Projection per device, 8 x 80 GB GPUs, from the exact parameter counts: fp32 master weights, "
         "gradients and Adam moments (16 B/parameter) replicated under ddp, divided by 8 under fsdp; plus, "

@@ -13,8 +13,14 @@
   machine's RAM shared by the local ranks), ``fsdp`` otherwise.
 
 Mixed precision (``train.dtype=bf16``): with fsdp on CUDA the blocks gather bf16 parameters and
-reduce gradients in fp32 (``MixedPrecisionPolicy``) under autocast; on CPU parameters stay fp32
-(autocast only, as with ddp). Checkpoints of fsdp runs are sharded (``checkpoint.py``).
+reduce gradients in fp32 (``MixedPrecisionPolicy``) under autocast, so the quantizers then see the
+bf16-rounded weight (the fp32 master weights stay sharded); on CPU parameters stay fp32 (autocast
+only, as with ddp). The CUDA path is untested (no GPU in this project's CI): the tests run gloo on
+the CPU. Checkpoints of fsdp runs are sharded (``checkpoint.py``, docs/formats.md §12).
+
+Not done yet: every rank builds the full fp32 model on the CPU once before sharding it (4 bytes
+per parameter of host memory per rank, freed after ``fully_shard``), and a fine-tune loads its
+whole source on every rank.
 """
 
 from __future__ import annotations
