@@ -259,6 +259,29 @@ def test_killed_fsdp_run_resumes_on_one_and_two_ranks(fsdp_runs, corpus):
         assert not any(p.name.startswith(".") for p in (run / "checkpoints").iterdir())  # temps cleaned
 
 
+@pytest.mark.slow
+def test_ctrl_c_to_torchrun_checkpoints_every_rank_and_resumes_exactly(fsdp_runs, corpus):
+    """A terminal's Ctrl-C reaches torchrun alone (its workers run in sessions of their own), which
+    passes it on as SIGTERM: every rank finishes its step and the sharded checkpoint is written."""
+    root, cache, ref = fsdp_runs["root"], fsdp_runs["cache"], curve(fsdp_runs["fsdp"])
+    run = root / "ctrl_c"
+    args = run_args(corpus, run, cache, "--train.parallel=fsdp")
+    proc = subprocess.Popen(["nice", "-n", "19", *torchrun(2, "-m", "onebit", "train", *args)], env=env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (
+            log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "interrupted: checkpoint saved" in err, err[-3000:]
+    stopped = records(run)[-1]["step"]
+    assert 3 <= stopped < STEPS and ckpt.latest_checkpoint(run / "checkpoints").name == f"step_{stopped:08d}"
+    run_ok(torchrun(2, "-m", "onebit", "train", *args, "--resume"))
+    assert curve(run) == ref
+
+
 # ---------------------------------------------------------------- sharded checkpoints: read, export, refuse
 
 
