@@ -262,7 +262,9 @@ def test_killed_fsdp_run_resumes_on_one_and_two_ranks(fsdp_runs, corpus):
 @pytest.mark.slow
 def test_ctrl_c_to_torchrun_checkpoints_every_rank_and_resumes_exactly(fsdp_runs, corpus):
     """A terminal's Ctrl-C reaches torchrun alone (its workers run in sessions of their own), which
-    passes it on as SIGTERM: every rank finishes its step and the sharded checkpoint is written."""
+    passes the SIGINT on: every rank finishes its step, the ranks agree to stop (the flag is
+    all-reduced) and write the sharded checkpoint together; the resumed run repeats the
+    uninterrupted loss curve bit for bit."""
     root, cache, ref = fsdp_runs["root"], fsdp_runs["cache"], curve(fsdp_runs["fsdp"])
     run = root / "ctrl_c"
     args = run_args(corpus, run, cache, "--train.parallel=fsdp")

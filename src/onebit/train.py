@@ -291,21 +291,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 class _Interrupt:
     """SIGINT → finish the current step, checkpoint, exit. A second Ctrl-C aborts at once.
+    (Under torchrun a terminal's Ctrl-C reaches torchrun alone, its workers running in sessions of
+    their own; it passes the SIGINT on to every worker.)"""
 
-    Under torchrun the same for SIGTERM: torchrun runs each worker in a session of its own, so a
-    Ctrl-C reaches only torchrun, which passes it on as SIGTERM (and SIGKILL 30 s later)."""
-
-    def __init__(self, sigterm: bool = False) -> None:
+    def __init__(self) -> None:
         self.flag = False
-        self._signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
-        self._old: dict = {}
+        self._old = None
 
     def __enter__(self):
-        for sig in self._signals:
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
         return self
 
     def _handle(self, signum, frame):
@@ -314,8 +311,8 @@ class _Interrupt:
         self.flag = True
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
 
 
 class JsonlLog:
@@ -554,7 +551,7 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     step = start
     model.train()
     try:
-        with _Interrupt(sigterm=par.launched_by_torchrun()) as stop:
+        with _Interrupt() as stop:
             while step < tc.steps:
                 if mc.linear == "bitnet" and activation_scheme_at(step, tc, mc) != model.activation_scheme:
                     # a4.8 two-stage switch: same weights, same optimizer state, new input quantizers
