@@ -67,7 +67,8 @@ def worker(parallel: str, out: Path) -> None:
         par.shard_model(model, par.device_mesh(torch.device("cpu"), world))
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
     init_peak = _peak_rss()
-    x = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH // world, SEQ), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, SHAPE["vocab_size"], (GLOBAL_BATCH // world, SEQ),
+                      generator=torch.Generator().manual_seed(1))
     held = {}
     for _ in range(STEPS):
         _, loss = net(x, x)
@@ -182,7 +183,8 @@ def report(rows: list[dict], proj: list[dict]) -> str:
         "one block's fp32 gradient). Activations come on top in both (per rank, set by micro_batch_size x "
         "seq_len; `--train.activation_checkpointing` keeps only each block's input).",
         "",
-        "| model | parameters | ddp: per device (GB) | fits 80 GB? | fsdp x8: sharded state (GB) | + gathered root and blocks (GB) | fsdp x8 total (GB) |",
+        "| model | parameters | ddp: per device (GB) | fits 80 GB? | fsdp x8: sharded state (GB) | "
+        "+ gathered root and blocks (GB) | fsdp x8 total (GB) |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in proj:
