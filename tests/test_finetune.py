@@ -483,7 +483,8 @@ def test_finetune_tokenizer_larger_than_the_source_embedding_is_refused(tmp_path
 @pytest.mark.slow
 def test_finetune_under_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node=2` (gloo, CPU) fine-tunes stories260K with λ warm-up and
-    distillation like one process does, and its result loads."""
+    distillation like one process does, and its result loads; with DDP and with FSDP2 (the
+    student and the frozen teacher both sharded)."""
     import os
     import subprocess
     import sys
@@ -518,3 +519,20 @@ def test_finetune_under_torchrun_matches_one_process(tmp_path):
         m.state_dict().values(), ckpt.load_model(run / "checkpoints" / "step_00000003")[0].state_dict().values())])
     da, db = delta(one, ma), delta(ddp, mb)
     assert (db - da).norm() < 0.1 * da.norm()
+    fsdp = tmp_path / "fsdp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "onebit", *args(fsdp), "--train.parallel=fsdp"],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 process(es) (fsdp)" in r.stdout
+    c = records(fsdp)
+    assert [(x["step"], x["lam"]) for x in a] == [(x["step"], x["lam"]) for x in c]
+    assert c[0]["loss"] == pytest.approx(a[0]["loss"], rel=1e-6)
+    assert c[0]["distill_kl"] == pytest.approx(a[0]["distill_kl"], rel=1e-5)  # the sharded teacher's logits
+    for x, y in zip(a, c):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-2)
+        assert y["distill_kl"] == pytest.approx(x["distill_kl"], rel=5e-2, abs=1e-4)
+    assert ckpt.latest_checkpoint(fsdp / "checkpoints").joinpath("sharded").is_dir()
+    mc, _, _ = ckpt.load_model(fsdp)
+    assert mc.config == ma.config
+    assert (delta(fsdp, mc) - da).norm() < 0.1 * da.norm()  # (delta reads the sharded step 3)

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from . import quant
@@ -151,6 +152,8 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.activation_scheme = cfg.activation_scheme  # the scheme the BitLinears run now
+        # training: recompute each block in the backward instead of keeping its activations
+        self.activation_checkpointing = False
         self.model = DecoderModel(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         cos, sin = rope_cache(cfg.resolved_head_dim, cfg.max_position_embeddings, cfg.rope_theta)
@@ -202,8 +205,12 @@ class CausalLM(nn.Module):
             raise ValueError("pos > 0 needs a KV cache holding positions 0..pos-1: call setup_cache() first")
         cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]  # [T, hd]
         x = self.model.embed_tokens(input_ids)                             # [B, T, D]
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x = layer(x, cos, sin, pos)
+            if recompute:  # (under fsdp the block's weights are gathered again for the recompute)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, pos)
         x = self.model.norm(x)
         logits = F.linear(x, self.output_weight)                           # [B, T, V]
         loss = None

@@ -72,6 +72,8 @@ def _is_run_folder(p: Path) -> bool:
     """checkpoint.resolve_model_dir's folders (without importing torch)."""
     if (p / "model.safetensors").is_file() or (p / "model" / "model.safetensors").is_file():
         return True
+    if (p / "sharded").is_dir() and (p / "trainer_state.json").is_file():  # an fsdp checkpoint
+        return True
     return (p / "checkpoints" / "latest").is_file()
 
 

@@ -2,9 +2,10 @@
 
 ``train(run_config, resume=False)`` is the library entry point; ``onebit train`` only parses a
 TOML file plus ``--section.key=value`` overrides into a ``RunConfig`` and calls it. The same
-command runs under ``torchrun --nproc_per_node=N`` (DDP, gloo on CPU / nccl on GPU): every step
-draws one global batch from ``(seed, step)`` and rank r takes its slice, so N processes and one
-process see the same data, and resuming needs only the step number.
+command runs under ``torchrun --nproc_per_node=N`` (gloo on CPU / nccl on GPU) with DDP or FSDP2
+(``train.parallel``, see ``onebit.parallel``): every step draws one global batch from ``(seed, step)``
+and rank r takes its slice, so N processes and one process see the same data, and resuming needs
+only the step number (on any number of processes).
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ class TrainConfig:
     threads: int | None = None        # torch intra-op threads per process; None = torch default
     a48_switch: float | None = None   # a4.8 two-stage: fraction of steps run with A8 activations
                                       # before switching to model.activation_scheme="a4.8" (paper: 0.95)
+    parallel: str = "auto"            # under torchrun: ddp (replicas) | fsdp (FSDP2 shards) | auto
+                                      # (the checkpoint's; else ddp where 16 B/param fit, else fsdp)
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward pass
     CHOICES: ClassVar[dict[str, tuple]] = {"schedule": ("auto", "two_stage", "cosine", "constant"),
-                                           "dtype": ("fp32", "bf16")}
+                                           "dtype": ("fp32", "bf16"), "parallel": ("auto", "ddp", "fsdp")}
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -87,6 +91,8 @@ class TrainConfig:
             raise ConfigError(f"{c}.schedule={self.schedule!r}: use auto, two_stage, cosine or constant")
         if self.dtype not in self.CHOICES["dtype"]:
             raise ConfigError(f"{c}.dtype={self.dtype!r}: use fp32 or bf16")
+        if self.parallel not in self.CHOICES["parallel"]:
+            raise ConfigError(f"{c}.parallel={self.parallel!r}: use auto, ddp or fsdp")
         for name in ("lr", "lr_stage2"):
             v = getattr(self, name)
             if v is not None and not (0 < v < 1):
@@ -255,10 +261,11 @@ class Dist:
         return t
 
 
-def init_distributed() -> tuple[Dist, torch.device]:
-    """Join the torchrun process group if WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+def init_distributed(group: bool = False) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if WORLD_SIZE > 1, or ``group`` (fsdp, even on one process:
+    it shards over a device mesh); gloo on CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not group:
         return Dist(), torch.device("cpu")
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -283,7 +290,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 class _Interrupt:
-    """SIGINT → finish the current step, checkpoint, exit. A second Ctrl-C aborts at once."""
+    """SIGINT → finish the current step, checkpoint, exit. A second Ctrl-C aborts at once.
+    (Under torchrun a terminal's Ctrl-C reaches torchrun alone, its workers running in sessions of
+    their own; it passes the SIGINT on to every worker.)"""
 
     def __init__(self) -> None:
         self.flag = False
@@ -327,21 +336,28 @@ class JsonlLog:
 
 
 def evaluate(model: torch.nn.Module, windows: tuple[torch.Tensor, torch.Tensor], d: Dist,
-             device: torch.device, micro: int, autocast) -> float:
-    """Mean validation loss over fixed windows, sharded over ranks (window i on rank i % world)."""
+             device: torch.device, micro: int, autocast, collective: bool = False) -> float:
+    """Mean validation loss over fixed windows, sharded over ranks (window i on rank i % world).
+    ``collective`` (an fsdp model, whose forward all-gathers): every rank runs the same number of
+    forwards, a rank out of windows repeating its first one without counting it."""
     x_all, y_all = windows
     mine = torch.arange(d.rank, x_all.shape[0], d.world)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
+    n = -(-x_all.shape[0] // d.world) if collective else len(mine)
     with torch.no_grad():
-        for i in range(0, len(mine), micro):
+        for i in range(0, n, micro):
             idx = mine[i:i + micro]
+            counted = len(idx) > 0
+            if not counted:
+                idx = torch.arange(1)
             x, y = x_all[idx].to(device), y_all[idx].to(device)
             with autocast():
                 _, loss = model(x, y)
-            total[0] += loss.double() * y.numel()
-            total[1] += y.numel()
+            if counted:
+                total[0] += loss.double() * y.numel()
+                total[1] += y.numel()
     model.train(was_training)
     d.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -351,20 +367,34 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     """Train ``rc.model`` on ``rc.data`` per ``rc.train``; returns a summary dict (final val
     loss/ppl, tokens/s, paths). Writes checkpoints to ``out_dir/checkpoints`` and the final model to
     ``out_dir/model``; logs to ``out_dir/log.jsonl`` (+ TensorBoard in ``out_dir/tb``)."""
+    from . import parallel as par
+
     tc = rc.train
-    d, device = init_distributed()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     out = Path(tc.out_dir)
     ckpt_root = out / "checkpoints"
     # new, empty or an onebit run (never a folder with other files); stale temps of a killed run go
-    check_destination(out, "run", clean=d.main, label="train.out_dir")
+    check_destination(out, "run", clean=int(os.environ.get("RANK", "0")) == 0, label="train.out_dir")
     existing = ckpt.latest_checkpoint(ckpt_root) if ckpt_root.is_dir() else None
     if existing is not None and not resume:
         raise ConfigError(f"out_dir '{out}' already holds checkpoints; pass --resume to continue that "
                           f"run, or choose another --train.out_dir (nothing was overwritten)")
     if resume and existing is None:
         raise ConfigError(f"--resume given but '{ckpt_root}' has no checkpoint to resume from")
+    saved_layout, saved_world = ckpt.checkpoint_layout(existing) if existing is not None else (None, None)
+    if existing is not None and tc.parallel != "auto":  # (auto takes the checkpoint's layout)
+        par.check_resume_layout(tc.parallel, saved_layout, existing, saved_world)
+    if tc.parallel == "fsdp":
+        par.require_torchrun("train.parallel=fsdp")
+    elif tc.parallel == "auto" and saved_layout == "sharded":
+        par.require_torchrun(f"resuming the sharded checkpoint '{existing}' (train.parallel=fsdp)")
+    d, device = init_distributed(group=tc.parallel == "fsdp" or (tc.parallel == "auto"
+                                                                 and saved_layout == "sharded"))
+    if tc.batch_size % d.world:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {d.world} processes: "
+                          f"use a batch_size that is a multiple of {d.world}, or a --nproc_per_node that "
+                          f"divides {tc.batch_size}")
 
     # Data (rank 0 builds the token cache first; the others then reuse it).
     if d.main:  # the first run on a corpus trains the tokenizer (a minute on Gutenberg): say so
@@ -398,8 +428,6 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                               f"model config (fields {diff}); resume with the same [model] settings")
 
     # Batch geometry: global batch -> per rank -> micro-batches.
-    if tc.batch_size % d.world:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the {d.world} processes")
     per_rank = tc.batch_size // d.world
     micro = tc.micro_batch_size or per_rank
     if per_rank % micro:
@@ -411,22 +439,38 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(tc.seed)
     random.seed(tc.seed)
     np.random.seed(tc.seed)
-    model = CausalLM(mc).to(device)
+    model = CausalLM(mc)  # (fsdp: built on the CPU, then sharded onto the device)
+    parallel = par.choose_parallel(tc.parallel, d.world, saved_layout, model.num_params(), device,
+                                   int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
+    fsdp = parallel == "fsdp"
+    if not fsdp:
+        model = model.to(device)
+    model.activation_checkpointing = tc.activation_checkpointing
     fc = rc.finetune
     teacher = None
     if fc.source is not None:  # warm-up fine-tuning (onebit.finetune): start from the converted source
         from .finetune import init_student, teacher_for_resume
+        home = torch.device("cpu") if fsdp else device
         if existing is not None:
-            teacher = teacher_for_resume(fc, device)
+            teacher = teacher_for_resume(fc, home)
         else:  # calibrate the added norms on one training batch (never validation text)
             calib = sample_batch(data.train, seq, min(tc.batch_size, 16), tc.seed + 1, 0)[0]
-            teacher = init_student(model, fc, device, calib)
+            teacher = init_student(model, fc, home, calib)
+    if fsdp:  # FSDP2 per decoder block and the root; the frozen teacher is sharded the same way
+        mesh = par.device_mesh(device, d.world)
+        bf16_params = device.type == "cuda" and tc.dtype == "bf16"
+        par.shard_model(model, mesh, bf16_params=bf16_params)
+        if teacher is not None:
+            par.shard_model(teacher, mesh, bf16_params=bf16_params)
     lr0, wd0 = lr_wd_at(0, tc, mc)
     opt = torch.optim.AdamW(param_groups(model, wd0), lr=lr0, betas=(tc.beta1, tc.beta2), eps=1e-8,
                             fused=False, foreach=True)
     start, tokens_seen, best_val = 0, 0, None
     if existing is not None:
-        state = ckpt.load_training_checkpoint(existing, model, opt)
+        if fsdp:  # resharded from however many ranks wrote it
+            state = ckpt.load_sharded_checkpoint(existing, model, opt)
+        else:
+            state = ckpt.load_training_checkpoint(existing, model, opt)
         start, tokens_seen, best_val = state["step"], state["tokens_seen"], state.get("best_val")
         random.setstate(_tuple_state(state["python_rng"]))
         np.random.set_state(_np_state(state["numpy_rng"]))
@@ -442,7 +486,7 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     elif mc.linear == "bitnet":
         model.set_activation_scheme(activation_scheme_at(0, tc, mc))
     ddp = model
-    if d.world > 1:
+    if parallel == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -477,19 +521,23 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(str(out / "tb"), purge_step=start if existing is not None else None)
         print(f"onebit train: {mc.linear} model, {model.num_params():,} parameters "
-              f"({model.num_params(False):,} non-embedding), {d.world} process(es), "
+              f"({model.num_params(False):,} non-embedding), {d.world} process(es)"
+              f"{'' if parallel == 'single' else f' ({parallel})'}, "
               f"{tc.batch_size}x{seq} tokens/step, {schedule_kind(tc, mc)} schedule, "
               f"lr {resolved_lr(tc, mc):g}, steps {start}->{tc.steps}", flush=True)
 
     def save(step: int) -> None:
-        if d.main:
-            ckpt.save_training_checkpoint(
-                ckpt_root, step, model, full_config, tok_json, opt,
-                {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
-                 "python_rng": random.getstate(), "numpy_rng": _np_state_json(np.random.get_state()),
-                 "world_size": d.world, "activation_scheme": model.activation_scheme},
-                keep=tc.keep_checkpoints)
-        if d.world > 1:
+        trainer_state = {"step": step, "tokens_seen": tokens_seen, "best_val": best_val,
+                         "python_rng": random.getstate(), "numpy_rng": _np_state_json(np.random.get_state()),
+                         "world_size": d.world, "parallel": parallel,
+                         "activation_scheme": model.activation_scheme}
+        if fsdp:  # every rank writes its shards
+            ckpt.save_sharded_checkpoint(ckpt_root, step, model, full_config, tok_json, opt, trainer_state,
+                                         d.rank, device, keep=tc.keep_checkpoints)
+        elif d.main:
+            ckpt.save_training_checkpoint(ckpt_root, step, model, full_config, tok_json, opt, trainer_state,
+                                          keep=tc.keep_checkpoints)
+        if d.world > 1 or fsdp:
             dist.barrier()
 
     bar = None
@@ -522,7 +570,7 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                 kl_sum = torch.zeros((), dtype=torch.float64, device=device)
                 for i in range(accum):
                     x, y = xr[i * micro:(i + 1) * micro].to(device), yr[i * micro:(i + 1) * micro].to(device)
-                    sync = contextlib.nullcontext() if (i == accum - 1 or d.world == 1) else ddp.no_sync()
+                    sync = contextlib.nullcontext() if (i == accum - 1 or parallel != "ddp") else ddp.no_sync()
                     with sync:
                         with autocast():
                             logits, loss = ddp(x, y)
@@ -537,6 +585,8 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                     loss_sum += loss.detach().double() / accum
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip) if tc.grad_clip > 0 \
                     else torch.zeros(())
+                if hasattr(gnorm, "full_tensor"):  # fsdp: a DTensor
+                    gnorm = gnorm.full_tensor()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -548,7 +598,7 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
                 model.set_quant_lambda(lambda_at(step, fc))  # λ of the weights now (for the evaluation)
 
                 if step % tc.eval_every == 0 or step == tc.steps:
-                    last_val = evaluate(model, val_windows, d, device, micro, autocast)
+                    last_val = evaluate(model, val_windows, d, device, micro, autocast, collective=fsdp)
                     best_val = last_val if best_val is None else min(best_val, last_val)
                 if d.main:
                     now = time.perf_counter()
@@ -612,11 +662,12 @@ def train(rc: RunConfig, resume: bool = False) -> dict[str, Any]:
     summary = {"step": step, "tokens_seen": tokens_seen, "interrupted": interrupted,
                "tok_s": (tokens_seen - tok_start) / max(elapsed, 1e-9), "val_loss": last_val,
                "val_ppl": math.exp(min(last_val, 50.0)) if last_val is not None else None,
-               "params": model.num_params(), "out_dir": str(out)}
+               "params": model.num_params(), "parallel": parallel, "out_dir": str(out)}
     if not interrupted:
         save(step)
+        full = ckpt.full_model_state(model) if fsdp else None  # gathered to rank 0 (collective)
         if d.main:
-            ckpt.save_model(out / "model", model, mc, tok_json,
+            ckpt.save_model(out / "model", None if fsdp else model, mc, tok_json, state=full,
                             extra={"data": to_dict(rc.data), "train": to_dict(tc), "summary": summary})
             ckpt.atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
