@@ -365,3 +365,15 @@ def test_random_model_writer_reports_its_peak(tmp_path, monkeypatch):
     assert (folder / "model.safetensors").is_file() and info["writer_peak_rss_mb"] > 10
     again: dict = {}
     assert bench.model_for_shape("tiny", "i2", "i8", tmp_path, again) == folder and again == {}
+
+
+def test_generate_into_a_closed_pipe_stops_quietly():
+    """`onebit generate ... | head -c 20`: the reader leaves early; no BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "onebit", "generate", "Once upon", "--seed", "1",
+                          "--max-new-tokens", "200", "--quiet"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(20)
+    p.stdout.close()  # as head does after its 20 bytes
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
