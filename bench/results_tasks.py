@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/ off the import path: its kernels.py would shadow the `kernels` package transformers looks for
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 SHARED = ROOT.parent / "shared" / "data"
 WORK = ROOT / "runs" / "results_tasks"
 JSON_OUT = ROOT / "docs" / "results_tasks.json"

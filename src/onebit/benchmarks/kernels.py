@@ -1,6 +1,6 @@
 """Benchmark: onebit's C ternary kernels (GEMV m=1, GEMM m=128) vs torch F.linear fp32 and bf16.
 
-    onebit bench kernels                          # markdown table (or: python bench/kernels.py)
+    onebit bench kernels                          # markdown table (or: python bench/kernels_vs_torch.py)
     onebit bench kernels --json                   # JSON list of row dicts (each carries read_gb_s)
     onebit bench kernels --threads 2 --layouts i2,t1_6 --shapes 2560x2560,6912x2560
     onebit bench kernels --quick                  # tiny shapes, few reps (smoke test, not numbers)
