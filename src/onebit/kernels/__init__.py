@@ -39,12 +39,12 @@ from ..formats.packing import _check_codes
 __all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "kv_quantize", "kv_dequantize", "validate", "pack", "unpack", "isa", "available_isas", "use",
            "set_num_threads", "get_num_threads", "threads", "read_probe", "glu", "VARIANTS"]
 
-VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
+VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni", "avx512vnni_zmm")  # what a build may contain
 _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value"}
-_ABI_VERSION = 13  # OB_ABI_VERSION
+_ABI_VERSION = 14  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -106,6 +106,9 @@ def _lib() -> ctypes.CDLL:
         "ob_isa_supported": (i32, [ctypes.c_char_p]),
         "ob_set_isa": (i32, [ctypes.c_char_p]),
         "ob_abi_version": (i32, []),
+        "ob_isa_class_for_m": (i32, [i64]),
+        "ob_set_isa_class": (i32, [i32, ctypes.c_char_p]),
+        "ob_isa_class": (ctypes.c_char_p, [i32]),
         "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_unpack": (i32, [p, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
