@@ -131,6 +131,7 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
     rt.reset(need)
     rng = np.random.default_rng(0)
     res: dict = {"model": str(folder), "threads": threads, "isa": kernels.isa(),
+                 "kernel_plan": kernels.plan(),  # per shape class, measured (kernels.wisdom)
                  "layout": rt.packed["layout"], "embedding": rt.packed["embedding"],
                  "params": model_sizes(rt)["params"], "load_s": load_s,
                  "activation_scheme": rt.activation_scheme, "sparse": rt.sparse,
@@ -209,6 +210,7 @@ def model_for_shape(shape: str, layout: str, embedding: str, cache: Path,
 
 def main(argv: list[str] | None = None) -> int:
     from .. import kernels
+    from ..kernels.wisdom import plan_text
 
     ap = argparse.ArgumentParser(prog="onebit bench model", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"model {r['model']} ({r['params'] / 1e6:.1f}M params, {r['layout']} weights, "
           f"{r['embedding']} embeddings/head, {r['activation_scheme']} activations, sparse decoding "
-          f"{'on' if r['sparse'] else 'off'}) | {r['isa']}, {threads} threads")
+          f"{'on' if r['sparse'] else 'off'}) | kernels {plan_text(r['kernel_plan'])}, {threads} threads")
     for n, v in r["pp"].items():
         print(f"  pp{n:<5} {v:10.1f} tok/s")
     print(f"  tg{r['tg']:<5} {r['tg_tok_s']:10.1f} tok/s   ttft {r['ttft_s'] * 1000:.1f} ms")
