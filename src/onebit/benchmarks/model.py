@@ -53,9 +53,8 @@ def _child(code: str, *argv: str) -> dict:
     the JSON object it prints last, with its own ``peak_rss_mb`` added."""
     import subprocess
 
-    tail = ("\nimport json as _j, resource as _r, sys as _s\n_k = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
-            "print(_j.dumps({**(_out or {}), 'peak_rss_mb': _k / (1024 if _s.platform != 'darwin' "
-            "else 2**20)}))")
+    tail = ("\nimport json as _j\nfrom onebit.engine.stats import peak_rss_mb as _p\n"
+            "print(_j.dumps({**(_out or {}), 'peak_rss_mb': _p()['self']}))")
     r = subprocess.run([sys.executable, "-c", "_out = None\n" + code + tail, *argv], check=True,
                        stdout=subprocess.PIPE, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -174,11 +174,16 @@ static void gemm_task(void *ctx, int t, int nt) {
             if (lo >= hi) continue;
             int s = J->v->gemm[J->layout](a, lo, hi);
             if (s != OB_OK) st = s;
-            else if (J->out[g])
+            else if (J->out[g]) /* acc may be out itself (linear): converted in place */
                 for (int64_t r = 0; r < a->m; r++) {
                     const int32_t *acc = a->acc + r * a->ldc;
                     float *o = J->out[g] + r * a->n, xs = J->x_scale[r];
-                    for (int64_t j = lo; j < hi; j++) o[j] = (float)acc[j] * J->w_scale[g] * xs;
+                    for (int64_t j = lo; j < hi; j++) {
+                        int32_t v; /* memcpy: the same bytes read as int32, written as float */
+                        memcpy(&v, acc + j, sizeof v);
+                        float f = (float)v * J->w_scale[g] * xs;
+                        memcpy(o + j, &f, sizeof f);
+                    }
                 }
         }
     }
@@ -274,15 +279,14 @@ static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t
     return run_gemm(layout, w, n, k, x, m, ldx, acc, 0.0f, NULL, NULL, 1);
 }
 
+/* The int32 accumulators of a linear live in its float output (same size, same row stride): each
+ * thread converts its own columns in place once they are summed, so a prefill's projections need
+ * no m x n scratch besides their outputs (2B4T gate+up at 512 tokens: 28 MB). */
 static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                   int64_t ldx, float w_scale, const float *x_scale, float *out, int check) {
     if (!x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || m < 1) return OB_ERR_SIZE;
-    int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
-    if (!acc) return OB_ERR_NOMEM;
-    int st = run_gemm(layout, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, check);
-    free(acc);
-    return st;
+    return run_gemm(layout, w, n, k, x, m, ldx, (int32_t *)(void *)out, w_scale, x_scale, out, check);
 }
 
 int ob_gemm_i2(const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m, int64_t ldx,
@@ -307,20 +311,13 @@ int ob_linear_multi_unchecked(int layout, int nseg, const uint8_t *const *w, con
     if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
     if (!x_scale || !out || !w_scale || !n) return OB_ERR_NULL;
     if (nseg < 1 || nseg > OB_MAX_SEG || m < 1) return OB_ERR_SIZE;
-    int64_t total = 0;
     for (int g = 0; g < nseg; g++) {
         if (!out[g]) return OB_ERR_NULL;
         if (n[g] < 1) return OB_ERR_SIZE;
-        total += n[g];
     }
-    int32_t *buf = (int32_t *)malloc((size_t)(m * total) * sizeof(int32_t));
-    if (!buf) return OB_ERR_NOMEM;
-    int32_t *acc[OB_MAX_SEG];
-    int64_t off = 0;
-    for (int g = 0; g < nseg; off += m * n[g], g++) acc[g] = buf + off;
-    int st = run_gemm_multi(layout, nseg, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, 0);
-    free(buf);
-    return st;
+    int32_t *acc[OB_MAX_SEG]; /* in the outputs, as linear() */
+    for (int g = 0; g < nseg; g++) acc[g] = (int32_t *)(void *)out[g];
+    return run_gemm_multi(layout, nseg, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, 0);
 }
 
 int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
