@@ -1,7 +1,8 @@
 """`onebit bench model`: end-to-end engine speed, llama-bench style (torch-free).
 
 Measures, for a packed model folder (``--model``) or a random-ternary model of a named shape
-(``--shape 2b4t|700m``, written once into ``.cache/onebit/bench-models``):
+(``--shape 2b4t|700m|3b|8b``: BitNet b1.58 2B4T, bitnet_b1_58-large (700M), bitnet_b1_58-3B,
+Llama3-8B-1.58 (untied head); written once into ``.cache/onebit/bench-models``):
 
 - prefill tokens/s for each ``--pp`` prompt length (default 128 and 512, those that fit the
   model's context), from an empty cache;
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m"}
+SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m", "3b": "bitnet-3b", "8b": "llama3-8b-1.58"}
 
 
 def peak_rss_mb() -> float:
