@@ -17,7 +17,10 @@ Llama3-8B-1.58 (untied head); written once into ``.cache/onebit/bench-models``):
   (its 512 MiB buffer) and, the first time, the writer of a random ``--shape`` model;
 - the bytes one decode step reads (packed weights + LM head as the engine reads it + norms; the
   KV cache read is listed separately at the --tg context) and that traffic as a fraction of the
-  read bandwidth measured in the same run;
+  read bandwidth measured in the same run: for a model of more than twice the L3, ``read_probe``
+  over the model file's own pages (resident after the warm-up) in this process, before each of
+  at least 3 decode rounds (best of each: the machine's other load only ever slows either);
+  for a smaller one, a 512 MiB buffer in a child process (the file would time the cache);
 - the KV cache at the model's ``kv_bits`` (docs/formats.md §10): bytes allocated for the run's
   context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
@@ -78,6 +81,29 @@ def prefill(rt, ids, pos: int, chunk: int = 512) -> None:
     """Feed token ids into rt's cache at positions pos.. in chunks of ``chunk`` (bounded scratch)."""
     for i in range(0, len(ids), chunk):
         rt.forward(ids[i:i + chunk], pos + i)
+
+
+def _file_mapping(rt) -> np.ndarray | None:
+    """The whole model file as one uint8 array: the read-only mapping its tensors are views of."""
+    for t in rt._tensors.values():
+        while isinstance(t.base, np.ndarray):
+            t = t.base
+        if t.base is not None:
+            return np.frombuffer(t.base, dtype=np.uint8)
+    return None
+
+
+def _l3_bytes() -> int | None:
+    """The largest cache cpu0 reports (Linux sysfs), or None."""
+    best = None
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            v = (d / "size").read_text().strip().upper()
+            n = int(v.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        best = n if best is None else max(best, n)
+    return best
 
 
 def read_bandwidth_child(nthreads: int) -> dict:
@@ -152,9 +178,17 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
         if ttft is None:
             ttft = best
         del tok
-    def decode_from(pos: int) -> float:  # best tok/s of tg greedy steps at positions pos...
+    mapping = _file_mapping(rt)
+    in_process = mapping is not None and mapping.nbytes >= 2 * (_l3_bytes() or 32 << 20)
+    probes: list[float] = []
+
+    def decode_from(pos: int, probe: bool = False) -> float:  # best tok/s of tg greedy steps at pos...
         best = float("inf")
-        for _ in range(reps):
+        for _ in range(max(reps, 3) if probe else reps):
+            if probe:  # the read bandwidth, interleaved with the decode rounds it is compared to
+                t = time.perf_counter()
+                kernels.read_probe(mapping, threads)
+                probes.append(mapping.nbytes / (time.perf_counter() - t) / 1e9)
             tok = cfg.bos_token_id
             t = time.perf_counter()
             for i in range(pos, pos + tg):
@@ -162,7 +196,7 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
             best = min(best, time.perf_counter() - t)
         return tg / best
 
-    tg_tok_s = decode_from(0)
+    tg_tok_s = decode_from(0, probe=in_process)
     tg_depth, filled = {}, 0
     for d in depths:  # fill the cache up to d, then decode from d
         prefill(rt, rng.integers(0, cfg.vocab_size, d - filled), filled)
@@ -170,13 +204,19 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
         filled = d  # decoding overwrote positions d.. with its own rows
     sizes = model_sizes(rt)
     kv_bytes = kv_cache_bytes(cfg, rt.kv_bits, tg // 2)  # the mean cache read of a decode step
-    probe = read_bandwidth_child(threads)  # a child: its 512 MiB buffer is not the model's memory
-    read, rss = probe["read_gb_s"], peak_rss_mb()  # this process's real peak, from its start
+    if in_process:  # the model's own pages (resident now): no buffer of its own in this process
+        read, probe = max(probes), {"peak_rss_mb": 0.0}
+    else:  # a model about the L3's size: its pages would time the cache; a child reads 512 MiB
+        probe = read_bandwidth_child(threads)  # (a child: that buffer is not the model's memory)
+        read = probe["read_gb_s"]
+    rss = peak_rss_mb()  # this process's real peak, from its start
     per_tok = sizes["weight_bytes_per_token"]
     res.update({
         "pp_tok_s": pp_res[pp[0]], "pp": {str(k): v for k, v in pp_res.items()},
         "tg_tok_s": tg_tok_s, "tg": tg, "ttft_s": ttft, "peak_rss_mb": rss,
         "probe_peak_rss_mb": probe["peak_rss_mb"],
+        "read_probe": "model file pages, in this process, interleaved with the decode rounds"
+        if in_process else "512 MiB buffer in a child process",
         "bytes_per_token": per_tok, "kv_bytes_per_token_avg": kv_bytes,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
           f"{r['read_gb_s']:.1f} GB/s"
+          f" (read probe: {r['read_probe']})"
           f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB; child "
           f"processes: bandwidth probe {r['probe_peak_rss_mb']:.0f} MB"
           + (f", random model writer {r['writer_peak_rss_mb']:.0f} MB" if "writer_peak_rss_mb" in r

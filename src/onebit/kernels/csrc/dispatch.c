@@ -381,6 +381,10 @@ static void i8_task(void *ctx, int t, int nt) {
     int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
     if (j0 >= j1) return;
 #ifdef OB_HAVE_X86
+    if (J->simd == 2) {
+        ob_zmm_linear_i8(&J->a, j0, j1);
+        return;
+    }
     if (J->simd) {
         ob_avx2_linear_i8(&J->a, j0, j1);
         return;
@@ -399,7 +403,8 @@ int ob_linear_i8(const int8_t *w, const float *w_scale, int64_t n, int64_t k, co
             if (x[r * ldx + e] == -128) return OB_ERR_VALUE;
     i8_job_t J = {{w, w_scale, n, k, x, m, ldx, x_scale, out}, 0};
 #ifdef OB_HAVE_X86
-    J.simd = x86_simd();
+    /* exact integers either way: the m-row class's variant picks the zmm kernel */
+    J.simd = strcmp(variant_for(m)->name, "avx512vnni_zmm") == 0 ? 2 : x86_simd();
 #endif
     int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     ob_parallel(i8_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));

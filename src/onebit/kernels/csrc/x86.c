@@ -650,6 +650,54 @@ DEFINE_ZGEMM(ob_avx512vnni_zmm_gemm_i2, panel_i2_avx2, OB_I2_BLOCK, I2_BAD, retu
 DEFINE_ZGEMM(ob_avx512vnni_zmm_gemm_t1_6, panel_t16_avx2, OB_T1_6_BLOCK, T16_BAD,
              return ob_avx512vnni_gemm_t1_6(a, j0, j1))
 
+/* int8 x int8 (8-bit LM head) on zmm: vpdpbusd multiplies unsigned by signed bytes, so it takes
+ * x + 128 (x ^ 0x80: x is never -128) times w and subtracts 128 * sum(w), the sum from a second
+ * vpdpbusd of w with bytes of 1; int32 lanes wrap, the result is exact wherever ob_linear_i8's is
+ * (|sum| < 2^31). Two weight rows per pass (j and j + half, two streams) share each activation
+ * load; the row tails are masked loads (zero weights). 64 bytes of a row: 1 load, 2 vpdpbusd,
+ * against 5 instructions per 32 bytes on AVX2. */
+Z512 void ob_zmm_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), ones = _mm512_set1_epi8(1);
+    int64_t k = a->k, k64 = k / 64 * 64;
+    __mmask64 tail = k > k64 ? (__mmask64)(~0ull >> (64 - (k - k64))) : 0;
+    for (int64_t r = 0; r < a->m; r++) {
+        const int8_t *x = a->x + r * a->ldx;
+        int64_t half = (j1 - j0 + 1) / 2;
+        for (int64_t p = 0; p < half; p++) {
+            int64_t j = j0 + p, jb = j + half;
+            int two = jb < j1;
+            const int8_t *w0 = a->w + j * k, *w1 = two ? a->w + jb * k : w0;
+            __m512i s0 = _mm512_setzero_si512(), c0 = s0, s1 = s0, c1 = s0;
+            for (int64_t e = 0; e < k64; e += 64) {
+                _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
+                _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
+                __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + e)), flip);
+                __m512i a0 = _mm512_loadu_si512((const void *)(w0 + e));
+                __m512i a1 = _mm512_loadu_si512((const void *)(w1 + e));
+                s0 = _mm512_dpbusd_epi32(s0, xu, a0);
+                c0 = _mm512_dpbusd_epi32(c0, ones, a0);
+                s1 = _mm512_dpbusd_epi32(s1, xu, a1);
+                c1 = _mm512_dpbusd_epi32(c1, ones, a1);
+            }
+            if (tail) {
+                __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + k64), flip);
+                __m512i a0 = _mm512_maskz_loadu_epi8(tail, w0 + k64);
+                __m512i a1 = _mm512_maskz_loadu_epi8(tail, w1 + k64);
+                s0 = _mm512_dpbusd_epi32(s0, xu, a0);
+                c0 = _mm512_dpbusd_epi32(c0, ones, a0);
+                s1 = _mm512_dpbusd_epi32(s1, xu, a1);
+                c1 = _mm512_dpbusd_epi32(c1, ones, a1);
+            }
+            int32_t t0 = (int32_t)((uint32_t)hsum_z(s0) - 128u * (uint32_t)hsum_z(c0));
+            a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
+            if (two) {
+                int32_t t1 = (int32_t)((uint32_t)hsum_z(s1) - 128u * (uint32_t)hsum_z(c1));
+                a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+            }
+        }
+    }
+}
+
 /* ---- sparse decode (sparse.c) -----------------------------------------------------------------
  * Row list: the GEMV's two-stream pairing over the listed rows (positions p and p + half). */
 #ifndef ROWS_PF
