@@ -12,9 +12,10 @@ ik_llama.cpp is built outside this repository (never committed here):
     .venv/bin/python bench/peers_ik.py --ik /work/peers/ik_llama.cpp/build/bin [--shape 2b4t]
         [--heads i8,f16] [--threads 1,2] [--rounds 3] [--write-doc]
 
-The weights: `onebit bench model --shape`'s random model, exported to GGUF TQ2_0 with onebit's
-exporter (llama.cpp's ``bitnet`` graph; its SiLU instead of ReLU² changes no speed), then
-``llama-quantize --allow-requantize`` to IQ2_BN (ternary values and per-tensor scales survive
+The weights: `onebit bench model --shape`'s random model, exported to GGUF I2_S with onebit's
+exporter (bitnet.cpp's type and its ``bitnet-b1.58`` graph: ReLU², SubLN, as 2B4T; ik_llama.cpp
+reads I2_S but has no TQ2_0 -- ggml type 35 is undefined there and its loader dies with SIGFPE),
+then ``llama-quantize --allow-requantize`` to IQ2_BN (ternary values and per-tensor scales survive
 exactly), token embedding/output Q8_0 against onebit's int8 head, F16 against float16. Each round
 runs, per thread count, `llama-bench -p 128,512 -n 128 -r 1` and `onebit bench model --pp 128,512
 --tg 128 --reps 1` one after the other (alternating which goes first), each in its own process
@@ -61,15 +62,15 @@ def ik_gguf(ik: Path, folder: Path, head: str) -> Path:
     out = CACHE / f"{folder.name}-iq2_bn-{head}.gguf"
     if out.is_file():
         return out
-    tq2 = CACHE / f"{folder.name}-tq2_0-f16.gguf"
-    if not tq2.is_file():
+    src = CACHE / f"{folder.name}-i2_s-f16.gguf"
+    if not src.is_file():
         if not (folder / "tokenizer.json").is_file():
             tok = ROOT.parent / "shared" / "data" / "tokenizers" / "llama3" / "tokenizer.json"
             shutil.copy(tok, folder / "tokenizer.json")
-        export_gguf(folder, tq2, "tq2_0", embedding="f16", allow_relu2=True)
+        export_gguf(folder, src, "i2_s", embedding="f16")
     ht = {"i8": "q8_0", "f16": "f16"}[head]
     subprocess.run([str(ik / "llama-quantize"), "--allow-requantize", "--token-embedding-type", ht,
-                    "--output-tensor-type", ht, str(tq2), str(out), "IQ2_BN"], check=True,
+                    "--output-tensor-type", ht, str(src), str(out), "IQ2_BN"], check=True,
                    stdout=subprocess.DEVNULL, cwd=ROOT)
     return out
 
