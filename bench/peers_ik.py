@@ -19,8 +19,8 @@ then ``llama-quantize --allow-requantize`` to IQ2_BN (ternary values and per-ten
 exactly), token embedding/output Q8_0 against onebit's int8 head, F16 against float16. Each round
 runs, per thread count, `llama-bench -p 128,512 -n 128 -r 1` and `onebit bench model --pp 128,512
 --tg 128 --reps 1` one after the other (alternating which goes first), each in its own process
-whose peak RSS comes from wait4 (the launcher is this small process; Linux carries its RSS into
-the child's ru_maxrss, ~20 MB). Prints medians and the per-round ratio ranges.
+whose peak RSS comes from /usr/bin/time -f %M (a small parent: Linux carries the parent's RSS at
+the fork into the child's ru_maxrss). Prints medians and the per-round ratio ranges.
 """
 
 from __future__ import annotations
@@ -41,18 +41,19 @@ CACHE = ROOT / ".cache" / "onebit" / "bench-models"
 
 
 def measured(cmd: list[str], env: dict | None = None) -> tuple[str, float]:
-    """stdout and peak RSS (MB) of ``cmd`` as wait4 reports it."""
+    """stdout and peak RSS (MB) of ``cmd``, by /usr/bin/time (%M): a small C parent, so the
+    child's ru_maxrss starts from its few MB (Linux carries a process's peak RSS across fork +
+    exec: launched from this Python after it exported a 2.5 GB model, every child "peaked" at
+    2.5 GB)."""
     import tempfile
 
-    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
-        _, status, ru = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
+    with tempfile.TemporaryFile(mode="w+") as out, tempfile.NamedTemporaryFile(mode="r") as rss:
+        p = subprocess.run(["/usr/bin/time", "-o", rss.name, "-f", "%M", *cmd], stdout=out,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         if p.returncode:
-            raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{err.read()[-3000:]}")
-        return out.read(), ru.ru_maxrss / 1024
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        out.seek(0)
+        return out.read(), int(rss.read().strip().splitlines()[-1]) / 1024
 
 
 def ik_gguf(ik: Path, folder: Path, head: str) -> Path:
@@ -71,7 +72,7 @@ def ik_gguf(ik: Path, folder: Path, head: str) -> Path:
     ht = {"i8": "q8_0", "f16": "f16"}[head]
     subprocess.run([str(ik / "llama-quantize"), "--allow-requantize", "--token-embedding-type", ht,
                     "--output-tensor-type", ht, str(src), str(out), "IQ2_BN"], check=True,
-                   stdout=subprocess.DEVNULL, cwd=ROOT)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     return out
 
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
              f"bench/peers_ik.py --ik /work/peers/ik_llama.cpp/build/bin --rounds {a.rounds}`. "
              f"{a.shape} shape, random ternary weights (the same codes for both), {a.rounds} interleaved "
              f"rounds per row (median, and the range over rounds of onebit / ik_llama.cpp in the same "
-             f"round), peak RSS per process (wait4).", "",
+             f"round), peak RSS per process (/usr/bin/time %M).", "",
              "| head | threads | engine | pp128 | pp512 | tg128 | peak RSS | onebit / ik (per-round range) | load |",
              "|---|---:|---|---:|---:|---:|---:|---|---|"]
     for row in rows:

@@ -44,3 +44,22 @@ def test_prefill_scratch_does_not_scale_with_tokens_times_ffn(tmp_path):
     # Before: gate + up for all 512 rows 32 MB and their int32 accumulators 16 MB more (measured
     # 61 MB growth)
     assert growth < 30, f"a 512-token prefill grew the peak RSS by {growth:.1f} MB"
+
+
+def test_load_without_tokenizer_skips_it(tmp_path):
+    # bench model runs token ids only: parsing Llama 3's tokenizer.json alone raised a process's
+    # peak RSS by ~190 MB (the Rust tokenizers parser), counted against the model before
+    import shutil
+
+    import onebit
+    from conftest import SHARED_DATA
+
+    cfg = ModelConfig(vocab_size=128256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=128000, eos_token_id=128001)
+    folder = write_random_model(tmp_path / "m", cfg, embedding="i8")
+    shutil.copy(SHARED_DATA / "tokenizers" / "llama3" / "tokenizer.json", folder / "tokenizer.json")
+    assert onebit.load(folder).tokenizer is not None
+    m = onebit.load(folder, tokenizer=False)
+    assert m.tokenizer is None
+    assert len(list(m.generate_ids([128000, 5, 6], max_new_tokens=2, temperature=0))) >= 1

@@ -148,7 +148,9 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
 
     kernels.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
+    # token ids only: no tokenizer (Llama 3's tokenizer.json alone peaks at ~190 MB of RSS)
+    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits,
+                    tokenizer=False)
     load_s = time.perf_counter() - t0
     rt, cfg = m.runtime, m.config
     depths = sorted(set(depths or []))
