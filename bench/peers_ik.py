@@ -104,13 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ik-args", default="", help="extra llama-bench arguments, e.g. '-rtr 1'")
     ap.add_argument("--json", default=None, help="also write the raw rounds here")
+    ap.add_argument("--from", dest="src", default=None, help="rebuild the table from --json output")
     ap.add_argument("--write-doc", action="store_true")
     a = ap.parse_args(argv)
     from onebit.benchmarks.model import model_for_shape
 
     ik = Path(a.ik)
-    rows = []
-    for head in a.heads.split(","):
+    rows = json.loads(Path(a.src).read_text()) if a.src else []
+    for head in [] if a.src else a.heads.split(","):
         folder = model_for_shape(a.shape, "i2", head, CACHE)
         gguf = ik_gguf(ik, folder, head)
         for t in [int(v) for v in a.threads.split(",")]:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
             rows.append({"head": head, "threads": t, "rounds": rounds,
                          "gguf_mb": gguf.stat().st_size / 1e6,
                          "file_mb": (folder / "model.safetensors").stat().st_size / 1e6})
-    if a.json:
+    if a.json and not a.src:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     lines = [f"Reproduce: build ik_llama.cpp as in `bench/peers_ik.py`'s docstring, then `.venv/bin/python "
              f"bench/peers_ik.py --ik /work/peers/ik_llama.cpp/build/bin --rounds {a.rounds}`. "
