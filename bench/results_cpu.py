@@ -64,12 +64,13 @@ def section(rows: list[dict]) -> str:
         f"--threads T` in its own process, best of 2). Kernels (per shape class, measured once on this "
         f"machine by onebit.kernels.wisdom): {'; '.join(sorted(plans))}. '% BW' = bytes a decode step "
         f"reads (packed weights + head as stored + norms) x tg128 / read_probe over the model file's "
-        f"own pages in the same process, before each decode round (best of each). 'budget' = file + "
+        f"own pages in the same process, before each decode round (best of each); in brackets with the "
+        f"KV cache a step reads as well (its mean over the 128 steps). 'budget' = file + "
         f"KV cache allocated for the run (513 positions) + 10%; peak RSS is the process's VmHWM. Load "
         f"= the 1-minute load average after the row (2 vCPUs shared with other jobs: every figure "
         f"here moves with it).",
         "",
-        "| shape | head | threads | pp128 | pp512 | tg128 | reads/token | % BW | peak RSS | file + KV | ≤ budget | load |",
+        "| shape | head | threads | pp128 | pp512 | tg128 | reads/token | % BW (with KV) | peak RSS | file + KV | ≤ budget | load |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rows:
@@ -77,8 +78,8 @@ def section(rows: list[dict]) -> str:
         ok = r["peak_rss_mb"] * 2**20 <= 1.10 * fkv
         lines.append(
             f"| {r['shape']} | {r['head']} | {r['threads']} | {r['pp']['128']:.1f} | {r['pp']['512']:.1f} | "
-            f"{r['tg_tok_s']:.1f} | {r['bytes_per_token'] / 1e6:,.0f} MB | {r['bw_frac'] * 100:.0f}% of "
-            f"{r['read_gb_s']:.1f} GB/s | {r['peak_rss_mb']:,.0f} MB | {fkv / 2**20:,.0f} MB | "
+            f"{r['tg_tok_s']:.1f} | {r['bytes_per_token'] / 1e6:,.0f} MB | {r['bw_frac'] * 100:.0f}% "
+            f"({(r['bytes_per_token'] + r['kv_bytes_per_token_avg']) * r['tg_tok_s'] / (r['read_gb_s'] * 1e9) * 100:.0f}%) of {r['read_gb_s']:.1f} GB/s | {r['peak_rss_mb']:,.0f} MB | {fkv / 2**20:,.0f} MB | "
             f"{'✓' if ok else '✗'} | {r['load']:.1f} |")
     return "\n".join(lines)
 

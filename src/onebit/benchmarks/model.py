@@ -221,6 +221,8 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
         if in_process else "512 MiB buffer in a child process",
         "bytes_per_token": per_tok, "kv_bytes_per_token_avg": kv_bytes,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
+        # the same with the KV cache a step reads too (its mean over the tg steps from 0)
+        "bw_frac_kv": (per_tok + kv_bytes) * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
         "kv_bits": rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  tg{r['tg']} @ d{d:<6} {v:10.1f} tok/s")
     print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
-          f"{r['read_gb_s']:.1f} GB/s"
+          f"{r['read_gb_s']:.1f} GB/s ({r['bw_frac_kv'] * 100:.0f}% with the KV cache it reads)"
           f" (read probe: {r['read_probe']})"
           f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB; child "
           f"processes: bandwidth probe {r['probe_peak_rss_mb']:.0f} MB"
