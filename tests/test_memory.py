@@ -63,3 +63,19 @@ def test_load_without_tokenizer_skips_it(tmp_path):
     m = onebit.load(folder, tokenizer=False)
     assert m.tokenizer is None
     assert len(list(m.generate_ids([128000, 5, 6], max_new_tokens=2, temperature=0))) >= 1
+
+
+def test_bench_model_probes_the_model_file_in_process(tmp_path, monkeypatch):
+    # a model larger than twice the L3 is its own bandwidth probe: read_probe over the file's
+    # mapping in this process, interleaved with the decode rounds (no 512 MiB child buffer)
+    from onebit.benchmarks import model as bm
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=1)
+    folder = write_random_model(tmp_path / "m", cfg, embedding="f16")
+    monkeypatch.setattr(bm, "_l3_bytes", lambda: 1024)  # the tiny file counts as "> 2 x L3"
+    monkeypatch.setattr(bm, "read_bandwidth_child", lambda n: (_ for _ in ()).throw(AssertionError("child probe")))
+    r = bm.bench_model(folder, [8], 4, 1, 1)
+    assert r["read_probe"].startswith("model file pages") and r["probe_peak_rss_mb"] == 0
+    assert r["read_gb_s"] > 0 and 0 < r["bw_frac"] <= r["bw_frac_kv"]

@@ -218,6 +218,8 @@ def tune(force: bool = False, child: bool = True) -> dict[str, str]:
             return plan
     if len(candidates()) < 2:  # nothing to choose
         return {c: (candidates() or ["reference"])[0] for c in CLASSES}
+    print(f"onebit: timing the kernel variants once for this machine (a few seconds; cached in "
+          f"{cache_path()})", file=sys.stderr)
     if child:
         code = "import json\nfrom onebit.kernels import wisdom\nprint(json.dumps(wisdom.measure()))"
         env = {**os.environ, "ONEBIT_TUNE": "0"}
