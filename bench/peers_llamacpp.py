@@ -11,6 +11,12 @@ The 2B4T shape has ReLU² FFNs, which stock llama.cpp's `bitnet` graph computes 
 GGUF section of docs/results.md): for *speed* that changes nothing (one elementwise op per FFN),
 so the export uses ``allow_relu2``; the outputs are not compared here. The packed model gets the
 Llama-3 tokenizer (vocab 128256, as 2B4T) so that llama.cpp has a vocabulary.
+
+``--shape`` picks another random model (onebit bench model --shape). Only 2b4t exports today:
+the exporter writes llama.cpp's ``bitnet`` graph, which ties the LM head to token_embd and has
+the SubLN norms, so 700m and 3b (untied heads) and 8b (Llama's norms, untied head) stop with
+GGUFExportError naming that; comparing those needs an exporter for llama.cpp's ``llama`` graph
+with TQ2_0 weights (not written yet). ik_llama.cpp: bench/peers_ik.py.
 """
 
 from __future__ import annotations
