@@ -41,8 +41,7 @@ static int cpu_runs(const char *name) {
     if (strcmp(name, "avx512vnni") == 0 || strcmp(name, "avx512vnni_zmm") == 0)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("avx512vnni") &&
-               (name[10] == 0 || __builtin_cpu_supports("avx512vbmi"));
+               __builtin_cpu_supports("avx512vnni");
 #endif
     return 0;
 }

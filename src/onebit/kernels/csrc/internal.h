@@ -86,7 +86,7 @@ int ob_avx2_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx512vnni_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
-/* the same on 512-bit vectors (x86.c; AVX-512 F/BW/VL/VNNI/VBMI) */
+/* the same on 512-bit vectors (x86.c; AVX-512 F/BW/VL/VNNI) */
 int ob_avx512vnni_zmm_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx512vnni_zmm_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 /* lookup-table family (lut.c): T-MAC / bitnet.cpp TL-style, selected by name "avx2_lut" */

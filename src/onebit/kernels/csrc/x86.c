@@ -470,7 +470,7 @@ DEFINE_GEMM(ob_avx512vnni_gemm_t1_6, VNNI, row_t16_vnni, gemv2_t16_vnni, panel_t
  * vectors, nothing else, so one vpdpbusd per 64 products and no int16 flushes. The 12 rows are two
  * consecutive 6-row tiles of ob_gemm_args.xt; edges (rows past m: zero activations; columns past
  * the panel: masked loads and stores of acc) need no copy. */
-#define Z512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#define Z512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define ZFLUSH 8192       /* blocks between flushes of the scaled accumulators (row kernel) */
 #define ZMR 12            /* activation rows of the GEMM register tile (two xt tiles) */
 #define ZKC_BLOCKS 4      /* blocks per panel: 2 x 16 columns x 512 (i2) inputs = 16 KiB */
