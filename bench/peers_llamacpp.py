@@ -11,6 +11,12 @@ The 2B4T shape has ReLU² FFNs, which stock llama.cpp's `bitnet` graph computes 
 GGUF section of docs/results.md): for *speed* that changes nothing (one elementwise op per FFN),
 so the export uses ``allow_relu2``; the outputs are not compared here. The packed model gets the
 Llama-3 tokenizer (vocab 128256, as 2B4T) so that llama.cpp has a vocabulary.
+
+``--shape`` picks another random model (onebit bench model --shape). Only 2b4t exports today:
+the exporter writes llama.cpp's ``bitnet`` graph, which ties the LM head to token_embd and has
+the SubLN norms, so 700m and 3b (untied heads) and 8b (Llama's norms, untied head) stop with
+GGUFExportError naming that; comparing those needs an exporter for llama.cpp's ``llama`` graph
+with TQ2_0 weights (not written yet). ik_llama.cpp: bench/peers_ik.py.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tg", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", default="2b4t", choices=["2b4t", "700m", "3b", "8b"],
+                    help="the random model's shape (onebit bench model --shape)")
     ap.add_argument("--write-doc", action="store_true")
     ap.add_argument("--child", nargs="*", default=None)
     args = ap.parse_args(argv)
@@ -85,33 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     cache = ROOT / ".cache" / "onebit" / "bench-models"
     rows = []
     for emb in ("i8", "i4"):
-        folder = model_for_shape("2b4t", "i2", emb, cache)
+        folder = model_for_shape(args.shape, "i2", emb, cache)
         r = child(["engine", str(folder), "128", str(args.tg), str(args.threads)])
         rows.append((f"onebit engine (i2, {emb} embeddings/head)", r))
         print(rows[-1], file=sys.stderr)
-    folder = model_for_shape("2b4t", "i2", "i8", cache)
-    tok = ROOT.parent / "shared" / "data" / "tokenizers" / "llama3" / "tokenizer.json"
+    folder = model_for_shape(args.shape, "i2", "i8", cache)
+    vocab = {"2b4t": "llama3", "8b": "llama3"}.get(args.shape, "llama2")  # 700M/3B: 32002 ids
+    tok = ROOT.parent / "shared" / "data" / "tokenizers" / vocab / "tokenizer.json"
     if not (folder / "tokenizer.json").is_file():
         shutil.copy(tok, folder / "tokenizer.json")
     for qtype in ("tq2_0", "tq1_0"):
-        out = cache / f"2b4t-{qtype}-f16.gguf"
+        out = cache / f"{args.shape}-{qtype}-f16.gguf"
         if not out.is_file():
             export_gguf(folder, out, qtype, embedding="f16", allow_relu2=True)
         r = child(["llama", str(out), "128", str(args.tg), str(args.threads)])
         rows.append((f"llama.cpp {qtype.upper()} (F16 embeddings), {out.stat().st_size / 1e6:,.0f} MB", r))
         print(rows[-1], file=sys.stderr)
     lines = [f"Reproduce: `PYTHONPATH=src /work/peers-venv/bin/python bench/peers_llamacpp.py --write-doc "
-             f"--tg {args.tg}` (llama-cpp-python 0.3.36 built from PyPI's sdist). 2B4T shape, random "
+             f"--tg {args.tg} --shape {args.shape}` (llama-cpp-python 0.3.36 built from PyPI's sdist). {args.shape} shape, random "
              f"ternary weights (same codes for every runner), {args.threads} threads, pp = 128-token "
              f"prefill, tg = {args.tg} decode steps.", "",
              "| runner | pp128 tok/s | tg tok/s | peak RSS |", "|---|---:|---:|---:|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['pp_tok_s']:,.1f} | {r['tg_tok_s']:,.2f} | {r['peak_rss_mb']:,.0f} MB |")
-    lines += ["", "![onebit vs llama.cpp](peers_llamacpp.png)"]
+    lines += ["", f"![onebit vs llama.cpp](peers_llamacpp{'' if args.shape == '2b4t' else '_' + args.shape}.png)"]
     text = "\n".join(lines)
     print(text)
     if args.write_doc:
-        replace_section("results_peers_llamacpp", text, "## Peers: llama.cpp on the same weights")
+        suffix = "" if args.shape == "2b4t" else f"_{args.shape}"
+        replace_section(f"results_peers_llamacpp{suffix}", text,
+                        f"## Peers: llama.cpp on the same weights{suffix.replace('_', ' (') + ')' if suffix else ''}")
         import matplotlib
 
         matplotlib.use("Agg")
@@ -128,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             ax.invert_yaxis()
             ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        fig.savefig(ROOT / "docs" / "peers_llamacpp.png", dpi=110)
+        fig.savefig(ROOT / "docs" / f"peers_llamacpp{suffix}.png", dpi=110)
     return 0
 
 

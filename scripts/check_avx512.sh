@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Checks the AVX-512 VNNI GEMM kernels (src/onebit/kernels/csrc/x86.c, variant "avx512vnni") under
+# Checks the AVX-512 VNNI GEMM kernels (src/onebit/kernels/csrc/x86.c, variants "avx512vnni" and
+# "avx512vnni_zmm") under
 # emulation, since the development machine has no AVX-512: builds tests/c/parity.c with the kernel
 # sources as a static x86-64 binary (-O3, no -march), makes it the /init of an initramfs, boots a
 # Debian Linux kernel on it in the Bochs full-system emulator with an Intel Tiger Lake CPU model
 # (AVX-512 F/BW/VL/VNNI/VBMI), and reads the harness's verdict from the emulated serial port. The
-# harness must see CPU detection pick avx512vnni and must check avx512vnni against the reference.
+# harness must see CPU detection pick avx512vnni_zmm and must check both against the reference.
 # Emulated, so it says nothing about speed.
 #
 # Needs: gcc, bochs (with bochsbios, vgabios), xorriso, isolinux + syslinux-common, cpio, gzip,
@@ -151,7 +152,7 @@ fi
 #     off while FSRM stays on, a combination on which Linux 6.1's memmove corrupts memory);
 #   nosmp, mitigations=off, quiet: a faster boot.
 # The parity arguments follow "--" and reach /init as argv.
-parity_args=(--variants reference,avx512vnni --expect-auto avx512vnni "$@")
+parity_args=(--variants reference,avx512vnni,avx512vnni_zmm --expect-auto avx512vnni_zmm "$@")
 mkdir -p "$build/root" "$build/iso/isolinux"
 cp "$build/init" "$build/root/init"
 (cd "$build/root" && find . | cpio -o -H newc --quiet | gzip -1 >"$build/iso/initrd.gz")
@@ -212,6 +213,8 @@ fail() {
 ((brc == 124)) && fail "timed out after ${TIMEOUT}s"
 grep -q "ONEBIT_AVX512_CHECK: parity exit 0" "$build/serial.log" || fail "no passing verdict from the harness on the serial port"
 grep -q "^parity: OK, [0-9]* checks passed" "$build/serial.log" || fail "no 'parity: OK' line"
-grep -q "^parity: avx512vnni  *i2  *[1-9][0-9]* checks, t1_6  *[1-9][0-9]* checks" "$build/serial.log" \
-    || fail "avx512vnni was not checked"
-echo "check_avx512.sh: PASS: avx512vnni matches the reference under bochs ($CPU_MODEL), ${elapsed}s"
+for v in avx512vnni avx512vnni_zmm; do
+    grep -q "^parity: $v  *i2  *[1-9][0-9]* checks, t1_6  *[1-9][0-9]* checks" "$build/serial.log" \
+        || fail "$v was not checked"
+done
+echo "check_avx512.sh: PASS: avx512vnni and avx512vnni_zmm match the reference under bochs ($CPU_MODEL), ${elapsed}s"

@@ -30,6 +30,12 @@ def _shared_data() -> Path:
 
 SHARED_DATA = _shared_data()
 
+# The engine applies this machine's measured per-class kernel choice (onebit.kernels.wisdom),
+# timing the variants once into ~/.cache/onebit if there is none. The suite runs with CPU
+# detection's choice instead (no timing, nothing written to the home directory); test_wisdom.py
+# exercises the measurement and mixed plans explicitly.
+os.environ.setdefault("ONEBIT_TUNE", "0")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

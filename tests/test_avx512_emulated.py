@@ -1,8 +1,9 @@
-"""The AVX-512 VNNI kernels (csrc/x86.c, "avx512vnni") against the reference, under Bochs.
+"""The AVX-512 VNNI kernels (csrc/x86.c, "avx512vnni" and "avx512vnni_zmm") against the reference,
+under Bochs.
 
 Runs scripts/check_avx512.sh: the C parity harness (tests/c/parity.c) built as the static /init of a
 Linux initramfs and booted in the Bochs emulator on its Tiger Lake CPU model (AVX-512 VNNI), which
-must pick avx512vnni by CPU detection and match the reference exactly. Takes a few minutes.
+must pick avx512vnni_zmm by CPU detection and match the reference exactly. Takes a few minutes.
 Skipped, saying what is missing, where Bochs, the ISO tools or a kernel image are not available.
 """
 
@@ -50,6 +51,6 @@ def test_avx512vnni_kernels_match_reference_under_bochs():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"scripts/check_avx512.sh failed (rc {proc.returncode}):\n{out[-6000:]}"
     assert "check_avx512.sh: PASS" in out, out[-3000:]
-    assert "parity: auto-selected variant: avx512vnni" in out, out[-3000:]
+    assert "parity: auto-selected variant: avx512vnni_zmm" in out, out[-3000:]
     assert " vnni=1 " in out, out[-3000:]  # the emulated CPU reported AVX-512 VNNI
     assert "parity: OK," in out, out[-3000:]

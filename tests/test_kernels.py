@@ -172,7 +172,7 @@ def test_c_pack_matches_numpy():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_i8_exact(impl):
     rng = np.random.default_rng(4)
-    for m, n, k in ((1, 1, 1), (1, 7, 33), (3, 64, 100), (2, 1000, 2560)):
+    for m, n, k in ((1, 1, 1), (1, 7, 33), (3, 9, 64), (3, 64, 100), (2, 1000, 2560)):
         w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
         x = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
         x[0, :3] = 127

@@ -419,4 +419,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
                         hidden_act="silu", max_position_embeddings=2048,
                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    # 1bitLLM/bitnet_b1_58-3B's shape (the 700M's family, scaled up)
+    "bitnet-3b": dict(vocab_size=32002, hidden_size=3200, intermediate_size=8640,
+                      num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=32,
+                      hidden_act="silu", max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    # HF1BitLLM/Llama3-8B-1.58-100B-tokens: Llama 3 8B with ternary projections, Llama's norms
+    "llama3-8b-1.58": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           hidden_act="silu", max_position_embeddings=8192, rope_theta=500000.0,
+                           norm_placement="pre", tie_word_embeddings=False,
+                           bos_token_id=128000, eos_token_id=128001),
 }

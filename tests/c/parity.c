@@ -30,7 +30,7 @@
 int ob_neon_uses_dotprod(void); /* arm.c, hidden: which path the neon variant takes */
 #endif
 
-static const char *CANDIDATES[] = {"reference", "neon", "avx2", "avx2_lut", "avx512vnni"};
+static const char *CANDIDATES[] = {"reference", "neon", "avx2", "avx2_lut", "avx512vnni", "avx512vnni_zmm"};
 #define N_CAND ((int)(sizeof(CANDIDATES) / sizeof(CANDIDATES[0])))
 static const char *LAYOUT_NAME[2] = {"i2", "t1_6"};
 
@@ -358,9 +358,9 @@ int main(int argc, char **argv) {
     }
 #endif
 
-    static const int64_t MS[] = {1, 2, 3, 4, 5, 8, 9, 17};
+    static const int64_t MS[] = {1, 2, 3, 4, 5, 8, 9, 13, 17};
     static const int64_t KS[] = {1, 5, 127, 128, 129, 160, 300, 2560};
-    static const int64_t NS[] = {1, 3, 16, 17, 64};
+    static const int64_t NS[] = {1, 3, 16, 17, 33, 64};
     for (int layout = 0; layout < 2; layout++) {
         for (size_t a = 0; a < sizeof MS / sizeof *MS; a++)
             for (size_t b = 0; b < sizeof KS / sizeof *KS; b++)

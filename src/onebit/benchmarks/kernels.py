@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 from onebit import kernels as K
 from onebit.formats.packing import LAYOUTS
+from onebit.kernels.wisdom import plan_text
 
 # N x K (out_features x in_features) of each model's linear layers.
 SHAPES_2B4T: tuple[tuple[int, int], ...] = ((2560, 2560), (640, 2560), (6912, 2560), (2560, 6912))
@@ -88,7 +89,8 @@ class Settings:
     reps: int = 15
     warmup: int = 3
     threads: int | None = None       # None: kernels.get_num_threads()
-    isa: str | None = None           # None: the variant CPU detection picked
+    isa: str | None = None           # None: this machine's per-class plan (kernels.wisdom)
+    tune: bool = False               # measure the per-class plan again first
     rotate_bytes: int | None = None  # None: max(64 MiB, 2 x L3)
     probe_bytes: int = 512 * MIB
     probe_reps: int = 5
@@ -281,7 +283,7 @@ def bench_shape(n: int, k: int, s: Settings, *, read_gb_s: float, rotate_bytes: 
                 "vs_fp32_e2e": round(fp32 / e2e, 3), "vs_bf16_e2e": round(bf16 / e2e, 3),
                 "packed_bytes": nbytes, "weight_copies": len(ws),
                 "torch_fp32_copies": len(w_fp32), "torch_bf16_copies": len(w_bf16), "threads": threads,
-                "isa": K.isa(), "reps": s.reps,
+                "isa": K.isa_for(m), "kernel_plan": K.plan(), "reps": s.reps,
             })
     return rows
 
@@ -297,6 +299,13 @@ def run(s: Settings = Settings()) -> list[dict]:
     rotate = s.rotate_bytes or default_rotate_bytes()
     rng = np.random.default_rng(s.seed)
     torch.set_num_threads(threads)
+    if not s.isa:  # kernel choice by measurement: cached per machine, measured once (or --tune)
+        from onebit.kernels import wisdom
+
+        if s.tune:
+            K.apply_plan(K.tune(force=True))
+        else:
+            wisdom.ensure_plan()
     try:
         with K.threads(threads), (K.use(s.isa) if s.isa else contextlib.nullcontext()):
             read_gb_s = read_bandwidth(s.probe_bytes, threads, s.probe_reps)
@@ -351,7 +360,7 @@ def markdown(rows: list[dict], *, with_targets: bool = False) -> str:
 
 def machine_line(rows: list[dict]) -> str:
     r = rows[0]
-    return (f"{cpu_model()} ({platform.machine()}), onebit kernels {r['isa']}, {r['threads']} "
+    return (f"{cpu_model()} ({platform.machine()}), onebit kernels {plan_text(r['kernel_plan'])}, {r['threads']} "
             f"thread{'s' if r['threads'] != 1 else ''} (torch too), read bandwidth {r['read_gb_s']:.1f} GB/s (read_probe), torch {torch.__version__}")
 
 
@@ -412,8 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed interleaved rounds (median; default 15)")
     ap.add_argument("--warmup", type=_positive_int("--warmup"), default=None,
                     help="untimed rounds first (default 3)")
-    ap.add_argument("--isa", default=None, help="kernel variant to force (default: CPU detection); "
-                                                "one of kernels.available_isas()")
+    ap.add_argument("--isa", default=None, help="kernel variant to force for every shape class "
+                                                "(default: this machine's measured per-class "
+                                                "choice); one of kernels.available_isas()")
+    ap.add_argument("--tune", action="store_true",
+                    help="measure the per-class kernel choice again (kernels.wisdom) and cache it")
     ap.add_argument("--rotate-mib", type=_positive_int("--rotate-mib"), default=None,
                     help="MiB of distinct weight copies each candidate cycles through "
                          "(default: max(64, 2 x L3))")
@@ -429,7 +441,8 @@ def settings_from_args(args: argparse.Namespace, ap: argparse.ArgumentParser) ->
     """Settings from parsed options: ``--quick`` picks the defaults, explicit options win."""
     s = QUICK if args.quick else Settings()
     over = {"shapes": args.shapes, "layouts": args.layouts, "ops": args.ops, "m_gemm": args.m_gemm,
-            "reps": args.reps, "warmup": args.warmup, "threads": args.threads, "isa": args.isa}
+            "reps": args.reps, "warmup": args.warmup, "threads": args.threads, "isa": args.isa,
+            "tune": args.tune or None}
     if args.rotate_mib:
         over["rotate_bytes"] = args.rotate_mib * MIB
     if args.probe_mib:

@@ -1,7 +1,8 @@
 """`onebit bench model`: end-to-end engine speed, llama-bench style (torch-free).
 
 Measures, for a packed model folder (``--model``) or a random-ternary model of a named shape
-(``--shape 2b4t|700m``, written once into ``.cache/onebit/bench-models``):
+(``--shape 2b4t|700m|3b|8b``: BitNet b1.58 2B4T, bitnet_b1_58-large (700M), bitnet_b1_58-3B,
+Llama3-8B-1.58 (untied head); written once into ``.cache/onebit/bench-models``):
 
 - prefill tokens/s for each ``--pp`` prompt length (default 128 and 512, those that fit the
   model's context), from an empty cache;
@@ -16,7 +17,10 @@ Measures, for a packed model folder (``--model``) or a random-ternary model of a
   (its 512 MiB buffer) and, the first time, the writer of a random ``--shape`` model;
 - the bytes one decode step reads (packed weights + LM head as the engine reads it + norms; the
   KV cache read is listed separately at the --tg context) and that traffic as a fraction of the
-  read bandwidth measured in the same run;
+  read bandwidth measured in the same run: for a model of more than twice the L3, ``read_probe``
+  over the model file's own pages (resident after the warm-up) in this process, before each of
+  at least 3 decode rounds (best of each: the machine's other load only ever slows either);
+  for a smaller one, a 512 MiB buffer in a child process (the file would time the cache);
 - the KV cache at the model's ``kv_bits`` (docs/formats.md §10): bytes allocated for the run's
   context, and ``kv_cache_bytes`` at that context, 4k and 16k tokens.
 
@@ -38,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m"}
+SHAPES = {"2b4t": "bitnet-2b4t", "700m": "bitnet-700m", "3b": "bitnet-3b", "8b": "llama3-8b-1.58"}
 
 
 def peak_rss_mb() -> float:
@@ -53,9 +57,8 @@ def _child(code: str, *argv: str) -> dict:
     the JSON object it prints last, with its own ``peak_rss_mb`` added."""
     import subprocess
 
-    tail = ("\nimport json as _j, resource as _r, sys as _s\n_k = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss\n"
-            "print(_j.dumps({**(_out or {}), 'peak_rss_mb': _k / (1024 if _s.platform != 'darwin' "
-            "else 2**20)}))")
+    tail = ("\nimport json as _j\nfrom onebit.engine.stats import peak_rss_mb as _p\n"
+            "print(_j.dumps({**(_out or {}), 'peak_rss_mb': _p()['self']}))")
     r = subprocess.run([sys.executable, "-c", "_out = None\n" + code + tail, *argv], check=True,
                        stdout=subprocess.PIPE, text=True)
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -78,6 +81,29 @@ def prefill(rt, ids, pos: int, chunk: int = 512) -> None:
     """Feed token ids into rt's cache at positions pos.. in chunks of ``chunk`` (bounded scratch)."""
     for i in range(0, len(ids), chunk):
         rt.forward(ids[i:i + chunk], pos + i)
+
+
+def _file_mapping(rt) -> np.ndarray | None:
+    """The whole model file as one uint8 array: the read-only mapping its tensors are views of."""
+    for t in rt._tensors.values():
+        while isinstance(t.base, np.ndarray):
+            t = t.base
+        if t.base is not None:
+            return np.frombuffer(t.base, dtype=np.uint8)
+    return None
+
+
+def _l3_bytes() -> int | None:
+    """The largest cache cpu0 reports (Linux sysfs), or None."""
+    best = None
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            v = (d / "size").read_text().strip().upper()
+            n = int(v.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(v[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        best = n if best is None else max(best, n)
+    return best
 
 
 def read_bandwidth_child(nthreads: int) -> dict:
@@ -122,7 +148,9 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
 
     kernels.set_num_threads(threads)
     t0 = time.perf_counter()
-    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
+    # token ids only: no tokenizer (Llama 3's tokenizer.json alone peaks at ~190 MB of RSS)
+    m = onebit.load(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits,
+                    tokenizer=False)
     load_s = time.perf_counter() - t0
     rt, cfg = m.runtime, m.config
     depths = sorted(set(depths or []))
@@ -131,6 +159,7 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
     rt.reset(need)
     rng = np.random.default_rng(0)
     res: dict = {"model": str(folder), "threads": threads, "isa": kernels.isa(),
+                 "kernel_plan": kernels.plan(),  # per shape class, measured (kernels.wisdom)
                  "layout": rt.packed["layout"], "embedding": rt.packed["embedding"],
                  "params": model_sizes(rt)["params"], "load_s": load_s,
                  "activation_scheme": rt.activation_scheme, "sparse": rt.sparse,
@@ -151,9 +180,17 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
         if ttft is None:
             ttft = best
         del tok
-    def decode_from(pos: int) -> float:  # best tok/s of tg greedy steps at positions pos...
+    mapping = _file_mapping(rt)
+    in_process = mapping is not None and mapping.nbytes >= 2 * (_l3_bytes() or 32 << 20)
+    probes: list[float] = []
+
+    def decode_from(pos: int, probe: bool = False) -> float:  # best tok/s of tg greedy steps at pos...
         best = float("inf")
-        for _ in range(reps):
+        for _ in range(max(reps, 3) if probe else reps):
+            if probe:  # the read bandwidth, interleaved with the decode rounds it is compared to
+                t = time.perf_counter()
+                kernels.read_probe(mapping, threads)
+                probes.append(mapping.nbytes / (time.perf_counter() - t) / 1e9)
             tok = cfg.bos_token_id
             t = time.perf_counter()
             for i in range(pos, pos + tg):
@@ -161,7 +198,7 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
             best = min(best, time.perf_counter() - t)
         return tg / best
 
-    tg_tok_s = decode_from(0)
+    tg_tok_s = decode_from(0, probe=in_process)
     tg_depth, filled = {}, 0
     for d in depths:  # fill the cache up to d, then decode from d
         prefill(rt, rng.integers(0, cfg.vocab_size, d - filled), filled)
@@ -169,15 +206,23 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
         filled = d  # decoding overwrote positions d.. with its own rows
     sizes = model_sizes(rt)
     kv_bytes = kv_cache_bytes(cfg, rt.kv_bits, tg // 2)  # the mean cache read of a decode step
-    probe = read_bandwidth_child(threads)  # a child: its 512 MiB buffer is not the model's memory
-    read, rss = probe["read_gb_s"], peak_rss_mb()  # this process's real peak, from its start
+    if in_process:  # the model's own pages (resident now): no buffer of its own in this process
+        read, probe = max(probes), {"peak_rss_mb": 0.0}
+    else:  # a model about the L3's size: its pages would time the cache; a child reads 512 MiB
+        probe = read_bandwidth_child(threads)  # (a child: that buffer is not the model's memory)
+        read = probe["read_gb_s"]
+    rss = peak_rss_mb()  # this process's real peak, from its start
     per_tok = sizes["weight_bytes_per_token"]
     res.update({
         "pp_tok_s": pp_res[pp[0]], "pp": {str(k): v for k, v in pp_res.items()},
         "tg_tok_s": tg_tok_s, "tg": tg, "ttft_s": ttft, "peak_rss_mb": rss,
         "probe_peak_rss_mb": probe["peak_rss_mb"],
+        "read_probe": "model file pages, in this process, interleaved with the decode rounds"
+        if in_process else "512 MiB buffer in a child process",
         "bytes_per_token": per_tok, "kv_bytes_per_token_avg": kv_bytes,
         "read_gb_s": read, "bw_frac": per_tok * tg_tok_s / (read * 1e9),
+        # the same with the KV cache a step reads too (its mean over the tg steps from 0)
+        "bw_frac_kv": (per_tok + kv_bytes) * tg_tok_s / (read * 1e9),
         "packed_mb": sizes["packed_bytes"] / 1e6, "head_mb": sizes["head_bytes"] / 1e6,
         "fp16_mb": sizes["fp16_bytes"] / 1e6,
         "kv_bits": rt.kv_bits, "kv_alloc_bytes": rt.cache_bytes,
@@ -209,6 +254,7 @@ def model_for_shape(shape: str, layout: str, embedding: str, cache: Path,
 
 def main(argv: list[str] | None = None) -> int:
     from .. import kernels
+    from ..kernels.wisdom import plan_text
 
     ap = argparse.ArgumentParser(prog="onebit bench model", description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -275,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"model {r['model']} ({r['params'] / 1e6:.1f}M params, {r['layout']} weights, "
           f"{r['embedding']} embeddings/head, {r['activation_scheme']} activations, sparse decoding "
-          f"{'on' if r['sparse'] else 'off'}) | {r['isa']}, {threads} threads")
+          f"{'on' if r['sparse'] else 'off'}) | kernels {plan_text(r['kernel_plan'])}, {threads} threads")
     for n, v in r["pp"].items():
         print(f"  pp{n:<5} {v:10.1f} tok/s")
     print(f"  tg{r['tg']:<5} {r['tg_tok_s']:10.1f} tok/s   ttft {r['ttft_s'] * 1000:.1f} ms")
@@ -283,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  tg{r['tg']} @ d{d:<6} {v:10.1f} tok/s")
     print(f"  reads {r['bytes_per_token'] / 1e6:.1f} MB/token (packed weights {r['packed_mb']:.1f}, "
           f"head stored as {r['head_mb']:.1f}) = {r['bw_frac'] * 100:.0f}% of the measured "
-          f"{r['read_gb_s']:.1f} GB/s"
+          f"{r['read_gb_s']:.1f} GB/s ({r['bw_frac_kv'] * 100:.0f}% with the KV cache it reads)"
+          f" (read probe: {r['read_probe']})"
           f" | peak RSS {r['peak_rss_mb']:.0f} MB (fp16 weights alone: {r['fp16_mb']:.0f} MB; child "
           f"processes: bandwidth probe {r['probe_peak_rss_mb']:.0f} MB"
           + (f", random model writer {r['writer_peak_rss_mb']:.0f} MB" if "writer_peak_rss_mb" in r

@@ -447,12 +447,13 @@ def _drop_prefix(pieces: Iterator[str], prefix: str) -> Iterator[str]:
 
 
 def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str | None = None,
-         kv_bits: int | None = None) -> Model:
+         kv_bits: int | None = None, tokenizer: bool = True) -> Model:
     """Load a model for torch-free inference: an onebit packed folder (``onebit export``), or a
     Hugging Face checkpoint folder / GGUF file, converted once (and checked) into the onebit
     cache (formats.convert.cached_import). ``sparse`` / ``activation_scheme`` / ``kv_bits``: see
     ``Runtime`` (default: up_proj row skipping on ReLU² models, column-sparse decoding for a4.8;
-    the trained scheme; the config's KV cache bits)."""
+    the trained scheme; the config's KV cache bits). ``tokenizer=False`` skips the folder's
+    tokenizer.json (token ids only: parsing Llama 3's takes ~190 MB of peak RSS)."""
     folder = Path(path)
     if folder.is_file():
         with open(folder, "rb") as f:
@@ -470,9 +471,9 @@ def load(path: str | Path, *, sparse: bool | None = None, activation_scheme: str
         raise EngineError(f"model path '{folder}' is not a folder; pass a packed model folder "
                           f"written by `onebit export`, a Hugging Face checkpoint folder or a GGUF file")
     runtime = Runtime(folder, sparse=sparse, activation_scheme=activation_scheme, kv_bits=kv_bits)
-    tokenizer = None
-    if (folder / "tokenizer.json").is_file():
+    tokenizer_obj = None
+    if tokenizer and (folder / "tokenizer.json").is_file():
         from ..jsonio import read_tokenizer
 
-        tokenizer = read_tokenizer(folder / "tokenizer.json", EngineError, runtime.config.vocab_size)
-    return Model(runtime, tokenizer)
+        tokenizer_obj = read_tokenizer(folder / "tokenizer.json", EngineError, runtime.config.vocab_size)
+    return Model(runtime, tokenizer_obj)

@@ -171,6 +171,11 @@ class Runtime:
                           f"`onebit eval ppl`); train for a4.8 with --model.activation_scheme=a4.8 "
                           f"--train.a48_switch=0.95", stacklevel=2)
         self.activation_scheme = scheme
+        # per shape class the kernel variant measured fastest on this machine (cached; measured
+        # once, in a child process, if missing): onebit.kernels.wisdom
+        from ..kernels import wisdom
+
+        wisdom.ensure_plan()
         tensors, meta = read_safetensors(folder / "model.safetensors")
         declared = read_declared(folder / "model.safetensors", meta)
         # one source of truth for the layout: each tensor's own declaration, which lin() checks

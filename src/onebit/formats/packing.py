@@ -266,7 +266,8 @@ def _check_scale(scale, name: str) -> float:
 
 def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, float]], layout: str,
                 extra_tensors: dict[str, np.ndarray] | None = None,
-                metadata: dict[str, str] | None = None, packer=None) -> Path:
+                metadata: dict[str, str] | None = None, packer=None,
+                prepacked: dict[str, tuple[np.ndarray, float, int]] | None = None) -> Path:
     """Pack ``{name: (codes int8 [N, K], scale)}`` with ``layout`` and write a safetensors file.
 
     Writes ``{name}.qweight`` (uint8 [N, row_bytes]) and ``{name}.scale`` (float32 [1]) per
@@ -274,7 +275,9 @@ def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, fl
     ``onebit.format_version`` and ``onebit.tensors`` (JSON {name: {"layout", "shape": [N, K]}})
     plus ``metadata``. Atomic: temp file in the same folder, fsync, os.replace. ``packer`` (default
     ``pack``) may be the byte-identical C twin ``onebit.kernels.pack`` for big models.
-    Raises TypeError / ValueError naming the offending tensor or key.
+    ``prepacked`` adds ``{name: (qweight uint8 [N, packed_row_bytes(K)], scale, K)}`` already packed
+    with ``layout`` (a writer that packs as it goes never holds a big model's int8 codes at once;
+    ``tensors`` may then be empty). Raises TypeError / ValueError naming the offending tensor or key.
     """
     from safetensors.numpy import save_file
 
@@ -282,8 +285,17 @@ def save_packed(path: str | os.PathLike, tensors: dict[str, tuple[np.ndarray, fl
     path = Path(path)
     out: dict[str, np.ndarray] = {}
     declared: dict[str, dict] = {}
-    if not isinstance(tensors, dict) or not tensors:
+    if not isinstance(tensors, dict) or not (tensors or prepacked):
         raise ValueError("tensors must be a non-empty dict {name: (codes int8 [N, K], scale)}")
+    for name, item in (prepacked or {}).items():
+        q, scale, k = item
+        if not isinstance(q, np.ndarray) or q.dtype != np.uint8 or q.ndim != 2 \
+                or q.shape[1] != packed_row_bytes(int(k), layout):
+            raise ValueError(f"prepacked tensor {name!r}: expected uint8 [N, {packed_row_bytes(int(k), layout)}] "
+                             f"({layout} rows of {k} weights)")
+        out[name + QWEIGHT_SUFFIX] = np.ascontiguousarray(q)
+        out[name + SCALE_SUFFIX] = np.array([_check_scale(scale, name)], dtype=np.float32)
+        declared[name] = {"layout": layout, "shape": [int(q.shape[0]), int(k)]}
     for name, item in tensors.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")

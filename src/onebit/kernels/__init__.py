@@ -37,14 +37,15 @@ from ..formats.packed_model import pack_i4
 from ..formats.packing import _check_codes
 
 __all__ = ["quantize_act_i8", "gemm", "linear", "linear_i8", "linear_i4", "pack_i4", "linear_f16", "attention", "kv_quantize", "kv_dequantize", "validate", "pack", "unpack", "isa", "available_isas", "use",
-           "set_num_threads", "get_num_threads", "threads", "read_probe", "glu", "VARIANTS"]
+           "set_num_threads", "get_num_threads", "threads", "read_probe", "glu", "VARIANTS", "plan",
+           "tune", "apply_plan", "isa_for"]
 
-VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni")  # slowest to fastest; what a build may contain
+VARIANTS = ("reference", "neon", "avx2", "avx2_lut", "avx512vnni", "avx512vnni_zmm")  # what a build may contain
 _LAYOUT_ID = {"i2": 0, "t1_6": 1}
 _ERRORS = {-1: "a required pointer is NULL", -2: "a size is < 1", -3: "a row stride is < k",
            -4: "invalid code", -5: "unknown or unsupported variant", -6: "out of memory",
            -7: "non-finite value", -8: "a weight buffer's length does not match its sizes"}
-_ABI_VERSION = 14  # OB_ABI_VERSION
+_ABI_VERSION = 15  # OB_ABI_VERSION
 _MAX_K = 1 << 24  # OB_MAX_K: int32 accumulators are exact up to here
 _lib_handle: ctypes.CDLL | None = None
 
@@ -108,6 +109,9 @@ def _lib() -> ctypes.CDLL:
         "ob_isa_supported": (i32, [ctypes.c_char_p]),
         "ob_set_isa": (i32, [ctypes.c_char_p]),
         "ob_abi_version": (i32, []),
+        "ob_isa_class_for_m": (i32, [i64]),
+        "ob_set_isa_class": (i32, [i32, ctypes.c_char_p]),
+        "ob_isa_class": (ctypes.c_char_p, [i32]),
         "ob_pack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_unpack": (i32, [p, i64, i64, i64, i32, p]),
         "ob_read_probe": (ctypes.c_uint64, [p, i64, i32]),
@@ -151,6 +155,34 @@ def isa() -> str:
     return _lib().ob_isa().decode()
 
 
+def plan() -> dict[str, str]:
+    """The variant each shape class of the ternary GEMM runs now: {"gemv", "gemm8", "gemm128",
+    "gemm512"} -> name (onebit.kernels.wisdom: kernel choice by measurement)."""
+    from .wisdom import plan as _plan
+
+    return _plan()
+
+
+def isa_for(m: int) -> str:
+    """The variant an ``m``-row ternary GEMM runs now (its shape class's choice)."""
+    lib = _lib()
+    return lib.ob_isa_class(lib.ob_isa_class_for_m(int(m))).decode()
+
+
+def tune(force: bool = False) -> dict[str, str]:
+    """This machine's per-class kernel choice: cached, else measured once (wisdom.tune)."""
+    from .wisdom import tune as _tune
+
+    return _tune(force=force)
+
+
+def apply_plan(p: dict[str, str] | None) -> None:
+    """Run each shape class with the variant ``p`` names (None: all follow ``isa()``)."""
+    from .wisdom import apply_plan as _apply
+
+    _apply(p)
+
+
 def available_isas() -> list[str]:
     """Variants this build has and this CPU runs, slowest ("reference") first."""
     return _supported(_lib())
@@ -171,11 +203,15 @@ def use(impl: str) -> Iterator[str]:
         warnings.warn(f"kernel variant {impl!r} does not run on this CPU (available: "
                       f"{_supported(lib)}); using the scalar reference", stacklevel=3)
         impl = "reference"
-    _check_status(lib.ob_set_isa(impl.encode()), "use")
+    _check_status(lib.ob_set_isa(impl.encode()), "use")  # every shape class runs impl
     try:
         yield impl
     finally:
         lib.ob_set_isa(prev)
+        from . import wisdom
+
+        if wisdom.applied_plan() is not None:  # the per-class plan the block overrode
+            wisdom.apply_plan(wisdom.applied_plan())
 
 
 def set_num_threads(n: int) -> None:

@@ -19,11 +19,16 @@ static const ob_variant VARIANTS[] = {
      * Tiger Lake model: scripts/check_avx512.sh), never on real hardware, and its speed is
      * unmeasured; chosen by CPU detection wherever AVX-512 F/BW/VL/VNNI are present. */
     {"avx512vnni", {ob_avx512vnni_gemm_i2, ob_avx512vnni_gemm_t1_6}, 1},
+    /* vpdpbusd on 512-bit vectors (x86.c): 12x32 GEMM register tile, broadcast i2 row kernel */
+    {"avx512vnni_zmm", {ob_avx512vnni_zmm_gemm_i2, ob_avx512vnni_zmm_gemm_t1_6}, 1},
 #endif
 };
 #define N_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))
 
 static const ob_variant *g_active = NULL; /* set at first use; not synchronised (see header) */
+/* Per shape class (ob_isa_class_for_m) the variant a measurement chose (ob_set_isa_class), or
+ * NULL: the class follows g_active. ob_set_isa clears them all. */
+static const ob_variant *g_class[OB_ISA_CLASSES];
 
 static int cpu_runs(const char *name) {
     if (strcmp(name, "reference") == 0) return 1;
@@ -33,7 +38,7 @@ static int cpu_runs(const char *name) {
 #ifdef OB_HAVE_X86
     __builtin_cpu_init();
     if (strcmp(name, "avx2") == 0 || strcmp(name, "avx2_lut") == 0) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (strcmp(name, "avx512vnni") == 0)
+    if (strcmp(name, "avx512vnni") == 0 || strcmp(name, "avx512vnni_zmm") == 0)
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512vnni");
@@ -69,16 +74,41 @@ static const ob_variant *active(void) {
 int ob_isa_supported(const char *name) { return name && find(name) && cpu_runs(name); }
 
 int ob_set_isa(const char *name) {
-    if (!name || !*name) {
-        g_active = best();
-        return OB_OK;
-    }
-    if (!ob_isa_supported(name)) return OB_ERR_ISA;
-    g_active = find(name);
+    if (name && *name && !ob_isa_supported(name)) return OB_ERR_ISA;
+    g_active = name && *name ? find(name) : best();
+    for (int c = 0; c < OB_ISA_CLASSES; c++) g_class[c] = NULL;
     return OB_OK;
 }
 
 const char *ob_isa(void) { return active()->name; }
+
+int ob_isa_class_for_m(int64_t m) {
+    return m < OB_XT_MIN_M ? OB_ISA_GEMV : m < 32 ? OB_ISA_GEMM_S : m < 256 ? OB_ISA_GEMM_M : OB_ISA_GEMM_L;
+}
+
+int ob_set_isa_class(int cls, const char *name) {
+    if (cls < 0 || cls >= OB_ISA_CLASSES) return OB_ERR_SIZE;
+    if (name && *name && !ob_isa_supported(name)) return OB_ERR_ISA;
+    g_class[cls] = name && *name ? find(name) : NULL;
+    return OB_OK;
+}
+
+const char *ob_isa_class(int cls) {
+    if (cls < 0 || cls >= OB_ISA_CLASSES) return NULL;
+    return g_class[cls] ? g_class[cls]->name : active()->name;
+}
+
+/* the variant of an m-row ternary GEMM: its class's choice, else the process-wide one */
+static const ob_variant *variant_for(int64_t m) {
+    const ob_variant *v = g_class[ob_isa_class_for_m(m)];
+    return v ? v : active();
+}
+
+#ifdef OB_HAVE_X86
+/* the x86 SIMD helpers (quantizer, int8/4-bit/fp16 heads) run under every x86 variant but the
+ * reference */
+static int x86_simd(void) { return strcmp(active()->name, "reference") != 0; }
+#endif
 int ob_abi_version(void) { return OB_ABI_VERSION; }
 
 int64_t ob_packed_row_bytes(int64_t k, int layout) {
@@ -94,8 +124,7 @@ int ob_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx, const 
     if (ldx < k) return OB_ERR_STRIDE;
     if (norm_weight && !(isfinite(norm_eps) && norm_eps >= 0.0f)) return OB_ERR_VALUE;
 #ifdef OB_HAVE_X86
-    const char *isa = active()->name;
-    if (strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0)
+    if (x86_simd())
         return ob_avx2_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
 #endif
     return ob_ref_quantize_act_i8(x, m, k, ldx, norm_weight, norm_eps, out, out_scale);
@@ -144,11 +173,16 @@ static void gemm_task(void *ctx, int t, int nt) {
             if (lo >= hi) continue;
             int s = J->v->gemm[J->layout](a, lo, hi);
             if (s != OB_OK) st = s;
-            else if (J->out[g])
+            else if (J->out[g]) /* acc may be out itself (linear): converted in place */
                 for (int64_t r = 0; r < a->m; r++) {
                     const int32_t *acc = a->acc + r * a->ldc;
                     float *o = J->out[g] + r * a->n, xs = J->x_scale[r];
-                    for (int64_t j = lo; j < hi; j++) o[j] = (float)acc[j] * J->w_scale[g] * xs;
+                    for (int64_t j = lo; j < hi; j++) {
+                        int32_t v; /* memcpy: the same bytes read as int32, written as float */
+                        memcpy(&v, acc + j, sizeof v);
+                        float f = (float)v * J->w_scale[g] * xs;
+                        memcpy(o + j, &f, sizeof f);
+                    }
                 }
         }
     }
@@ -204,7 +238,7 @@ static int run_gemm_multi(int layout, int nseg, const uint8_t *const *w, const i
     }
     job_t J;
     memset(&J, 0, offsetof(job_t, status));
-    J.v = active();
+    J.v = variant_for(m);
     J.layout = layout;
     J.nseg = nseg;
     J.x_scale = x_scale;
@@ -244,15 +278,14 @@ static int gemm(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t
     return run_gemm(layout, w, n, k, x, m, ldx, acc, 0.0f, NULL, NULL, 1);
 }
 
+/* The int32 accumulators of a linear live in its float output (same size, same row stride): each
+ * thread converts its own columns in place once they are summed, so a prefill's projections need
+ * no m x n scratch besides their outputs (2B4T gate+up at 512 tokens: 28 MB). */
 static int linear(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x, int64_t m,
                   int64_t ldx, float w_scale, const float *x_scale, float *out, int check) {
     if (!x_scale || !out) return OB_ERR_NULL;
     if (n < 1 || m < 1) return OB_ERR_SIZE;
-    int32_t *acc = (int32_t *)malloc((size_t)(m * n) * sizeof(int32_t));
-    if (!acc) return OB_ERR_NOMEM;
-    int st = run_gemm(layout, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, check);
-    free(acc);
-    return st;
+    return run_gemm(layout, w, n, k, x, m, ldx, (int32_t *)(void *)out, w_scale, x_scale, out, check);
 }
 
 /* the public packed-weight entry points check the buffer's length first (ob_check_packed) */
@@ -288,20 +321,13 @@ int ob_linear_multi_unchecked(int layout, int nseg, const uint8_t *const *w, con
     if (layout != OB_LAYOUT_I2 && layout != OB_LAYOUT_T1_6) return OB_ERR_SIZE;
     if (!x_scale || !out || !w_scale || !n) return OB_ERR_NULL;
     if (nseg < 1 || nseg > OB_MAX_SEG || m < 1) return OB_ERR_SIZE;
-    int64_t total = 0;
     for (int g = 0; g < nseg; g++) {
         if (!out[g]) return OB_ERR_NULL;
         if (n[g] < 1) return OB_ERR_SIZE;
-        total += n[g];
     }
-    int32_t *buf = (int32_t *)malloc((size_t)(m * total) * sizeof(int32_t));
-    if (!buf) return OB_ERR_NOMEM;
-    int32_t *acc[OB_MAX_SEG];
-    int64_t off = 0;
-    for (int g = 0; g < nseg; off += m * n[g], g++) acc[g] = buf + off;
-    int st = run_gemm_multi(layout, nseg, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, 0);
-    free(buf);
-    return st;
+    int32_t *acc[OB_MAX_SEG]; /* in the outputs, as linear() */
+    for (int g = 0; g < nseg; g++) acc[g] = (int32_t *)(void *)out[g];
+    return run_gemm_multi(layout, nseg, w, n, k, x, m, ldx, acc, w_scale, x_scale, out, 0);
 }
 
 int ob_linear_unchecked(int layout, const uint8_t *w, int64_t n, int64_t k, const int8_t *x,
@@ -369,6 +395,10 @@ static void i8_task(void *ctx, int t, int nt) {
     int64_t j0 = t * per, j1 = j0 + per < n ? j0 + per : n;
     if (j0 >= j1) return;
 #ifdef OB_HAVE_X86
+    if (J->simd == 2) {
+        ob_zmm_linear_i8(&J->a, j0, j1);
+        return;
+    }
     if (J->simd) {
         ob_avx2_linear_i8(&J->a, j0, j1);
         return;
@@ -387,9 +417,11 @@ int ob_linear_i8(const int8_t *w, int64_t w_bytes, const float *w_scale, int64_t
     for (int64_t r = 0; r < m; r++)
         for (int64_t e = 0; e < k; e++)
             if (x[r * ldx + e] == -128) return OB_ERR_VALUE;
-    const char *isa = active()->name;
-    i8_job_t J = {{w, w_scale, n, k, x, m, ldx, x_scale, out},
-                  strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0};
+    i8_job_t J = {{w, w_scale, n, k, x, m, ldx, x_scale, out}, 0};
+#ifdef OB_HAVE_X86
+    /* exact integers either way: the m-row class's variant picks the zmm kernel */
+    J.simd = strcmp(variant_for(m)->name, "avx512vnni_zmm") == 0 ? 2 : x86_simd();
+#endif
     int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     ob_parallel(i8_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
     return OB_OK;
@@ -429,9 +461,10 @@ int ob_linear_i4(const uint8_t *w, int64_t w_bytes, const float *w_scale, int64_
             }
         memcpy(xp + r * kp, x + r * ldx, (size_t)k);
     }
-    const char *isa = active()->name;
-    i8_job_t J = {{(const int8_t *)w, w_scale, n, k, xp, m, kp, x_scale, out},
-                  strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0};
+    i8_job_t J = {{(const int8_t *)w, w_scale, n, k, xp, m, kp, x_scale, out}, 0};
+#ifdef OB_HAVE_X86
+    J.simd = x86_simd();
+#endif
     int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     ob_parallel(i4_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));
     free(xp);

@@ -100,6 +100,9 @@ int ob_avx2_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx512vnni_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx512vnni_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
+/* the same on 512-bit vectors (x86.c; AVX-512 F/BW/VL/VNNI) */
+int ob_avx512vnni_zmm_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
+int ob_avx512vnni_zmm_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
 /* lookup-table family (lut.c): T-MAC / bitnet.cpp TL-style, selected by name "avx2_lut" */
 int ob_avx2lut_gemm_i2(const ob_gemm_args *a, int64_t j0, int64_t j1);
 int ob_avx2lut_gemm_t1_6(const ob_gemm_args *a, int64_t j0, int64_t j1);
@@ -107,6 +110,7 @@ uint64_t ob_avx2_read_sum(const uint8_t *p, int64_t bytes); /* sum of the 64-bit
 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1);
 void ob_avx2_linear_f16(const ob_f16_args *a, int64_t j0, int64_t j1);
 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1);
+void ob_zmm_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1); /* avx512vnni_zmm */
 int ob_avx2_quantize_act_i4(const float *x, int64_t m, int64_t k, int64_t ldx,
                             const float *norm_weight, float norm_eps, int8_t *out, float *out_scale);
 int ob_avx2_quantize_act_i8(const float *x, int64_t m, int64_t k, int64_t ldx,

@@ -11,9 +11,9 @@
  * tensor is only that long); the sizes n, k (and the layout) must make exactly that many bytes, else
  * OB_ERR_BUFFER before any weight byte is read, so a file whose header disagrees with its sizes
  * cannot make a kernel read past the buffer.
- * Variants ("reference", "avx2", "avx512vnni") give bit-identical integer results; the variant is
- * chosen once, at first use, by CPU detection (avx512vnni where the CPU has AVX-512 F/BW/VL/VNNI:
- * verified under emulation by scripts/check_avx512.sh, never timed), or forced with the environment variable
+ * Variants ("reference", "avx2", "avx512vnni", "avx512vnni_zmm") give bit-identical integer
+ * results; the variant is chosen once, at first use, by CPU detection (the last of VARIANTS in
+ * dispatch.c the CPU runs), per shape class by ob_set_isa_class, or forced with the environment variable
  * ONEBIT_KERNELS=<name> (read in C at that first use; a name this build or CPU cannot run selects
  * "reference") or ob_set_isa().
  * Not thread-safe to call ob_set_isa while kernels run; the kernels themselves are reentrant.
@@ -33,7 +33,7 @@ extern "C" {
 #define OB_API __attribute__((visibility("default")))
 #endif
 
-#define OB_ABI_VERSION 14
+#define OB_ABI_VERSION 15
 
 enum {
     OB_OK = 0,
@@ -266,8 +266,19 @@ OB_API uint64_t ob_read_probe(const uint8_t *buf, int64_t bytes, int nthreads);
  * gives the same floats. OB_ERR_NULL / OB_ERR_SIZE (n < 0). */
 OB_API int ob_glu(float *g, const float *u, int64_t n, int relu2);
 
-/* The variant in use ("reference", "avx2", "avx512vnni"); static string. */
+/* The variant in use ("reference", "avx2", "avx512vnni", "avx512vnni_zmm", ...); static string. */
 OB_API const char *ob_isa(void);
+/* Kernel choice per shape class of the ternary GEMM (ob_gemm_*, ob_linear_*, the layers): the
+ * number of activation rows m picks the class (ob_isa_class_for_m: m < 8 GEMV/row kernels, 8-31,
+ * 32-255, >= 256), and ob_set_isa_class(cls, name) makes that class run variant `name` (NULL or
+ * "": follow ob_isa again; OB_ERR_ISA if unknown or unsupported, OB_ERR_SIZE for a bad class).
+ * Every variant gives the same integers, so this only moves speed; the Python side sets it from
+ * a per-machine measurement (onebit.kernels.tune). ob_set_isa clears every class.
+ * ob_isa_class(cls): the variant that class runs now (NULL for a bad class). */
+enum { OB_ISA_GEMV = 0, OB_ISA_GEMM_S = 1, OB_ISA_GEMM_M = 2, OB_ISA_GEMM_L = 3, OB_ISA_CLASSES = 4 };
+OB_API int ob_isa_class_for_m(int64_t m);
+OB_API int ob_set_isa_class(int cls, const char *name);
+OB_API const char *ob_isa_class(int cls);
 /* 1 if this build has variant `name` and the CPU runs it, else 0. */
 OB_API int ob_isa_supported(const char *name);
 /* Force a variant (NULL or "" = auto-detect again). OB_ERR_ISA if unknown or unsupported. */

@@ -14,8 +14,7 @@
 
 static int use_avx2(void) {
 #ifdef OB_HAVE_X86
-    const char *isa = ob_isa();
-    return strcmp(isa, "avx2") == 0 || strcmp(isa, "avx2_lut") == 0 || strcmp(isa, "avx512vnni") == 0;
+    return strcmp(ob_isa(), "reference") != 0; /* every x86 variant has AVX2 */
 #else
     return 0;
 #endif
