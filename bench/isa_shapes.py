@@ -16,7 +16,6 @@ shared, noisy machine. Every variant's result is checked against the baseline's 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
                 want = None
                 for v in isas:
                     K._lib().ob_set_isa(v.encode())
-                    assert fn(ptrs[0], n, k, x.ctypes.data, m, k, acc.ctypes.data) == 0
+                    assert fn(ptrs[0], w.nbytes, n, k, x.ctypes.data, m, k, acc.ctypes.data) == 0
                     if want is None:
                         want = acc.copy()
                     elif not np.array_equal(acc, want):
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
                     def call():
                         p = ptrs[it[0] % len(ptrs)]
                         it[0] += 1
-                        return fn(p, n, k, x.ctypes.data, m, k, acc.ctypes.data)
+                        return fn(p, w.nbytes, n, k, x.ctypes.data, m, k, acc.ctypes.data)
 
                     batch = {}
                     for v in isas:  # size the batches

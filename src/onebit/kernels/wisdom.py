@@ -137,7 +137,7 @@ def _measure(lib, rounds: int, sample_s: float, seed: int) -> dict:
             def call() -> None:
                 p = ptrs[state[0] % len(ptrs)]
                 state[0] += 1
-                st = lib.ob_gemm_i2(p, n, k, x.ctypes.data, m, k, acc.ctypes.data)
+                st = lib.ob_gemm_i2(p, w.nbytes, n, k, x.ctypes.data, m, k, acc.ctypes.data)
                 if st:
                     raise RuntimeError(f"ob_gemm_i2 failed (status {st}) while tuning")
 
