@@ -272,6 +272,26 @@ def test_finetune_export_is_checked_before_training(run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_another_ranks_tokenizer_write_in_flight_is_a_run(tmp_path):
+    """Under torchrun every finetune rank writes out_dir/source_tokenizer.json (atomically, the same
+    bytes): rank 0's check may see rank 1's temp of it, alone or beside the finished file (CI
+    caught rank 0 refusing its own out_dir this way)."""
+    out = tmp_path / "ft"
+    out.mkdir()
+    live = f".source_tokenizer.json.tmp.{os.getpid()}.0123abcd"
+    (out / live).write_text("{}")
+    assert onebit_output(out) == "run"
+    assert check_destination(out, "run", label="train.out_dir") == []
+    (out / "source_tokenizer.json").write_text("{}")
+    assert onebit_output(out) == "run"
+    assert check_destination(out, "run", label="train.out_dir") == []
+    assert (out / live).exists()  # a live writer's temp is left alone
+    (out / ".notes.txt.tmp.1.0123abcd").write_text("x")  # a temp of something a run never writes
+    assert onebit_output(out) is None
+    with pytest.raises(DestinationError, match="not an onebit run"):
+        check_destination(out, "run", label="train.out_dir")
+
+
 # --------------------------------------------------------------------------------------------
 # Leftovers of killed writes, modes, unwritable destinations
 # --------------------------------------------------------------------------------------------

@@ -211,6 +211,12 @@ _LEGACY_TEXT = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}$")
 _OLD = re.compile(r"^\.(?P<name>.+)\.old$")
 
 
+def temp_target(name: str) -> str | None:
+    """The final name a temp entry ``name`` (``.X.tmp.PID.HEX``) is being written for, else None."""
+    m = _TEMP.match(name)
+    return m["name"] if m else None
+
+
 def _alive(pid: int) -> bool:
     if os.name != "posix":
         return True  # no cheap liveness test: keep it

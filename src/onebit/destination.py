@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import DestinationError, clean_stale, write_error
+from .atomic import DestinationError, clean_stale, temp_target, write_error
 
 __all__ = ["DestinationError", "MODEL_FILES", "RUN_ENTRIES", "check_destination", "onebit_output"]
 
@@ -80,8 +80,12 @@ def onebit_output(path: str | Path) -> str | None:
     entries = list(p.iterdir())
     names = {e.name for e in entries}
     run_cfg = _json(p / "run_config.json") if "run_config.json" in names else None
-    if isinstance(run_cfg, dict) and "onebit_version" in run_cfg or names == {"source_tokenizer.json"}:
-        return "run"  # (finetune writes source_tokenizer.json before the run starts)
+    # finetune writes source_tokenizer.json before the run starts; under torchrun every rank writes
+    # it (atomically, the same bytes), so another rank's temp of a run entry may be there too
+    in_flight = {n for n in names if temp_target(n) in RUN_ENTRIES}
+    if isinstance(run_cfg, dict) and "onebit_version" in run_cfg or names - in_flight in (
+            {"source_tokenizer.json"}, set()):
+        return "run"
     meta = _safetensors_meta(p / "model.safetensors")
     if meta.get("format") == "onebit":  # checkpoint.write_model_files
         return "checkpoint"
