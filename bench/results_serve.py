@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "onebit", "bench", "serve", "--json", "--tg", str(args.tg),
            "--prompt", str(args.prompt), "--rounds", str(args.rounds), "--streams", args.streams,
            "--shapes", args.shapes] + (["--threads", str(args.threads)] if args.threads else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)  # progress on stderr
+    if out.returncode != 0:
+        print(f"results_serve: {' '.join(cmd)} failed (exit {out.returncode}); its output is above",
+              file=sys.stderr)
+        return out.returncode
     res = json.loads(out.stdout.strip().splitlines()[-1])
     rows, tg = res["rows"], res["targets"]
     lines = [f"Reproduce: `.venv/bin/python bench/results_serve.py` (runs `onebit bench serve --json "

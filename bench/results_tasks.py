@@ -84,7 +84,7 @@ def engine_path(row: dict) -> tuple[str, Path]:
     from onebit.formats.convert import convert, detect_format
 
     p = row["path"]
-    if p == "gguf-roundtrip":  # row["source"]: a packed model whose rows fit TQ2_0's 256-blocks
+    if p == "gguf-roundtrip":  # row["source"]: a packed model (rows that are no multiple of 256 go F16)
         back = WORK / f"gguf-roundtrip-{Path(row['source']).name}"
         if not (back / "config.json").is_file():
             WORK.mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,16 @@ def quality(args) -> dict:
                                f"--gguf-source with a packed model whose hidden and FFN sizes are "
                                f"multiples of 256)")
                 continue
-            row["label"] = f"{Path(row['source']).name} → GGUF TQ2_0 → onebit"
+            import collections
+
+            import gguf as gguf_py
+
+            kinds = collections.Counter(t.tensor_type.name for t in gguf_py.GGUFReader(
+                WORK / f"{Path(row['source']).name}-tq2_0.gguf").tensors if t.name.endswith(".weight")
+                and t.name.startswith("blk.") and "norm" not in t.name)
+            # projections whose rows are no multiple of 256 go F16 (exactly -1/0/+1, a scale beside)
+            how = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+            row["label"] = f"{Path(row['source']).name} → GGUF ({how} projections) → onebit"
         else:
             backend, path = engine_path(row)
         rep = evaluate_tasks(load_scorer(path, backend), args.tasks, limit=args.limit,

@@ -143,3 +143,76 @@ def test_task_data_folder_from_metadata(tiny, tmp_path):
 def test_entry_point_names_the_model_class():
     eps = importlib.metadata.entry_points(group="lm_eval.models")
     assert [e.load() for e in eps if e.name == "onebit"] == [OnebitLM]
+
+
+def _serve(folder):
+    """`onebit serve --model folder` on a free loopback port: (process, base url)."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "onebit", "serve", "--model", str(folder), "--port",
+                             str(port), "--parallel", "4"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"onebit serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("onebit serve did not become healthy in 60 s")
+
+
+def test_lm_eval_local_completions_against_onebit_serve_agrees(tiny, task_manager):
+    """lm-eval's `local-completions` backend (token-id prompts, echo + prompt logprobs, 16 prompts
+    per request) against `onebit serve` scores every choice as `onebit eval tasks` does; and its
+    remote-tokenizer mode finds the server's vLLM-style /tokenizer_info + /tokenize."""
+    pytest.importorskip("fastapi", reason="onebit serve needs fastapi (pip install 'onebit[serve]')")
+    import httpx
+    from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
+
+    proc, url = _serve(tiny["packed"])
+    try:
+        name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        # the tokenizer: the HF export's (transformers' AutoTokenizer), BOS added as the model's
+        # convention says, as for the hf backend above
+        res = _lm_eval("local-completions",
+                       f"base_url={url}/v1/completions,model={name},tokenizer_backend=huggingface,"
+                       f"tokenizer={tiny['hf']},add_bos_token=True,max_length=256,max_retries=1,"
+                       f"num_concurrent=1", task_manager)
+        ours = evaluate_tasks(load_scorer(tiny["packed"]), "all", limit=LIMIT, data_dir=EVAL,
+                              show_progress=False, keep_samples=True)
+        for task, spec in TASKS.items():
+            mine = [s["lls"] for s in ours["tasks"][task]["samples"]]
+            theirs = _lls(res, task)
+            # the same engine, tokens and per-token logprobs; lm-eval sums the continuation's
+            # token logprobs itself, in its own order (measured: <= 1.2e-13 apart)
+            np.testing.assert_allclose(theirs, mine, rtol=0, atol=1e-9, err_msg=task)
+            assert [int(np.argmax(a)) for a in theirs] == [int(np.argmax(a)) for a in mine], task
+            for metric in spec.metrics:
+                assert res["results"][f"onebit_{task}"][f"{metric},none"] == ours["tasks"][task][metric]
+
+        # no local tokenizer at all: lm-eval's auto mode detects the server's tokenizer endpoints
+        assert check_remote_tokenizer_support(url + "/v1/completions")
+        import onebit
+
+        m = onebit.load(tiny["packed"])
+        rt = RemoteTokenizer(url + "/v1/completions")
+        text = "Once upon a time there was a fox."
+        assert rt.encode(text) == m.encode(text, add_bos=False)
+        assert rt.decode(m.encode(text, add_bos=False)) == text
+        assert (rt.bos_token_id, rt.eos_token_id) == (m.bos_id, m.eos_id)
+        assert rt.tokenizer_info["model_max_length"] == 256
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.returncode in (0, -15), proc.stdout.read()

@@ -353,3 +353,24 @@ def test_chat_page_in_headless_chromium(server):
             time.sleep(0.1)
     finally:
         drv.quit()
+
+
+def test_bench_serve_reads_sse_lines_at_newlines_only():
+    """`onebit bench serve` splits llama-server's SSE stream at "\\n" only: its JSON strings carry
+    U+2028 / U+0085 unescaped, where httpx's iter_lines() would cut a line (the benchmark died
+    with a JSONDecodeError at 16 streams on random weights)."""
+    import json as json_
+
+    from onebit.benchmarks.serve import sse_lines
+
+    events = [{"choices": [{"text": "a\u2028b\x85c\u2029d\x1ce"}]}, {"choices": [{"text": "é✓"}]}]
+    data = "".join(f"data: {json_.dumps(e, ensure_ascii=False)}\r\n\n" for e in events) + "data: [DONE]"
+    raw = data.encode()
+
+    class Response:
+        def iter_bytes(self):  # cut anywhere, also inside a UTF-8 sequence
+            for i in range(0, len(raw), 5):
+                yield raw[i:i + 5]
+
+    lines = [x for x in sse_lines(Response()) if x]
+    assert [json_.loads(x[6:]) for x in lines[:2]] == events and lines[2] == "data: [DONE]"

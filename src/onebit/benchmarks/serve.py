@@ -143,6 +143,20 @@ class Server:
             self.proc.wait()
 
 
+def sse_lines(r):
+    """The lines of an SSE response, split at "\n" only: httpx's iter_lines() also splits at
+    U+2028, U+0085 and the other str.splitlines() boundaries, which llama-server leaves unescaped
+    inside its JSON strings (random weights emit such tokens)."""
+    buf = b""
+    for chunk in r.iter_bytes():
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 def _stream_one(url: str, prompt: list[int], tg: int) -> dict:
     import httpx
 
@@ -153,7 +167,7 @@ def _stream_one(url: str, prompt: list[int], tg: int) -> dict:
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:300]!r}")
-        for line in r.iter_lines():
+        for line in sse_lines(r):
             if not line.startswith("data: {"):
                 continue
             msg = json.loads(line[6:])

@@ -4,7 +4,8 @@
     serve(ServeConfig(model="packed/demo", port=8000, parallel=8))
 
 Endpoints: /v1/chat/completions, /v1/completions (echo + prompt logprobs), /v1/models, /health,
-/metrics (Prometheus), /tokenize, /detokenize, and a web chat page at /. Needs the ``serve``
+/metrics (Prometheus), /tokenize, /detokenize, /tokenizer_info (vLLM's: lm-eval's local-completions
+tokenizes through it), and a web chat page at /. Needs the ``serve``
 extra: ``pip install 'onebit[serve]'``.
 """
 

@@ -185,6 +185,18 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
             ids = model.encode(text, add_bos=req.add_special_tokens) if tok else []
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
 
+    @app.get("/tokenizer_info", dependencies=[Depends(auth)])
+    async def tokenizer_info():
+        """vLLM's endpoint: lm-eval's ``local-completions`` finds it (with /tokenize) and tokenizes
+        through the server, so no local copy of the tokenizer is needed."""
+        tok = _tokenizer(model)
+        n = tok.get_vocab_size(with_added_tokens=True)
+        name = lambda i: tok.id_to_token(i) if isinstance(i, int) and 0 <= i < n else None  # noqa: E731
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name(model.bos_id),
+                "eos_token": name(model.eos_id), "pad_token": None, "unk_token": None,
+                "add_bos_token": model.bos_convention.add_bos, "model_max_length": engine.max_len,
+                "vocab_size": engine.vocab_size, "chat_template": model.chat_template}
+
     @app.post("/detokenize", dependencies=[Depends(auth)])
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
@@ -259,7 +271,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None,
 
 
 _ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-           "/tokenize", "/detokenize"}
+           "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def _tokenizer(model):
