@@ -62,7 +62,7 @@ def test_gemm_exact(impl, layout, m, k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("m", [3, 13])  # row kernels; panel GEMM with whole and edge tiles
+@pytest.mark.parametrize("m", [3, 13, 20])  # row kernels (m < 16); panel GEMM with whole and edge tiles
 def test_gemm_extremes_and_strided_rows(impl, layout, m):
     # |sum| = 128 * 6912 needs int32; every product at the int8 edge, so the int16 partial sums
     # of the SIMD kernels reach their bound; x rows strided (ldx > k); 20 weight rows fill a
