@@ -172,7 +172,9 @@ def test_c_pack_matches_numpy():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_i8_exact(impl):
     rng = np.random.default_rng(4)
-    for m, n, k in ((1, 1, 1), (1, 7, 33), (3, 9, 64), (3, 64, 100), (2, 1000, 2560)):
+    # m = 8 and 37: a batched step's rows, in groups of 16 per weight row (OB_HEAD_ROWS) and a tail
+    for m, n, k in ((1, 1, 1), (1, 7, 33), (3, 9, 64), (3, 64, 100), (2, 1000, 2560), (8, 65, 2560),
+                    (37, 9, 130)):
         w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
         x = rng.integers(-127, 128, size=(m, k), dtype=np.int8)
         x[0, :3] = 127
@@ -267,13 +269,16 @@ def test_validate_and_unchecked_linear(impl, layout):
 def test_linear_f16(impl):
     rng = np.random.default_rng(6)
     specials = np.array([0.0, -0.0, 6.1e-5, 5.96e-8, -3.0e-6, 65504.0, 1.0], np.float16)  # subnormals
-    for m, n, k in ((1, 1, 1), (1, 9, 37), (3, 70, 300), (2, 500, 2560)):
+    for m, n, k in ((1, 1, 1), (1, 9, 37), (3, 70, 300), (2, 500, 2560), (37, 21, 300)):
         w = (rng.standard_normal((n, k)) * 0.05).astype(np.float16)
         w[0, :min(k, specials.size)] = specials[:min(k, specials.size)]
         x = rng.standard_normal((m, k)).astype(np.float32)
         want = x.astype(np.float64) @ w.astype(np.float64).T
         with K.use(impl):
             got = K.linear_f16(w, x)
+            # batch invariance: each row's floats are those of the row alone (the batched engine)
+            for r in (0, m // 2, m - 1):
+                np.testing.assert_array_equal(got[r], K.linear_f16(w, x[r:r + 1])[0])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.sqrt(k) * 70)
     # every one of the 65536 half values converts exactly (k = 1, x = 1): subnormals, inf, NaN
     halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 1)
@@ -285,7 +290,7 @@ def test_linear_f16(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_i4_exact(impl):
     rng = np.random.default_rng(14)
-    for m, n, k in ((1, 1, 1), (1, 5, 63), (2, 33, 64), (3, 70, 200), (2, 300, 2560)):
+    for m, n, k in ((1, 1, 1), (1, 5, 63), (2, 33, 64), (3, 70, 200), (2, 300, 2560), (37, 9, 200)):
         q = rng.integers(-8, 8, size=(n, k), dtype=np.int8)
         q[0, 0] = -8
         x = rng.integers(-127, 128, size=(m, k), dtype=np.int8)

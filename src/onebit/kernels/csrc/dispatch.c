@@ -419,8 +419,9 @@ int ob_linear_i8(const int8_t *w, int64_t w_bytes, const float *w_scale, int64_t
             if (x[r * ldx + e] == -128) return OB_ERR_VALUE;
     i8_job_t J = {{w, w_scale, n, k, x, m, ldx, x_scale, out}, 0};
 #ifdef OB_HAVE_X86
-    /* exact integers either way: the m-row class's variant picks the zmm kernel */
-    J.simd = strcmp(variant_for(m)->name, "avx512vnni_zmm") == 0 ? 2 : x86_simd();
+    /* exact integers either way: an AVX-512 VNNI variant for the m-row class (both need the same
+     * CPU features: F/BW/VL/VNNI) runs the zmm kernel (m = 8 on Zen 4: 50 vs 64 ms with AVX2) */
+    J.simd = strncmp(variant_for(m)->name, "avx512vnni", 10) == 0 ? 2 : x86_simd();
 #endif
     int64_t work = n * k * m, want = work / OB_MIN_WORK_PER_THREAD;
     ob_parallel(i8_task, &J, want < 1 ? 1 : (want > 256 ? 256 : (int)want));

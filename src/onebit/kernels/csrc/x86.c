@@ -658,6 +658,12 @@ DEFINE_ZGEMM(ob_avx512vnni_zmm_gemm_i2, panel_i2_avx2, OB_I2_BLOCK, I2_BAD, retu
 DEFINE_ZGEMM(ob_avx512vnni_zmm_gemm_t1_6, panel_t16_avx2, OB_T1_6_BLOCK, T16_BAD,
              return ob_avx512vnni_gemm_t1_6(a, j0, j1))
 
+/* The LM-head kernels (int8, 4-bit, float16) take the activation rows in groups of OB_HEAD_ROWS
+ * inside the loop over weight rows: a batched decode step's 8-16 rows share each weight row read
+ * from memory (rows outermost, the whole head was streamed once per row). Each (row, column) is
+ * the same sum in the same order as before: the results are unchanged, bit for bit. */
+#define OB_HEAD_ROWS 16
+
 /* int8 x int8 (8-bit LM head) on zmm: vpdpbusd multiplies unsigned by signed bytes, so it takes
  * x + 128 (x ^ 0x80: x is never -128) times w and subtracts 128 * sum(w), the sum from a second
  * vpdpbusd of w with bytes of 1; int32 lanes wrap, the result is exact wherever ob_linear_i8's is
@@ -668,39 +674,59 @@ Z512 void ob_zmm_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
     const __m512i flip = _mm512_set1_epi8((char)0x80), ones = _mm512_set1_epi8(1);
     int64_t k = a->k, k64 = k / 64 * 64;
     __mmask64 tail = k > k64 ? (__mmask64)(~0ull >> (64 - (k - k64))) : 0;
-    for (int64_t r = 0; r < a->m; r++) {
-        const int8_t *x = a->x + r * a->ldx;
-        int64_t half = (j1 - j0 + 1) / 2;
+    int64_t half = (j1 - j0 + 1) / 2;
+    for (int64_t r0 = 0; r0 < a->m; r0 += OB_HEAD_ROWS) {
+        int64_t r1 = r0 + OB_HEAD_ROWS < a->m ? r0 + OB_HEAD_ROWS : a->m;
         for (int64_t p = 0; p < half; p++) {
             int64_t j = j0 + p, jb = j + half;
             int two = jb < j1;
             const int8_t *w0 = a->w + j * k, *w1 = two ? a->w + jb * k : w0;
-            __m512i s0 = _mm512_setzero_si512(), c0 = s0, s1 = s0, c1 = s0;
-            for (int64_t e = 0; e < k64; e += 64) {
-                _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
-                _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
-                __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + e)), flip);
-                __m512i a0 = _mm512_loadu_si512((const void *)(w0 + e));
-                __m512i a1 = _mm512_loadu_si512((const void *)(w1 + e));
-                s0 = _mm512_dpbusd_epi32(s0, xu, a0);
-                c0 = _mm512_dpbusd_epi32(c0, ones, a0);
-                s1 = _mm512_dpbusd_epi32(s1, xu, a1);
-                c1 = _mm512_dpbusd_epi32(c1, ones, a1);
-            }
-            if (tail) {
-                __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + k64), flip);
-                __m512i a0 = _mm512_maskz_loadu_epi8(tail, w0 + k64);
-                __m512i a1 = _mm512_maskz_loadu_epi8(tail, w1 + k64);
-                s0 = _mm512_dpbusd_epi32(s0, xu, a0);
-                c0 = _mm512_dpbusd_epi32(c0, ones, a0);
-                s1 = _mm512_dpbusd_epi32(s1, xu, a1);
-                c1 = _mm512_dpbusd_epi32(c1, ones, a1);
-            }
-            int32_t t0 = (int32_t)((uint32_t)hsum_z(s0) - 128u * (uint32_t)hsum_z(c0));
-            a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
-            if (two) {
-                int32_t t1 = (int32_t)((uint32_t)hsum_z(s1) - 128u * (uint32_t)hsum_z(c1));
-                a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+            uint32_t cs0 = 0, cs1 = 0; /* 128 * sum(w) of each weight row: from the group's first row */
+            for (int64_t r = r0; r < r1; r++) { /* the two weight rows stay in L1 */
+                const int8_t *x = a->x + r * a->ldx;
+                __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+                if (r == r0) {
+                    __m512i c0 = s0, c1 = s0;
+                    for (int64_t e = 0; e < k64; e += 64) {
+                        _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
+                        __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + e)), flip);
+                        __m512i a0 = _mm512_loadu_si512((const void *)(w0 + e));
+                        __m512i a1 = _mm512_loadu_si512((const void *)(w1 + e));
+                        s0 = _mm512_dpbusd_epi32(s0, xu, a0);
+                        c0 = _mm512_dpbusd_epi32(c0, ones, a0);
+                        s1 = _mm512_dpbusd_epi32(s1, xu, a1);
+                        c1 = _mm512_dpbusd_epi32(c1, ones, a1);
+                    }
+                    if (tail) {
+                        __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + k64), flip);
+                        __m512i a0 = _mm512_maskz_loadu_epi8(tail, w0 + k64);
+                        __m512i a1 = _mm512_maskz_loadu_epi8(tail, w1 + k64);
+                        s0 = _mm512_dpbusd_epi32(s0, xu, a0);
+                        c0 = _mm512_dpbusd_epi32(c0, ones, a0);
+                        s1 = _mm512_dpbusd_epi32(s1, xu, a1);
+                        c1 = _mm512_dpbusd_epi32(c1, ones, a1);
+                    }
+                    cs0 = 128u * (uint32_t)hsum_z(c0);
+                    cs1 = 128u * (uint32_t)hsum_z(c1);
+                } else {
+                    for (int64_t e = 0; e < k64; e += 64) {
+                        __m512i xu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(x + e)), flip);
+                        s0 = _mm512_dpbusd_epi32(s0, xu, _mm512_loadu_si512((const void *)(w0 + e)));
+                        s1 = _mm512_dpbusd_epi32(s1, xu, _mm512_loadu_si512((const void *)(w1 + e)));
+                    }
+                    if (tail) {
+                        __m512i xu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(tail, x + k64), flip);
+                        s0 = _mm512_dpbusd_epi32(s0, xu, _mm512_maskz_loadu_epi8(tail, w0 + k64));
+                        s1 = _mm512_dpbusd_epi32(s1, xu, _mm512_maskz_loadu_epi8(tail, w1 + k64));
+                    }
+                }
+                int32_t t0 = (int32_t)((uint32_t)hsum_z(s0) - cs0);
+                a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
+                if (two) {
+                    int32_t t1 = (int32_t)((uint32_t)hsum_z(s1) - cs1);
+                    a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+                }
             }
         }
     }
@@ -833,13 +859,15 @@ AVX2 void ob_avx2_colsparse_i2(const ob_colsparse_args *a, int64_t b0, int64_t b
 AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t k = a->k, k32 = k / 32 * 32;
-    for (int64_t r = 0; r < a->m; r++) {
-        const int8_t *x = a->x + r * a->ldx;
-        int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+    int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+    for (int64_t r0 = 0; r0 < a->m; r0 += OB_HEAD_ROWS) {
+        int64_t r1 = r0 + OB_HEAD_ROWS < a->m ? r0 + OB_HEAD_ROWS : a->m;
         for (int64_t p = 0; p < half; p++) {
             int64_t j = j0 + p, jb = j + half;
             int two = jb < j1;
             const int8_t *w0 = a->w + j * k, *w1 = two ? a->w + jb * k : w0;
+            for (int64_t r = r0; r < r1; r++) { /* the two weight rows stay in L1 */
+            const int8_t *x = a->x + r * a->ldx;
             __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
             for (int64_t e = 0; e < k32; e += 32) {
                 _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
@@ -859,6 +887,7 @@ AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
             }
             a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
             if (two) a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+            }
         }
     }
 }
@@ -870,15 +899,22 @@ AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
     const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
     const uint8_t *wb = (const uint8_t *)a->w;
     int64_t nblk = (a->k + 63) / 64, rb = nblk * 32;
-    for (int64_t r = 0; r < a->m; r++) {
-        const int8_t *x = a->x + r * a->ldx;
-        int32_t xsum = 0;
-        for (int64_t e = 0; e < a->k; e++) xsum += x[e];
-        int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+    int64_t half = (j1 - j0 + 1) / 2; /* rows j and j + half: two distant weight streams */
+    for (int64_t r0 = 0; r0 < a->m; r0 += OB_HEAD_ROWS) {
+        int64_t r1 = r0 + OB_HEAD_ROWS < a->m ? r0 + OB_HEAD_ROWS : a->m;
+        int32_t xsums[OB_HEAD_ROWS];
+        for (int64_t r = r0; r < r1; r++) {
+            int32_t xsum = 0;
+            for (int64_t e = 0; e < a->k; e++) xsum += a->x[r * a->ldx + e];
+            xsums[r - r0] = xsum;
+        }
         for (int64_t p = 0; p < half; p++) {
             int64_t j = j0 + p, jb = j + half;
             int two = jb < j1;
             const uint8_t *w = wb + j * rb, *w1 = two ? wb + jb * rb : w;
+            for (int64_t r = r0; r < r1; r++) { /* the two weight rows stay in L1 */
+            const int8_t *x = a->x + r * a->ldx;
+            int32_t xsum = xsums[r - r0];
             __m256i acc = _mm256_setzero_si256(), acc1 = acc;
             for (int64_t b0 = 0; b0 < nblk; b0 += 4) {
                 int64_t b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
@@ -906,6 +942,7 @@ AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
                 int32_t t1 = (int32_t)((uint32_t)hsum_avx2(acc1) - 8u * (uint32_t)xsum);
                 a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
             }
+            }
         }
     }
 }
@@ -914,10 +951,12 @@ AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
 __attribute__((target("avx2,fma,f16c"))) void ob_avx2_linear_f16(const ob_f16_args *a, int64_t j0,
                                                                  int64_t j1) {
     int64_t k = a->k, k32 = k / 32 * 32;
-    for (int64_t r = 0; r < a->m; r++) {
-        const float *x = a->x + r * a->ldx;
+    for (int64_t r0 = 0; r0 < a->m; r0 += OB_HEAD_ROWS) {
+        int64_t r1 = r0 + OB_HEAD_ROWS < a->m ? r0 + OB_HEAD_ROWS : a->m;
         for (int64_t j = j0; j < j1; j++) {
             const uint16_t *w = a->w + j * k;
+            for (int64_t r = r0; r < r1; r++) { /* the weight row stays in L1 */
+            const float *x = a->x + r * a->ldx;
             __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
             for (int64_t e = 0; e < k32; e += 32) {
                 _mm_prefetch((const char *)(w + e) + 1024, _MM_HINT_T0);
@@ -936,6 +975,7 @@ __attribute__((target("avx2,fma,f16c"))) void ob_avx2_linear_f16(const ob_f16_ar
             float t = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
             for (int64_t e = k32; e < k; e++) t += ob_half_to_float(w[e]) * x[e];
             a->out[r * a->n + j] = t;
+            }
         }
     }
 }
