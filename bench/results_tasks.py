@@ -327,8 +327,7 @@ def report(res: dict) -> str:
                      "capitalisation of its last fragment is not applied.")
         if q["missing"]:
             lines.append("Not in this table (runs absent when it was made): " + "; ".join(q["missing"]) + ".")
-    s = res.get("speed")
-    if s:
+    for s in _speeds(res).values():
         lines += ["", f"Made by `{s.get('command', res['command'])}` on {s.get('date', res['date'])}.",
                   "", f"Speed, one run: {s['items']} items ({', '.join(s['tasks'])}, first {s['limit']} "
                   f"each) of the `{s['shape']}` model: `onebit eval tasks` on the engine "
@@ -385,14 +384,25 @@ def main() -> None:
     if not args.skip_quality:
         res["quality"] = {**quality(args), "command": res["command"], "date": res["date"]}
     if not args.skip_speed:
-        res["speed"] = {**speed(args), "command": res["command"], "date": res["date"]}
+        sp = {**speed(args), "command": res["command"], "date": res["date"]}
+        res["speeds"] = {sp["shape"]: sp}
     body = report(res)
     print(body)
     if not args.no_doc:
-        if JSON_OUT.is_file():  # keep the part of an earlier run that this one skipped
+        if JSON_OUT.is_file():  # keep the parts of earlier runs that this one skipped
             old = json.loads(JSON_OUT.read_text(encoding="utf-8"))
-            res = {**{k: v for k, v in old.items() if k in ("quality", "speed")}, **res}
+            speeds = {**_speeds(old), **res.get("speeds", {})}   # one speed run per shape
+            res = {**{k: v for k, v in old.items() if k == "quality"}, **res, "speeds": speeds}
+            res.pop("speed", None)
         _write_doc(res)
+
+
+def _speeds(res: dict) -> dict:
+    """{shape: speed run}: the speed runs of a report (older reports kept one, as "speed")."""
+    out = dict(res.get("speeds") or {})
+    if res.get("speed"):
+        out.setdefault(res["speed"]["shape"], res["speed"])
+    return out
 
 
 def _write_doc(res: dict) -> None:
