@@ -169,7 +169,8 @@ def quality(args) -> dict:
                 and t.name.startswith("blk.") and "norm" not in t.name)
             # projections whose rows are no multiple of 256 go F16 (exactly -1/0/+1, a scale beside)
             how = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
-            row["label"] = f"{Path(row['source']).name} → GGUF ({how} projections) → onebit"
+            name = "built-in" if Path(row["source"]) == Path(default_model_path()) else Path(row["source"]).name
+            row["label"] = f"{name} → GGUF ({how} projections) → onebit"
         else:
             backend, path = engine_path(row)
         rep = evaluate_tasks(load_scorer(path, backend), args.tasks, limit=args.limit,
