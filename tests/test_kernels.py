@@ -50,7 +50,7 @@ def rand_case(rng, m, n, k, layout):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("m", [1, 3, 17, 30])
 @pytest.mark.parametrize("k", [1, 5, 127, 129, 160, 300, 2560])
 def test_gemm_exact(impl, layout, m, k):
     rng = np.random.default_rng(1000 * m + k)
@@ -62,7 +62,7 @@ def test_gemm_exact(impl, layout, m, k):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("m", [3, 13, 20])  # row kernels (m < 16); panel GEMM with whole and edge tiles
+@pytest.mark.parametrize("m", [3, 20, 30])  # row kernels (m < 24); panel GEMM with whole and edge tiles
 def test_gemm_extremes_and_strided_rows(impl, layout, m):
     # |sum| = 128 * 6912 needs int32; every product at the int8 edge, so the int16 partial sums
     # of the SIMD kernels reach their bound; x rows strided (ldx > k); 20 weight rows fill a
@@ -111,7 +111,7 @@ def test_gemm_rejects_corrupt_packed(impl, layout, bad_byte, where):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("m", [1, 2, 7, 8, 13])
+@pytest.mark.parametrize("m", [1, 2, 7, 8, 13, 30])  # row kernels below 24 rows, the panel GEMM above
 def test_gemm_threads_exact(impl, layout, m):
     # big enough to be split over threads; every thread count gives the oracle's integers,
     # including splits that leave a thread without columns (n < 16 * threads)

@@ -6,7 +6,7 @@
  * no loop has a tail. Compiled without -march: each function carries its own target attribute.
  *
  * Two shapes of kernel, chosen by the number of activation rows m:
- *  - row kernels (m < OB_GEMM_MIN_M = 16, decode and batched decode): a 32-byte block load gives one vector of 32
+ *  - row kernels (m < OB_GEMM_MIN_M = 24, decode and batched decode): a 32-byte block load gives one vector of 32
  *    consecutive codes per lane (docs/formats.md §1); vpmaddubsw products are summed in int16 for
  *    8 blocks (|sum| <= 8 * lanes * 512 < 2^15) before widening, so the inner loop is decode +
  *    multiply + add. For m = 1 two weight rows share each activation load.
@@ -27,13 +27,14 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* From this many activation rows on, the panel GEMM; below, row kernels (4 rows share each decoded
- * weight row). A batched decode step has one row per stream: at 8-15 rows the panel's decode +
- * transpose is shared by too few rows. Measured on Zen 4, 2 threads, a decode step of 8 streams
- * (the 2B4T shape, avx512vnni_zmm): 146-159 ms with row kernels vs 212-216 ms with the panel
- * (700M: 47 vs 58 ms; avx2: 40 vs 74 ms); at 16 rows both tie. (xt is still built from
- * OB_XT_MIN_M = 8 rows on; the row kernels read x.) */
+ * weight row). A batched decode step has one row per stream: at 8-23 rows the panel's decode +
+ * transpose is shared by too few rows. Measured on Zen 4, 2 threads, decode steps of the 2B4T
+ * shape (avx512vnni_zmm): 8 streams 146-159 ms with row kernels vs 212-216 ms with the panel
+ * (700M: 47 vs 58 ms; avx2: 40 vs 74 ms); 16 streams 203-211 vs 226-229 ms; 24 streams 303-319
+ * vs 277-279 ms (the panel wins). (xt is still built from OB_XT_MIN_M = 8 rows on; the row
+ * kernels read x.) */
 #ifndef OB_GEMM_MIN_M
-#define OB_GEMM_MIN_M 16
+#define OB_GEMM_MIN_M 24
 #endif
 #define TILE 4          /* activation rows sharing one decode in the row kernel */
 #ifndef OB_CHECK
