@@ -379,9 +379,17 @@ def main() -> None:
         from onebit import kernels
         kernels.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
+    shown, skip = [], False   # the command as run, less --quiet and --note's text
+    for a in sys.argv[1:]:
+        if skip or a == "--quiet" or a.startswith("--note="):
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        shown.append(a)
     res = {"date": datetime.date.today().isoformat(), "note": args.note,
-           "command": " ".join([".venv/bin/python bench/results_tasks.py",
-                                *[a for a in sys.argv[1:] if a != "--quiet"]])}
+           "command": " ".join([".venv/bin/python bench/results_tasks.py", *shown])}
     if not args.skip_quality:
         res["quality"] = {**quality(args), "command": res["command"], "date": res["date"]}
     if not args.skip_speed:
