@@ -145,33 +145,6 @@ def test_entry_point_names_the_model_class():
     assert [e.load() for e in eps if e.name == "onebit"] == [OnebitLM]
 
 
-def _serve(folder):
-    """`onebit serve --model folder` on a free loopback port: (process, base url)."""
-    import socket
-    import subprocess
-    import time
-
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "onebit", "serve", "--model", str(folder), "--port",
-                             str(port), "--parallel", "4"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"onebit serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("onebit serve did not become healthy in 60 s")
-
-
 def test_lm_eval_local_completions_against_onebit_serve_agrees(tiny, task_manager):
     """lm-eval's `local-completions` backend (token-id prompts, echo + prompt logprobs, 16 prompts
     per request) against `onebit serve` scores every choice as `onebit eval tasks` does; and its
@@ -180,7 +153,9 @@ def test_lm_eval_local_completions_against_onebit_serve_agrees(tiny, task_manage
     import httpx
     from lm_eval.utils import RemoteTokenizer, check_remote_tokenizer_support
 
-    proc, url = _serve(tiny["packed"])
+    from serve_util import start_server, stop_server
+
+    proc, url = start_server("--model", str(tiny["packed"]), "--parallel", "4")
     try:
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         # the tokenizer: the HF export's (transformers' AutoTokenizer), BOS added as the model's
@@ -213,6 +188,4 @@ def test_lm_eval_local_completions_against_onebit_serve_agrees(tiny, task_manage
         assert (rt.bos_token_id, rt.eos_token_id) == (m.bos_id, m.eos_id)
         assert rt.tokenizer_info["model_max_length"] == 256
     finally:
-        proc.terminate()
-        proc.wait(10)
-    assert proc.returncode in (0, -15), proc.stdout.read()
+        stop_server(proc)

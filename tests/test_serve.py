@@ -4,11 +4,7 @@ headless Chromium (selenium)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -21,50 +17,18 @@ pytest.importorskip("fastapi", reason="onebit serve needs fastapi (pip install '
 
 import onebit  # noqa: E402
 from onebit.engine import Runtime, SamplingParams, default_model_path  # noqa: E402
+from serve_util import start_server, stop_server  # noqa: E402
 
 KEY = "test-key-123"
 MSGS = [{"role": "user", "content": "Tell me about the sea."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(*args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "onebit", "serve", "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"onebit serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("onebit serve did not become healthy in 60 s")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server():
-    proc, url = _start("--api-key", KEY, "--parallel", "4", "--max-queue", "16")
+    proc, url = start_server("--api-key", KEY, "--parallel", "4", "--max-queue", "16")
     yield url
     assert proc.poll() is None, "the server died during the tests"
-    _stop(proc)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
