@@ -502,6 +502,7 @@ def test_finetune_under_torchrun_matches_one_process(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es)" in r.stdout
+    assert r.stdout.count("done: step") == 1, r.stdout  # rank 0 alone prints the summary
     a, b = records(one), records(ddp)
     assert [(x["step"], x["lam"]) for x in a] == [(x["step"], x["lam"]) for x in b]
     # step 1 equal to float noise; then the all-reduce's summation order moves weights by ~1e-6,

@@ -10,12 +10,19 @@ import json
 import sys
 
 
+def _main_rank() -> bool:
+    """Not a torchrun worker other than rank 0 (the one that prints the summary)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from .train import load_run_config, train
 
     rc = load_run_config(args.config, rest)
     summary = train(rc, resume=args.resume)
-    if summary.get("val_loss") is not None:
+    if summary.get("val_loss") is not None and _main_rank():
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.2f}, {summary['tok_s']:,.0f} tok/s -> {summary['out_dir']}")
     return 130 if summary.get("interrupted") else 0
@@ -57,7 +64,7 @@ def _cmd_finetune(args: argparse.Namespace, rest: list[str]) -> int:
         extra.append(f"--finetune.tokenizer={args.tokenizer}")
     rc = load_run_config(args.config, extra + rest, defaults=FINETUNE_DEFAULTS)
     summary = finetune(rc, resume=args.resume, export=args.export, layout=args.layout, force=args.force)
-    if summary.get("val_loss") is not None:
+    if summary.get("val_loss") is not None and _main_rank():
         print(f"done: step {summary['step']}, val loss {summary['val_loss']:.4f}, "
               f"ppl {summary['val_ppl']:.2f} -> {summary['out_dir']}"
               + (f", packed -> {summary['export']}" if summary.get("export") else ""))
