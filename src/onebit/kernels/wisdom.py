@@ -4,8 +4,8 @@ variant that ran fastest on this machine, measured once and cached.
 The C library picks one variant by CPU detection (the newest ISA it runs). That is not always the
 fastest: which of avx2, avx512vnni (256-bit) and avx512vnni_zmm wins depends on the CPU and on the
 number of activation rows m (a decode GEMV reads memory, a prefill GEMM multiplies). So for each
-class of m (C: ``ob_isa_class_for_m``) -- ``gemv`` (m < 8), ``gemm8`` (8-31), ``gemm128``
-(32-255), ``gemm512`` (>= 256) -- :func:`tune` times every variant this CPU runs but the scalar
+class of m (C: ``ob_isa_class_for_m``) -- ``gemv`` (m < 8), ``gemm8`` (8-23), ``gemm128``
+(24-255), ``gemm512`` (>= 256) -- :func:`tune` times every variant this CPU runs but the scalar
 reference, interleaved (A B C A B C ...; each variant's fastest round counts), at m = 1, 8, 128, 512 on i2 weights
 of a 2B4T-sized projection (the GEMV's weights rotate over copies larger than the L3, as a decode
 step streams them), on one thread, and keeps the fastest. One thread: the variants differ per core

@@ -82,8 +82,10 @@ int ob_set_isa(const char *name) {
 
 const char *ob_isa(void) { return active()->name; }
 
+/* gemv: decode; gemm8: a batched decode step's rows (8-23: x86 row kernels below 24 rows, so the
+ * class timed at 8 rows runs the same kernel at all of them); gemm128 / gemm512: prefill */
 int ob_isa_class_for_m(int64_t m) {
-    return m < OB_XT_MIN_M ? OB_ISA_GEMV : m < 32 ? OB_ISA_GEMM_S : m < 256 ? OB_ISA_GEMM_M : OB_ISA_GEMM_L;
+    return m < OB_XT_MIN_M ? OB_ISA_GEMV : m < 24 ? OB_ISA_GEMM_S : m < 256 ? OB_ISA_GEMM_M : OB_ISA_GEMM_L;
 }
 
 int ob_set_isa_class(int cls, const char *name) {
