@@ -278,6 +278,7 @@ def test_another_ranks_tokenizer_write_in_flight_is_a_run(tmp_path):
     caught rank 0 refusing its own out_dir this way)."""
     out = tmp_path / "ft"
     out.mkdir()
+    assert onebit_output(out) is None  # an empty folder is nobody's output
     live = f".source_tokenizer.json.tmp.{os.getpid()}.0123abcd"
     (out / live).write_text("{}")
     assert onebit_output(out) == "run"

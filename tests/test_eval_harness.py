@@ -19,6 +19,7 @@ import lm_eval  # noqa: E402  (the dev extra installs it: it is the oracle here)
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+import onebit  # noqa: E402
 from onebit.eval import TASKS, evaluate_tasks, load_scorer, reference_loglikelihoods  # noqa: E402
 from onebit.eval.harness import TASKS_PATH, OnebitLM, main, register  # noqa: E402
 from conftest import SHARED_DATA  # noqa: E402
@@ -178,8 +179,6 @@ def test_lm_eval_local_completions_against_onebit_serve_agrees(tiny, task_manage
 
         # no local tokenizer at all: lm-eval's auto mode detects the server's tokenizer endpoints
         assert check_remote_tokenizer_support(url + "/v1/completions")
-        import onebit
-
         m = onebit.load(tiny["packed"])
         rt = RemoteTokenizer(url + "/v1/completions")
         text = "Once upon a time there was a fox."

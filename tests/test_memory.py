@@ -74,7 +74,7 @@ def test_bench_model_probes_the_model_file_in_process(tmp_path, monkeypatch):
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                       bos_token_id=0, eos_token_id=1)
     folder = write_random_model(tmp_path / "m", cfg, embedding="f16")
-    monkeypatch.setattr(bm, "_l3_bytes", lambda: 1024)  # the tiny file counts as "> 2 x L3"
+    monkeypatch.setattr(bm, "l3_bytes", lambda: 1024)  # the tiny file counts as "> 2 x L3"
     monkeypatch.setattr(bm, "read_bandwidth_child", lambda n: (_ for _ in ()).throw(AssertionError("child probe")))
     r = bm.bench_model(folder, [8], 4, 1, 1)
     assert r["read_probe"].startswith("model file pages") and r["probe_peak_rss_mb"] == 0

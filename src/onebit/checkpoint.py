@@ -282,6 +282,12 @@ def save_training_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module,
         (d / STATE_JSON).write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=1),
                                     encoding="utf-8")
 
+    return _publish(ckpt_root, step, fill, keep)
+
+
+def _publish(ckpt_root: Path, step: int, fill, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically with ``fill``, point LATEST at it, keep the newest
+    ``keep`` (0: all)."""
     folder = write_dir_atomic(ckpt_root / checkpoint_name(step), fill)
     atomic_write_text(ckpt_root / LATEST, folder.name + "\n")
     done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
@@ -494,13 +500,7 @@ def save_sharded_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, 
                                       encoding="utf-8")
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    folder = write_dir_atomic(ckpt_root / checkpoint_name(step), fill)
-    atomic_write_text(ckpt_root / LATEST, folder.name + "\n")
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in done[:-keep] if keep > 0 else []:
-        if old != folder:
-            shutil.rmtree(old, ignore_errors=True)
-    return folder
+    return _publish(ckpt_root, step, fill, keep)
 
 
 def load_sharded_checkpoint(folder: Path, model: torch.nn.Module,

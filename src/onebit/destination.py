@@ -83,7 +83,7 @@ def onebit_output(path: str | Path) -> str | None:
     # finetune writes source_tokenizer.json before the run starts; under torchrun every rank writes
     # it (atomically, the same bytes), so another rank's temp of a run entry may be there too
     in_flight = {n for n in names if temp_target(n) in RUN_ENTRIES}
-    if isinstance(run_cfg, dict) and "onebit_version" in run_cfg or names - in_flight in (
+    if isinstance(run_cfg, dict) and "onebit_version" in run_cfg or names and names - in_flight in (
             {"source_tokenizer.json"}, set()):
         return "run"
     meta = _safetensors_meta(p / "model.safetensors")

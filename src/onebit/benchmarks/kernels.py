@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from onebit import kernels as K
+from onebit.benchmarks.model import l3_bytes
 from onebit.formats.packing import LAYOUTS
 from onebit.kernels.wisdom import plan_text
 
@@ -105,19 +106,6 @@ QUICK = Settings(shapes=QUICK_SHAPES, m_gemm=16, reps=3, warmup=1, rotate_bytes=
 def model_of(n: int, k: int) -> str:
     """Which model a shape comes from ("2B4T", "700M"), or "" for another shape."""
     return "2B4T" if (n, k) in SHAPES_2B4T else "700M" if (n, k) in SHAPES_700M else ""
-
-
-def l3_bytes() -> int | None:
-    """Size of the largest cache level cpu0 reports (Linux sysfs), or None if unknown."""
-    best = None
-    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            s = (d / "size").read_text().strip().upper()
-            v = int(s.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
-        except (OSError, ValueError):
-            continue
-        best = v if best is None else max(best, v)
-    return best
 
 
 def default_rotate_bytes() -> int:

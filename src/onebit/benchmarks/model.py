@@ -93,8 +93,8 @@ def _file_mapping(rt) -> np.ndarray | None:
     return None
 
 
-def _l3_bytes() -> int | None:
-    """The largest cache cpu0 reports (Linux sysfs), or None."""
+def l3_bytes() -> int | None:
+    """Size of the largest cache level cpu0 reports (Linux sysfs), or None if unknown."""
     best = None
     for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
@@ -181,7 +181,7 @@ def bench_model(folder: Path, pp: list[int] | None, tg: int | None, reps: int, t
             ttft = best
         del tok
     mapping = _file_mapping(rt)
-    in_process = mapping is not None and mapping.nbytes >= 2 * (_l3_bytes() or 32 << 20)
+    in_process = mapping is not None and mapping.nbytes >= 2 * (l3_bytes() or 32 << 20)
     probes: list[float] = []
 
     def decode_from(pos: int, probe: bool = False) -> float:  # best tok/s of tg greedy steps at pos...

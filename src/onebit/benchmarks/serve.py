@@ -313,7 +313,7 @@ def targets(rows: list[dict]) -> dict:
         out[shape] = {
             # against the single stream's decode rate (its aggregate also counts the gaps between
             # its requests, which would flatter the ratio)
-            "agg8_over_agg1": get(shape, "onebit", 8, "agg_tok_s") / get(shape, "onebit", 1, "stream_tok_s"),
+            "agg8_over_stream1": get(shape, "onebit", 8, "agg_tok_s") / get(shape, "onebit", 1, "stream_tok_s"),
             "agg8_over_llama8": get(shape, "onebit", 8, "agg_tok_s") / get(shape, "llama-server", 8, "agg_tok_s"),
             "ttft95_8_over_ttft_1": get(shape, "onebit", 8, "ttft_p95_s") / get(shape, "onebit", 1, "ttft_p50_s"),
             "overhead": get(shape, "onebit", 1, "overhead"),

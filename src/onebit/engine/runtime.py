@@ -26,12 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import kernels
-from ..config import ModelConfig
-from ..formats.packed_model import I8_SCALE_SUFFIX, packed_config, unpack_i4_rows
+from ..formats.packed_model import I8_SCALE_SUFFIX, read_packed_config, unpack_i4_rows
 from ..formats.packing import (META_TENSORS, QWEIGHT_SUFFIX, SCALE_SUFFIX, PackedFormatError,
                                packed_row_bytes, read_declared)
 from ..formats.safetensors_mmap import read_safetensors
-from ..jsonio import read_json
 
 __all__ = ["Runtime", "EngineError"]
 
@@ -148,14 +146,7 @@ class Runtime:
         if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
             raise EngineError(f"'{folder}' is not a packed model folder (needs config.json and "
                               f"model.safetensors); create one with `onebit export`")
-        raw = read_json(folder / "config.json", EngineError, fix="re-export the model")
-        self.packed = packed_config(folder, raw)
-        try:
-            if not isinstance(raw.get("model"), dict):
-                raise ValueError("it has no 'model' table")
-            cfg = ModelConfig.from_dict(raw["model"])
-        except ValueError as e:
-            raise EngineError(f"'{folder}/config.json': {e}") from None
+        self.packed, cfg = read_packed_config(folder, EngineError)
         self.folder, self.config = folder, cfg
         self.options = dict(sparse=sparse, activation_scheme=activation_scheme,
                             sparse_min_zeros=sparse_min_zeros, kv_bits=kv_bits)  # to load a twin

@@ -22,7 +22,7 @@ from .packed_model import (
     EMBEDDINGS,
     I8_SCALE_SUFFIX,
     PACKED_VERSION,
-    packed_config,
+    read_packed_config,
     unpack_i4_rows,
 )
 
@@ -128,18 +128,10 @@ def read_packed_folder(folder: str | Path) -> TernaryModel:
     Every tensor is checked against the config (names, shapes, dtypes, the layout config.json
     names) before anything is decoded, and tensors the config does not account for are refused.
     Raises PackedFormatError (a ValueError) naming the file."""
-    from ..jsonio import read_json
     from .packing import PackedFormatError, load_packed, unpack
 
     folder = Path(folder)
-    raw = read_json(folder / "config.json", PackedFormatError, fix="re-export the model")
-    p = packed_config(folder, raw)
-    try:
-        if not isinstance(raw.get("model"), dict):
-            raise ValueError("it has no 'model' table")
-        cfg = ModelConfig.from_dict(raw["model"])
-    except ValueError as e:
-        raise PackedFormatError(f"'{folder}/config.json': {e}") from None
+    p, cfg = read_packed_config(folder, PackedFormatError)
     weights = folder / "model.safetensors"
     packed, extra, _ = load_packed(weights)
 

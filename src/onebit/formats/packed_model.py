@@ -95,6 +95,23 @@ def packed_config(folder: Path, raw: Any = None) -> dict[str, Any]:
     return p
 
 
+def read_packed_config(folder: Path, error: type[ValueError]) -> tuple[dict[str, Any], Any]:
+    """A packed folder's config.json: its checked "packed" table and its ModelConfig, or
+    ``error`` (a ValueError subclass) naming the file."""
+    from ..config import ModelConfig
+    from ..jsonio import read_json
+
+    raw = read_json(folder / "config.json", error, fix="re-export the model")
+    p = packed_config(folder, raw)
+    try:
+        if not isinstance(raw.get("model"), dict):
+            raise ValueError("it has no 'model' table")
+        cfg = ModelConfig.from_dict(raw["model"])
+    except ValueError as e:
+        raise error(f"'{folder}/config.json': {e}") from None
+    return p, cfg
+
+
 def export_packed(src: str | Path, dst: str | Path, layout: str = "i2",
                   embedding: str = "f32", force: bool = False) -> Path:
     """Pack the trained model at ``src`` (a model, checkpoint or run folder) into folder ``dst``.

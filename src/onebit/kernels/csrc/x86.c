@@ -868,26 +868,26 @@ AVX2 void ob_avx2_linear_i8(const ob_i8_args *a, int64_t j0, int64_t j1) {
             int two = jb < j1;
             const int8_t *w0 = a->w + j * k, *w1 = two ? a->w + jb * k : w0;
             for (int64_t r = r0; r < r1; r++) { /* the two weight rows stay in L1 */
-            const int8_t *x = a->x + r * a->ldx;
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-            for (int64_t e = 0; e < k32; e += 32) {
-                _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
-                _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
-                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + e));
-                __m256i a0 = _mm256_loadu_si256((const __m256i *)(w0 + e));
-                __m256i a1 = _mm256_loadu_si256((const __m256i *)(w1 + e));
-                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                    _mm256_sign_epi8(a0, a0), _mm256_sign_epi8(xv, a0)), ones));
-                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(
-                    _mm256_sign_epi8(a1, a1), _mm256_sign_epi8(xv, a1)), ones));
-            }
-            int32_t t0 = hsum_avx2(s0), t1 = hsum_avx2(s1);
-            for (int64_t e = k32; e < k; e++) {
-                t0 += w0[e] * x[e];
-                t1 += w1[e] * x[e];
-            }
-            a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
-            if (two) a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+                const int8_t *x = a->x + r * a->ldx;
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+                for (int64_t e = 0; e < k32; e += 32) {
+                    _mm_prefetch((const char *)(w0 + e) + 1024, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w1 + e) + 1024, _MM_HINT_T0);
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(x + e));
+                    __m256i a0 = _mm256_loadu_si256((const __m256i *)(w0 + e));
+                    __m256i a1 = _mm256_loadu_si256((const __m256i *)(w1 + e));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        _mm256_sign_epi8(a0, a0), _mm256_sign_epi8(xv, a0)), ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(
+                        _mm256_sign_epi8(a1, a1), _mm256_sign_epi8(xv, a1)), ones));
+                }
+                int32_t t0 = hsum_avx2(s0), t1 = hsum_avx2(s1);
+                for (int64_t e = k32; e < k; e++) {
+                    t0 += w0[e] * x[e];
+                    t1 += w1[e] * x[e];
+                }
+                a->out[r * a->n + j] = (float)t0 * a->w_scale[j] * a->x_scale[r];
+                if (two) a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
             }
         }
     }
@@ -914,35 +914,35 @@ AVX2 void ob_avx2_linear_i4(const ob_i8_args *a, int64_t j0, int64_t j1) {
             int two = jb < j1;
             const uint8_t *w = wb + j * rb, *w1 = two ? wb + jb * rb : w;
             for (int64_t r = r0; r < r1; r++) { /* the two weight rows stay in L1 */
-            const int8_t *x = a->x + r * a->ldx;
-            int32_t xsum = xsums[r - r0];
-            __m256i acc = _mm256_setzero_si256(), acc1 = acc;
-            for (int64_t b0 = 0; b0 < nblk; b0 += 4) {
-                int64_t b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
-                __m256i s16 = _mm256_setzero_si256(), t16 = s16;
-                for (int64_t b = b0; b < b1; b++) {
-                    _mm_prefetch((const char *)(w + b * 32) + 1024, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(w1 + b * 32) + 1024, _MM_HINT_T0);
-                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + b * 64));
-                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + b * 64 + 32));
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 32));
-                    __m256i u = _mm256_loadu_si256((const __m256i *)(w1 + b * 32));
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, m15), x0));
-                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
-                        _mm256_and_si256(_mm256_srli_epi16(v, 4), m15), x1));
-                    t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(_mm256_and_si256(u, m15), x0));
-                    t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(
-                        _mm256_and_si256(_mm256_srli_epi16(u, 4), m15), x1));
+                const int8_t *x = a->x + r * a->ldx;
+                int32_t xsum = xsums[r - r0];
+                __m256i acc = _mm256_setzero_si256(), acc1 = acc;
+                for (int64_t b0 = 0; b0 < nblk; b0 += 4) {
+                    int64_t b1 = b0 + 4 < nblk ? b0 + 4 : nblk;
+                    __m256i s16 = _mm256_setzero_si256(), t16 = s16;
+                    for (int64_t b = b0; b < b1; b++) {
+                        _mm_prefetch((const char *)(w + b * 32) + 1024, _MM_HINT_T0);
+                        _mm_prefetch((const char *)(w1 + b * 32) + 1024, _MM_HINT_T0);
+                        __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + b * 64));
+                        __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + b * 64 + 32));
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 32));
+                        __m256i u = _mm256_loadu_si256((const __m256i *)(w1 + b * 32));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(_mm256_and_si256(v, m15), x0));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(
+                            _mm256_and_si256(_mm256_srli_epi16(v, 4), m15), x1));
+                        t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(_mm256_and_si256(u, m15), x0));
+                        t16 = _mm256_add_epi16(t16, _mm256_maddubs_epi16(
+                            _mm256_and_si256(_mm256_srli_epi16(u, 4), m15), x1));
+                    }
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
+                    acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(t16, ones));
                 }
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s16, ones));
-                acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(t16, ones));
-            }
-            int32_t t = (int32_t)((uint32_t)hsum_avx2(acc) - 8u * (uint32_t)xsum);
-            a->out[r * a->n + j] = (float)t * a->w_scale[j] * a->x_scale[r];
-            if (two) {
-                int32_t t1 = (int32_t)((uint32_t)hsum_avx2(acc1) - 8u * (uint32_t)xsum);
-                a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
-            }
+                int32_t t = (int32_t)((uint32_t)hsum_avx2(acc) - 8u * (uint32_t)xsum);
+                a->out[r * a->n + j] = (float)t * a->w_scale[j] * a->x_scale[r];
+                if (two) {
+                    int32_t t1 = (int32_t)((uint32_t)hsum_avx2(acc1) - 8u * (uint32_t)xsum);
+                    a->out[r * a->n + jb] = (float)t1 * a->w_scale[jb] * a->x_scale[r];
+                }
             }
         }
     }
@@ -957,25 +957,25 @@ __attribute__((target("avx2,fma,f16c"))) void ob_avx2_linear_f16(const ob_f16_ar
         for (int64_t j = j0; j < j1; j++) {
             const uint16_t *w = a->w + j * k;
             for (int64_t r = r0; r < r1; r++) { /* the weight row stays in L1 */
-            const float *x = a->x + r * a->ldx;
-            __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-            for (int64_t e = 0; e < k32; e += 32) {
-                _mm_prefetch((const char *)(w + e) + 1024, _MM_HINT_T0);
-                s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e))),
-                                     _mm256_loadu_ps(x + e), s0);
-                s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 8))),
-                                     _mm256_loadu_ps(x + e + 8), s1);
-                s2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 16))),
-                                     _mm256_loadu_ps(x + e + 16), s2);
-                s3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 24))),
-                                     _mm256_loadu_ps(x + e + 24), s3);
-            }
-            __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            float t = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-            for (int64_t e = k32; e < k; e++) t += ob_half_to_float(w[e]) * x[e];
-            a->out[r * a->n + j] = t;
+                const float *x = a->x + r * a->ldx;
+                __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+                for (int64_t e = 0; e < k32; e += 32) {
+                    _mm_prefetch((const char *)(w + e) + 1024, _MM_HINT_T0);
+                    s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e))),
+                                         _mm256_loadu_ps(x + e), s0);
+                    s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 8))),
+                                         _mm256_loadu_ps(x + e + 8), s1);
+                    s2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 16))),
+                                         _mm256_loadu_ps(x + e + 16), s2);
+                    s3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + e + 24))),
+                                         _mm256_loadu_ps(x + e + 24), s3);
+                }
+                __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+                __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                float t = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+                for (int64_t e = k32; e < k; e++) t += ob_half_to_float(w[e]) * x[e];
+                a->out[r * a->n + j] = t;
             }
         }
     }
